@@ -1,0 +1,17 @@
+"""RapidNet models: the network (``rapidnet.py``), checkpoints and reparameterization."""
+
+from rapidnet.models.checkpoint import checkpoint_filter_fn, load_state_dict_file
+from rapidnet.models.factory import create_model, list_variants
+from rapidnet.models.rapidnet import VARIANTS, RapidNet
+from rapidnet.models.reparam import reparameterize, reparameterize_
+
+__all__ = [
+    "VARIANTS",
+    "RapidNet",
+    "checkpoint_filter_fn",
+    "create_model",
+    "list_variants",
+    "load_state_dict_file",
+    "reparameterize",
+    "reparameterize_",
+]

@@ -1,0 +1,393 @@
+"""Reading, converting and loading RapidNet checkpoints: the authors' formats and this project's own.
+
+Every file is read with ``torch.load(..., weights_only=True)`` (``argparse.Namespace`` is allow-listed because the
+authors' training checkpoints store their arguments that way) or with safetensors, so a pickle that would run code is
+refused. Problems surface as one-line :class:`~rapidnet.errors.CheckpointError` messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rapidnet.errors import CheckpointError
+
+_logger = logging.getLogger("rapidnet")
+
+# Which nested entry of a checkpoint dict holds the weights, in order of preference.
+_EMA_KEYS = ("state_dict_ema", "model_ema")
+_RAW_KEYS = ("state_dict", "model", "module", "net")
+
+# ---- official -> rapidnet key names --------------------------------------------------------------------------------
+
+_STEM = {
+    "stem.stem.0.": "stem.0.conv.",
+    "stem.stem.1.": "stem.0.bn.",
+    "stem.stem.3.": "stem.1.conv.",
+    "stem.stem.4.": "stem.1.bn.",
+}
+_INVERTED_RESIDUAL = {
+    "dws.pw1.": "expand.conv.",
+    "dws.norm1.": "expand.bn.",
+    "dws.dw.": "dw.conv.",
+    "dws.norm2.": "dw.bn.",
+    "dws.pw2.": "project.conv.",
+    "dws.norm3.": "project.bn.",
+}
+_DILATED = {
+    "mixer.cpe.pe.": "mixer.cpe.pe.",
+    "mixer.cpe.reparam_conv.": "mixer.cpe.pe.",  # identity subtracted below
+    "mixer.fc1.0.": "mixer.fc1.conv.",
+    "mixer.fc1.1.": "mixer.fc1.bn.",
+    "mixer.graph_conv.nn.0.": "mixer.conv_d2.conv.",
+    "mixer.graph_conv.nn.1.": "mixer.conv_d2.bn.",
+    "mixer.graph_conv.nn_2.0.": "mixer.conv_d3.conv.",
+    "mixer.graph_conv.nn_2.1.": "mixer.conv_d3.bn.",
+    "mixer.fc2.0.": "mixer.fc2.conv.",
+    "mixer.fc2.1.": "mixer.fc2.bn.",
+    "ffn.conv.conv.": "ffn.dw.conv.",
+    "ffn.norm1.": "ffn.dw.bn.",
+    "ffn.fc1.": "ffn.fc1.conv.",
+    "ffn.norm2.": "ffn.fc1.bn.",
+    "ffn.fc2.": "ffn.fc2.conv.",
+    "ffn.norm3.": "ffn.fc2.bn.",
+    "layer_scale_1": "layer_scale1.gamma",
+    "layer_scale_2": "layer_scale2.gamma",
+}
+_HEAD = {
+    "prediction.1.": "head.conv.conv.",
+    "prediction.2.": "head.conv.bn.",
+    "head.": "head.fc.",
+    "dist_head.": "head.fc_dist.",
+}
+_OFFICIAL_BLOCK = re.compile(r"^backbone\.(\d+)\.(\d+)\.(.*)$")
+
+
+def is_official_format(state_dict: Mapping[str, Any]) -> bool:
+    return any(k.startswith(("backbone.", "stem.stem.", "prediction.")) for k in state_dict)
+
+
+def _replace_prefix(key: str, table: Mapping[str, str]) -> str | None:
+    for old, new in table.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return None
+
+
+def convert_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the authors' keys to this project's, reshape layer scales and 1x1-conv classifiers to timm's forms.
+
+    An already reparameterized CPE (``mixer.cpe.reparam_conv``, identity folded in) is turned back into ``pe`` by
+    subtracting the identity, so every official checkpoint loads into the training-form model.
+    """
+    dilated_blocks = {
+        m.group(1, 2)
+        for k in state_dict
+        if (m := _OFFICIAL_BLOCK.match(k)) and m.group(3).startswith(("mixer.", "ffn."))
+    }
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        new: str | None
+        if (m := _OFFICIAL_BLOCK.match(key)) is not None:
+            stage, index, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+            if stage > 0 and index == 0:
+                new = _replace_prefix(rest, {"conv.0.": "conv.", "conv.1.": "bn."})
+                new = f"stages.{stage}.downsample.{new}" if new else None
+            else:
+                table = (
+                    _DILATED
+                    if (m.group(1), m.group(2)) in dilated_blocks
+                    else {**_INVERTED_RESIDUAL, "layer_scale_1": "layer_scale.gamma"}
+                )
+                new = _replace_prefix(rest, table)
+                block = index - 1 if stage > 0 else index
+                new = f"stages.{stage}.blocks.{block}.{new}" if new else None
+            if new is not None and new.endswith("gamma"):
+                value = value.reshape(-1)
+            if "cpe.reparam_conv.weight" in key:
+                value = value.clone()
+                centre = value.shape[-1] // 2
+                value[:, 0, centre, centre] -= 1.0
+        else:
+            new = _replace_prefix(key, _STEM) or _replace_prefix(key, _HEAD)
+            if new is not None and new.startswith("head.fc") and value.ndim == 4:
+                value = value.flatten(1)
+        if new is None:
+            raise CheckpointError(f"unexpected key {key!r} in an official RapidNet checkpoint: is it a RapidNet file?")
+        out[new] = value
+    return out
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """timm-style filter: unwrap, strip ``module.``, and convert official keys to this project's."""
+    sd = strip_prefix(unwrap_state_dict(state_dict))
+    return convert_official(sd) if is_official_format(sd) else dict(sd)
+
+
+# ---- reading -------------------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
+    """Load a checkpoint file safely; returns ``(object, safetensors_metadata)``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}: check the path")
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a folder: pass the file inside it (e.g. last.pt or model.safetensors)"
+        )
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the file was not written completely")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.suffix == ".safetensors" or (len(head) > 9 and head[8:9] == b"{"):
+        return _read_safetensors(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path} holds Python objects that safe loading refuses (they could run code): "
+                "re-save just the state_dict with torch.save(model.state_dict(), ...)"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({detail}): is it truncated?") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{path} is truncated or not a PyTorch checkpoint ({detail[:120]}): re-download or re-export it"
+        ) from None
+    return obj, {}
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError types
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is truncated or not a safetensors file ({detail[:120]})") from None
+    return tensors, metadata
+
+
+def unwrap_state_dict(obj: Any, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """Find the weights in a checkpoint: EMA weights first when asked and present, else the raw ones, else bare."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a dict of weights")
+    keys = (*_EMA_KEYS, *_RAW_KEYS) if use_ema else _RAW_KEYS
+    for key in keys:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return dict(inner)
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        found = ", ".join(sorted(map(str, obj.keys()))[:8])
+        raise CheckpointError(f"no weights found in checkpoint (top-level keys: {found}): is it a model checkpoint?")
+    return tensors
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, ...] = ("module.", "_orig_mod.")):
+    """Remove DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes."""
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith(prefixes):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+# ---- architecture of a checkpoint ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What a state dict says about the network that wrote it."""
+
+    depths: tuple[tuple[int, int], ...]
+    widths: tuple[int, ...]
+    head_dim: int
+    num_classes: int
+    distillation: bool
+    in_chans: int
+    reparameterized: bool
+
+    @property
+    def variant(self) -> str | None:
+        from rapidnet.models.rapidnet import VARIANTS
+
+        for name, cfg in VARIANTS.items():
+            if (
+                tuple(map(tuple, cfg["depths"])) == self.depths
+                and tuple(cfg["widths"]) == self.widths
+                and (cfg["head_dim"] == self.head_dim)
+            ):
+                return name
+        return None
+
+    def describe(self) -> str:
+        name = self.variant
+        shape = f"depths {[list(d) for d in self.depths]}, widths {list(self.widths)}, head {self.head_dim}"
+        return f"{name} ({shape})" if name else f"a custom RapidNet ({shape})"
+
+
+def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchSpec:
+    """Read depths, widths, head and classes off a state dict in this project's key names."""
+    try:
+        in_chans = state_dict["stem.0.conv.weight"].shape[1]
+        kinds: dict[int, dict[int, str]] = {}
+        for key in state_dict:
+            if (m := re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(\w+)", key)) is not None:
+                stage_blocks = kinds.setdefault(int(m.group(1)), {})
+                if m.group(3) in ("mixer", "ffn"):
+                    stage_blocks[int(m.group(2))] = "dilated"
+                else:
+                    stage_blocks.setdefault(int(m.group(2)), "inverted_residual")
+        num_stages = max(kinds) + 1 if kinds else 0
+        widths = [state_dict["stem.1.conv.weight"].shape[0]]
+        widths += [state_dict[f"stages.{i}.downsample.conv.weight"].shape[0] for i in range(1, num_stages)]
+        depths = []
+        for i in range(num_stages):
+            found = list(kinds.get(i, {}).values())
+            depths.append((found.count("inverted_residual"), found.count("dilated")))
+        head_dim = state_dict["head.conv.conv.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(f"checkpoint lacks {e.args[0]!r}: it is not a RapidNet checkpoint") from None
+    fc = state_dict.get("head.fc.weight")
+    return ArchSpec(
+        depths=tuple(depths),
+        widths=tuple(int(w) for w in widths),
+        head_dim=int(head_dim),
+        num_classes=int(fc.shape[0]) if fc is not None else 0,
+        distillation="head.fc_dist.weight" in state_dict,
+        in_chans=int(in_chans),
+        reparameterized=not any(k.endswith("running_var") for k in state_dict),
+    )
+
+
+def model_arch(model: nn.Module) -> ArchSpec:
+    """The same description for a live model."""
+    return ArchSpec(
+        depths=tuple(model.depths),
+        widths=tuple(model.widths),
+        head_dim=model.head_dim,
+        num_classes=model.num_classes,
+        distillation=model.distillation,
+        in_chans=model.in_chans,
+        reparameterized=not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()),
+    )
+
+
+# ---- loading -------------------------------------------------------------------------------------------------------
+
+
+def load_state_dict_file(
+    path: str | os.PathLike, use_ema: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read any supported checkpoint file into a state dict in this project's key names, plus metadata."""
+    obj, metadata = read_checkpoint(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("rapidnet"), Mapping):
+        metadata = {**{k: str(v) for k, v in obj["rapidnet"].items()}, **metadata}
+    return checkpoint_filter_fn(unwrap_state_dict(obj, use_ema=use_ema)), metadata
+
+
+def adapt_classifier(state_dict: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """Make the checkpoint's classifier(s) fit the model, saying what was done in one log line.
+
+    - other class count: drop the classifier(s) (fine-tuning starts from a fresh head);
+    - distilled checkpoint, single-head model: one head equal to the mean of both (same eval logits);
+    - single-head checkpoint, distilled model: the distillation head starts as a copy of the head.
+    """
+    sd = dict(state_dict)
+    ck_classes = sd["head.fc.weight"].shape[0] if "head.fc.weight" in sd else 0
+    has_dist = "head.fc_dist.weight" in sd
+    fc_keys = [k for k in sd if k.startswith(("head.fc.", "head.fc_dist."))]
+    if model.num_classes != ck_classes:
+        for k in fc_keys:
+            del sd[k]
+        if model.num_classes > 0:
+            _logger.info(
+                "%s: %d classes, model has %d: classifier dropped and initialised afresh",
+                source,
+                ck_classes,
+                model.num_classes,
+            )
+        return sd
+    if has_dist and not model.distillation:
+        sd["head.fc.weight"] = (sd["head.fc.weight"] + sd.pop("head.fc_dist.weight")) / 2
+        sd["head.fc.bias"] = (sd["head.fc.bias"] + sd.pop("head.fc_dist.bias")) / 2
+        _logger.info("%s: distillation head merged into the classifier (mean of both, as in eval)", source)
+    elif model.distillation and not has_dist and ck_classes > 0:
+        sd["head.fc_dist.weight"] = sd["head.fc.weight"].clone()
+        sd["head.fc_dist.bias"] = sd["head.fc.bias"].clone()
+        _logger.info("%s: no distillation head in the checkpoint: it starts as a copy of the classifier", source)
+    return sd
+
+
+def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> nn.Module:
+    """Load a converted state dict into a RapidNet, checking the architecture first for a clear error.
+
+    Returns the model (reparameterized in place first when the checkpoint is an inference-only fused one).
+    """
+    from rapidnet.models.reparam import reparameterize_
+
+    want, have = model_arch(model), infer_arch(state_dict)
+    if (want.depths, want.widths, want.head_dim) != (have.depths, have.widths, have.head_dim):
+        target = want.variant or "this custom RapidNet"
+        fix = f"create '{have.variant}' instead" if have.variant else "create the model with the matching config"
+        raise CheckpointError(f"{source} is {have.describe()}, not {target}: {fix}")
+    if want.in_chans != have.in_chans:
+        raise CheckpointError(f"{source} takes {have.in_chans} input channels, model {want.in_chans}: set in_chans")
+    if have.reparameterized and not want.reparameterized:
+        _logger.info("%s is reparameterized (inference only): reparameterizing the model to match", source)
+        reparameterize_(model)
+    sd = adapt_classifier(dict(state_dict), model, source)
+    result = model.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(("head.fc.", "head.fc_dist."))]
+    if missing or result.unexpected_keys:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
+        if result.unexpected_keys:
+            parts.append(f"unexpected {len(result.unexpected_keys)} (e.g. {', '.join(result.unexpected_keys[:3])})")
+        raise CheckpointError(f"{source} does not fit the model: {'; '.join(parts)} keys")
+    return model
+
+
+def load_pretrained(model: nn.Module, pretrained_cfg: Mapping[str, Any], use_ema: bool = True) -> nn.Module:
+    """Load weights named by a timm ``pretrained_cfg``: a local ``file`` first, else the authors' hub file."""
+    file = pretrained_cfg.get("file")
+    if not file:
+        file = _download_from_hub(pretrained_cfg)
+    state_dict, _ = load_state_dict_file(file, use_ema=use_ema)
+    return load_into(model, state_dict, source=str(file))
+
+
+def _download_from_hub(pretrained_cfg: Mapping[str, Any]) -> str:
+    repo, filename = pretrained_cfg.get("hf_hub_id"), pretrained_cfg.get("hf_hub_filename")
+    if not repo or not filename:
+        raise CheckpointError("no pretrained weights are known for this model: pass checkpoint=PATH")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo, filename)
+    except Exception as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:100]
+        raise CheckpointError(
+            f"could not fetch the authors' weights {repo}/{filename} ({type(e).__name__}: {reason}): "
+            "offline, download them elsewhere and pass checkpoint=PATH"
+        ) from None

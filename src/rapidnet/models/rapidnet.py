@@ -1,0 +1,534 @@
+"""RapidNet: Multi-Level Dilated Convolution backbones (Munir, Rahman, Marculescu, WACV 2025).
+
+Reads top-down like Figure 3 of the paper:
+
+    stem (stride 4) -> stage 0 -> [downsample -> stage 1] -> [downsample -> stage 2] -> [downsample -> stage 3] -> head
+
+Each stage holds ``L`` Inverted Residual blocks followed by ``G`` Dilated Convolution blocks. A Dilated Convolution
+block mixes tokens with MLDC (two parallel dense 3x3 convolutions, dilation 2 and 3, summed) and then a large-kernel
+FFN. Every module that can be folded for inference has a ``reparameterize()`` method (timm's convention, so
+``timm.utils.reparameterize_model`` works too); :func:`rapidnet.reparameterize` applies them to a copy.
+
+The forward pass equals the authors' implementation for the same weights; their checkpoints load through
+:func:`checkpoint_filter_fn` (see ``rapidnet.models.checkpoint``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerScale2d
+from timm.models import FeatureListNet, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+__all__ = ["VARIANTS", "RapidNet", "default_cfgs"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class ConvNormAct(nn.Module):
+    """Conv2d -> BatchNorm2d -> optional GELU, with "same" padding; ``reparameterize`` folds the BN into the conv.
+
+    The authors' convolutions carry a bias even when a BN follows (PyTorch's default); we keep it so that their
+    weights load unchanged.
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        act: bool = True,
+    ) -> None:
+        super().__init__()
+        padding = dilation * (kernel_size - 1) // 2
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation, groups, bias=bias)
+        self.bn: nn.Module = nn.BatchNorm2d(out_chs)
+        self.act: nn.Module = nn.GELU() if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        if not isinstance(self.bn, nn.BatchNorm2d):
+            return  # already folded
+        bn = self.bn
+        conv_bias = self.conv.bias if self.conv.bias is not None else torch.zeros_like(bn.running_mean)
+        weight, bias = fuse_conv_bn_weights(
+            self.conv.weight, conv_bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
+        self.conv.weight = weight
+        self.conv.bias = bias
+        self.bn = nn.Identity()
+
+    @torch.no_grad()
+    def scale_output_(self, layer_scale: LayerScale2d) -> None:
+        """Fold a per-channel layer scale that follows this (already BN-folded) unit into its conv: exact."""
+        gamma = layer_scale.gamma.detach()
+        self.conv.weight.mul_(gamma.view(-1, 1, 1, 1))
+        self.conv.bias.mul_(gamma)
+
+
+def _fold_layer_scale(unit: ConvNormAct, owner: nn.Module, attr: str) -> None:
+    """Fold ``owner.<attr>`` (a LayerScale2d after ``unit``) into ``unit`` and replace it by an identity."""
+    layer_scale = getattr(owner, attr)
+    if isinstance(layer_scale, LayerScale2d):
+        unit.reparameterize()
+        unit.scale_output_(layer_scale)
+        setattr(owner, attr, nn.Identity())
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2-style block: 1x1 expand (x4) -> 3x3 depthwise -> 1x1 project, layer-scaled residual."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, layer_scale_init: float = 1e-5):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.expand = ConvNormAct(dim, hidden, 1)
+        self.dw = ConvNormAct(hidden, hidden, 3, groups=hidden)
+        self.project = ConvNormAct(hidden, dim, 1, act=False)
+        self.layer_scale: nn.Module = LayerScale2d(dim, layer_scale_init)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.layer_scale(self.project(self.dw(self.expand(x)))))
+
+    def reparameterize(self) -> None:
+        self.expand.reparameterize()
+        self.dw.reparameterize()
+        _fold_layer_scale(self.project, self, "layer_scale")
+
+
+class ConditionalPosEnc(nn.Module):
+    """Conditional positional encoding ``x + DW7x7(x)``; at inference the identity folds into the kernel centre."""
+
+    def __init__(self, dim: int, kernel_size: int = 7) -> None:
+        super().__init__()
+        self.pe: nn.Conv2d | None = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=True)
+        self.reparam_conv: nn.Conv2d | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reparam_conv is not None:
+            return self.reparam_conv(x)
+        assert self.pe is not None
+        return x + self.pe(x)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        if self.pe is None:
+            return
+        pe = self.pe
+        conv = nn.Conv2d(pe.in_channels, pe.out_channels, pe.kernel_size, padding=pe.padding, groups=pe.groups)
+        centre = pe.kernel_size[0] // 2
+        conv.weight.copy_(pe.weight)
+        conv.weight[:, 0, centre, centre] += 1.0
+        conv.bias.copy_(pe.bias)
+        self.reparam_conv = conv.to(pe.weight.device, pe.weight.dtype)
+        self.pe = None
+
+
+class MultiLevelDilatedConv(nn.Module):
+    """MLDC token mixer: CPE -> 1x1 -> [dense 3x3 dilation 2 || dense 3x3 dilation 3], summed -> 1x1.
+
+    The two dilation rates see short- and long-range context at once, giving a large receptive field with plain
+    convolutions.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.cpe = ConditionalPosEnc(dim, 7)
+        self.fc1 = ConvNormAct(dim, dim, 1, act=False)
+        self.conv_d2 = ConvNormAct(dim, dim, 3, dilation=2)
+        self.conv_d3 = ConvNormAct(dim, dim, 3, dilation=3)
+        self.fc2 = ConvNormAct(dim, dim, 1, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(self.cpe(x))
+        return self.fc2(self.conv_d2(x) + self.conv_d3(x))
+
+
+class LargeKernelFFN(nn.Module):
+    """FFN preceded by a 7x7 depthwise conv (no bias) + BN: channel mixing with a large spatial footprint."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, kernel_size: int = 7) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.dw = ConvNormAct(dim, dim, kernel_size, groups=dim, bias=False, act=False)
+        self.fc1 = ConvNormAct(dim, hidden, 1)
+        self.fc2 = ConvNormAct(hidden, dim, 1, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(self.dw(x)))
+
+
+class DilatedConvBlock(nn.Module):
+    """``x + gamma1 * MLDC(x)`` then ``x + gamma2 * LKFFN(x)``, each with stochastic depth."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, layer_scale_init: float = 1e-5):
+        super().__init__()
+        self.mixer = MultiLevelDilatedConv(dim)
+        self.layer_scale1: nn.Module = LayerScale2d(dim, layer_scale_init)
+        self.ffn = LargeKernelFFN(dim, mlp_ratio)
+        self.layer_scale2: nn.Module = LayerScale2d(dim, layer_scale_init)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.layer_scale1(self.mixer(x)))
+        return x + self.drop_path(self.layer_scale2(self.ffn(x)))
+
+    def reparameterize(self) -> None:
+        self.mixer.cpe.reparameterize()
+        for unit in (self.mixer.fc1, self.mixer.conv_d2, self.mixer.conv_d3, self.ffn.dw, self.ffn.fc1):
+            unit.reparameterize()
+        _fold_layer_scale(self.mixer.fc2, self, "layer_scale1")
+        _fold_layer_scale(self.ffn.fc2, self, "layer_scale2")
+
+
+class RapidNetStage(nn.Module):
+    """Optional stride-2 downsample (3x3 conv + BN, no activation), then Inverted Residual and Dilated Conv blocks."""
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        num_inverted_residual: int,
+        num_dilated: int,
+        downsample: bool,
+        drop_path_rates: Sequence[float],
+        mlp_ratio: float = 4.0,
+        layer_scale_init: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.downsample = ConvNormAct(in_chs, out_chs, 3, stride=2, act=False) if downsample else nn.Identity()
+        rates = list(drop_path_rates)
+        blocks: list[nn.Module] = [
+            InvertedResidual(out_chs, mlp_ratio, rates[i], layer_scale_init) for i in range(num_inverted_residual)
+        ]
+        blocks += [
+            DilatedConvBlock(out_chs, mlp_ratio, rates[num_inverted_residual + i], layer_scale_init)
+            for i in range(num_dilated)
+        ]
+        self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class RapidNetHead(nn.Module):
+    """Global average pool -> 1x1 conv (C -> E) + BN + GELU -> dropout -> classifier (+ distillation classifier).
+
+    With a distillation classifier, training mode returns ``(cls_logits, dist_logits)`` (as the authors' model does)
+    and eval mode their mean. ``reparameterize`` folds the BN and merges the two classifiers into one (their mean is
+    linear), so the inference model has a single head with identical outputs.
+    """
+
+    def __init__(self, in_chs: int, hidden: int, num_classes: int, distillation: bool, drop_rate: float = 0.0):
+        super().__init__()
+        self.conv = ConvNormAct(in_chs, hidden, 1)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc: nn.Module = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc_dist: nn.Module | None = nn.Linear(hidden, num_classes) if distillation and num_classes > 0 else None
+        self.distilled_training = True
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False):
+        x = self.drop(self.conv(x.mean((2, 3), keepdim=True))).flatten(1)
+        if pre_logits:
+            return x
+        if self.fc_dist is None:
+            return self.fc(x)
+        logits, logits_dist = self.fc(x), self.fc_dist(x)
+        if self.distilled_training and self.training and not torch.jit.is_scripting():
+            return logits, logits_dist
+        return (logits + logits_dist) / 2
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        self.conv.reparameterize()
+        if self.fc_dist is not None and isinstance(self.fc, nn.Linear):
+            merged = nn.Linear(self.fc.in_features, self.fc.out_features).to(
+                self.fc.weight.device, self.fc.weight.dtype
+            )
+            merged.weight.copy_((self.fc.weight + self.fc_dist.weight) / 2)
+            merged.bias.copy_((self.fc.bias + self.fc_dist.bias) / 2)
+            self.fc, self.fc_dist = merged, None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _init_weights(module: nn.Module) -> None:
+    """The authors' init: Kaiming-normal conv (and classifier) weights, zero biases."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class RapidNet(nn.Module):
+    """RapidNet backbone and classifier.
+
+    Args:
+        depths: per stage, ``(number of Inverted Residual blocks, number of Dilated Convolution blocks)``.
+        widths: channels of the four stages (stem output = ``widths[0]``).
+        head_dim: width ``E`` of the 1x1 conv before the classifier.
+        distillation: add the DeiT-style distillation classifier (``head.fc_dist``).
+        drop_path_rate: stochastic depth, rising linearly from 0 over all blocks in order. (The authors' code only
+            advances the rate on Dilated Convolution blocks; eval outputs are the same either way.)
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[Sequence[int]] = ((2, 0), (2, 0), (6, 2), (2, 2)),
+        widths: Sequence[int] = (32, 64, 112, 224),
+        head_dim: int = 512,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        distillation: bool = True,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        layer_scale_init: float = 1e-5,
+        global_pool: str = "avg",
+    ) -> None:
+        super().__init__()
+        if len(depths) != len(widths):
+            raise ValueError(f"depths ({len(depths)} stages) and widths ({len(widths)} stages) must have equal length")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' (RapidNet pools by mean), got {global_pool!r}")
+        self.depths = tuple(tuple(int(n) for n in d) for d in depths)
+        self.widths = tuple(int(w) for w in widths)
+        self.head_dim = head_dim
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.global_pool = global_pool
+
+        self.stem = nn.Sequential(
+            ConvNormAct(in_chans, widths[0] // 2, 3, stride=2),
+            ConvNormAct(widths[0] // 2, widths[0], 3, stride=2),
+        )
+
+        total_blocks = sum(sum(d) for d in self.depths)
+        rates = torch.linspace(0, drop_path_rate, total_blocks).tolist() if total_blocks else []
+        stages: list[nn.Module] = []
+        self.feature_info: list[dict[str, Any]] = []
+        in_chs, first = widths[0], 0
+        for i, ((num_ir, num_dc), out_chs) in enumerate(zip(self.depths, self.widths)):
+            n = num_ir + num_dc
+            stages.append(
+                RapidNetStage(
+                    in_chs, out_chs, num_ir, num_dc, i > 0, rates[first : first + n], mlp_ratio, layer_scale_init
+                )
+            )
+            self.feature_info.append(dict(num_chs=out_chs, reduction=4 * 2**i, module=f"stages.{i}"))
+            in_chs, first = out_chs, first + n
+        self.stages = nn.Sequential(*stages)
+
+        self.num_features = self.widths[-1]
+        self.head_hidden_size = head_dim
+        self.head = RapidNetHead(self.num_features, head_dim, num_classes, distillation, drop_rate)
+        self.apply(_init_weights)
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor):
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's feature API: the outputs of the chosen stages (strides 4, 8, 16, 32), and optionally the last."""
+        if output_fmt != "NCHW":
+            raise ValueError("RapidNet intermediates are NCHW only")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        x = self.stem(x)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ):
+        """Drop the stages (and head) that ``forward_intermediates(indices)`` does not need."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_head or max_index < len(self.widths) - 1:
+            self.reset_classifier(0)
+            self.head = nn.Identity()  # type: ignore[assignment]
+        return take_indices
+
+    # ---- timm model API ------------------------------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)"
+            if coarse
+            else [(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """Whether training-mode forward returns ``(cls, dist)`` logits (default) or their mean."""
+        if isinstance(self.head, RapidNetHead):
+            self.head.distilled_training = enable
+
+    @property
+    def distillation(self) -> bool:
+        return isinstance(self.head, RapidNetHead) and self.head.fc_dist is not None
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, distillation: bool | None = None):
+        """New (randomly initialised) classifier(s) for ``num_classes``; 0 makes the model return pre-logits."""
+        if global_pool is not None and global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg', got {global_pool!r}")
+        if not isinstance(self.head, RapidNetHead):
+            return
+        self.num_classes = num_classes
+        if distillation is None:
+            distillation = self.head.fc_dist is not None
+        hidden = self.head_hidden_size
+        self.head.fc = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.fc_dist = nn.Linear(hidden, num_classes) if distillation and num_classes > 0 else None
+        for fc in (self.head.fc, self.head.fc_dist):
+            if fc is not None:
+                _init_weights(fc)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()  # layer scales, norms and biases are 1-D: timm's optimizer factory already skips them
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Variants
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _cfg(filename: str, **kwargs: Any) -> dict[str, Any]:
+    """timm pretrained config: the authors' published ImageNet-1K weights and their eval transform."""
+    return {
+        "hf_hub_id": "SLDGroup/RapidNet",
+        "hf_hub_filename": filename,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.0.conv",
+        "classifier": ("head.fc", "head.fc_dist"),
+        "license": "unknown (see the authors' repository)",
+        "paper_ids": "arXiv:2412.10995",
+        "paper_name": "RapidNet: Multi-Level Dilated Convolution Based Mobile Backbone",
+        **kwargs,
+    }
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "rapidnet_ti": dict(depths=((2, 0), (2, 0), (6, 2), (2, 2)), widths=(32, 64, 112, 224), head_dim=512),
+    "rapidnet_s": dict(depths=((3, 0), (3, 0), (9, 3), (3, 3)), widths=(32, 64, 112, 224), head_dim=512),
+    "rapidnet_m": dict(depths=((3, 0), (3, 0), (9, 3), (3, 3)), widths=(32, 64, 160, 320), head_dim=512),
+    "rapidnet_b": dict(depths=((3, 0), (3, 0), (9, 3), (3, 3)), widths=(64, 128, 224, 416), head_dim=768),
+}
+
+default_cfgs = generate_default_cfgs(
+    {
+        "rapidnet_ti.in1k": _cfg("RapidNet_Ti.pth"),
+        "rapidnet_s.in1k": _cfg("RapidNet_S.pth"),
+        "rapidnet_m.in1k": _cfg("RapidNet_M.pth"),
+        "rapidnet_b.in1k": _cfg("RapidNet_B.pth"),
+    }
+)
+
+
+def _create_rapidnet(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a variant through timm (so ``pretrained_cfg`` and its overlays apply), then load weights ourselves.
+
+    timm's own loader would refuse the authors' full training checkpoints (``argparse.Namespace`` inside) and
+    knows nothing of their key names; ``rapidnet.models.checkpoint`` handles every format with ``weights_only``.
+    """
+    from rapidnet.models.checkpoint import load_pretrained
+
+    features_only = kwargs.pop("features_only", False)
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    use_ema = kwargs.pop("use_ema", True)
+    model = build_model_with_cfg(RapidNet, variant, pretrained=False, **dict(VARIANTS[variant], **kwargs))
+    if pretrained:
+        model = load_pretrained(model, model.pretrained_cfg, use_ema=use_ema)
+    if features_only:
+        cfg = model.pretrained_cfg
+        model = FeatureListNet(model, out_indices=out_indices, flatten_sequential=True)
+        model.pretrained_cfg = model.default_cfg = cfg
+    return model
+
+
+@register_model
+def rapidnet_ti(pretrained: bool = False, **kwargs: Any) -> RapidNet:
+    """RapidNet-Ti: 76.3% ImageNet-1K top-1 at 0.9 ms on an iPhone 13 mini NPU (paper)."""
+    return _create_rapidnet("rapidnet_ti", pretrained, **kwargs)
+
+
+@register_model
+def rapidnet_s(pretrained: bool = False, **kwargs: Any) -> RapidNet:
+    """RapidNet-S: Ti's widths, deeper stages."""
+    return _create_rapidnet("rapidnet_s", pretrained, **kwargs)
+
+
+@register_model
+def rapidnet_m(pretrained: bool = False, **kwargs: Any) -> RapidNet:
+    """RapidNet-M: S's depths, wider stages 2 and 3."""
+    return _create_rapidnet("rapidnet_m", pretrained, **kwargs)
+
+
+@register_model
+def rapidnet_b(pretrained: bool = False, **kwargs: Any) -> RapidNet:
+    """RapidNet-B: the widest variant."""
+    return _create_rapidnet("rapidnet_b", pretrained, **kwargs)
