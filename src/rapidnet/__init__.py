@@ -4,7 +4,7 @@ Importing this package registers ``rapidnet_ti``, ``rapidnet_s``, ``rapidnet_m``
 """
 
 from rapidnet.errors import CheckpointError, ConfigError, DataError, RapidNetError
-from rapidnet.models import VARIANTS, RapidNet, create_model, list_variants, reparameterize
+from rapidnet.models import VARIANTS, RapidNet, create_model, list_variants, load_model, reparameterize, save_weights
 
 __version__ = "0.1.0"
 
@@ -18,5 +18,7 @@ __all__ = [
     "__version__",
     "create_model",
     "list_variants",
+    "load_model",
     "reparameterize",
+    "save_weights",
 ]

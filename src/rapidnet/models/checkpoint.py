@@ -8,11 +8,11 @@ refused. Problems surface as one-line :class:`~rapidnet.errors.CheckpointError` 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +164,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
                 "re-save just the state_dict with torch.save(model.state_dict(), ...)"
             ) from None
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({detail}): is it truncated?") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # a cut file fails in many ways: zip, unpickler (KeyError), EOF, ...
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
             f"{path} is truncated or not a PyTorch checkpoint ({detail[:120]}): re-download or re-export it"
@@ -384,10 +384,67 @@ def _download_from_hub(pretrained_cfg: Mapping[str, Any]) -> str:
     try:
         from huggingface_hub import hf_hub_download
 
-        return hf_hub_download(repo, filename)
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        return hf_hub_download(repo, filename, local_files_only=offline, etag_timeout=5)
     except Exception as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0][:100]
         raise CheckpointError(
             f"could not fetch the authors' weights {repo}/{filename} ({type(e).__name__}: {reason}): "
             "offline, download them elsewhere and pass checkpoint=PATH"
         ) from None
+
+
+# ---- writing -------------------------------------------------------------------------------------------------------
+
+
+def model_metadata(model: nn.Module) -> dict[str, str]:
+    """The architecture of a RapidNet as safetensors metadata (strings), so the file rebuilds its own model."""
+    arch = model_arch(model)
+    return {
+        "format": "rapidnet",
+        "arch": arch.variant or "custom",
+        "depths": json.dumps([list(d) for d in arch.depths]),
+        "widths": json.dumps(list(arch.widths)),
+        "head_dim": str(arch.head_dim),
+        "num_classes": str(arch.num_classes),
+        "distillation": str(arch.distillation).lower(),
+        "in_chans": str(arch.in_chans),
+        "reparameterized": str(arch.reparameterized).lower(),
+    }
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> Path:
+    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file behind."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path} ({e.strerror or e}): choose a writable output path") from None
+    return path
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a model's weights atomically: safetensors for ``.safetensors``, else ``torch.save`` of a dict."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {**model_metadata(model), **(metadata or {})}
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    return atomic_write(path, lambda tmp: torch.save({"model": state, "rapidnet": meta}, tmp))
+
+
+def load_model(path: str | os.PathLike, use_ema: bool = True, **kwargs: Any) -> nn.Module:
+    """Build the RapidNet a checkpoint describes (any supported format) and load it: no variant name needed."""
+    from rapidnet.models.factory import create_model
+
+    state_dict, _ = load_state_dict_file(path, use_ema=use_ema)
+    arch = infer_arch(state_dict)
+    config = dict(depths=arch.depths, widths=arch.widths, head_dim=arch.head_dim)
+    args: dict[str, Any] = dict(num_classes=arch.num_classes, distillation=arch.distillation, in_chans=arch.in_chans)
+    args.update(kwargs)
+    model = create_model(arch.variant or "rapidnet_ti", **config, **args)
+    return load_into(model, state_dict, source=str(path))

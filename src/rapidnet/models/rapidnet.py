@@ -333,7 +333,7 @@ class RapidNet(nn.Module):
         stages: list[nn.Module] = []
         self.feature_info: list[dict[str, Any]] = []
         in_chs, first = widths[0], 0
-        for i, ((num_ir, num_dc), out_chs) in enumerate(zip(self.depths, self.widths)):
+        for i, ((num_ir, num_dc), out_chs) in enumerate(zip(self.depths, self.widths, strict=True)):
             n = num_ir + num_dc
             stages.append(
                 RapidNetStage(

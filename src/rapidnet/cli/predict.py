@@ -1,0 +1,90 @@
+"""``rapidnet predict IMAGE...``: top-k classes of images (files or folders) with a model's eval transform."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from rapidnet.errors import DataError
+from rapidnet.models import create_model, load_model, reparameterize
+from rapidnet.models.checkpoint import load_state_dict_file
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("predict", help="classify images", description=__doc__)
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--checkpoint", help="weights (class names are read from this project's checkpoints)")
+    p.add_argument("--model", default="rapidnet_ti", help="variant when no checkpoint is given")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def collect_images(paths: list[str]) -> list[Path]:
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.exists():
+            found.append(p)
+        else:
+            raise DataError(f"image not found: {p}: check the path")
+    if not found:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise DataError(f"no images in {', '.join(paths)}: expected files ending in {suffixes}")
+    return found
+
+
+def class_names(metadata: dict[str, str], num_classes: int) -> list[str]:
+    if "class_names" in metadata:
+        return list(json.loads(metadata["class_names"]))
+    if num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i).split(",")[0] for i in range(1000)]
+    return [str(i) for i in range(num_classes)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from PIL import Image, UnidentifiedImageError
+    from timm.data import create_transform, resolve_data_config
+
+    files = collect_images(args.images)
+    if args.checkpoint:
+        model = load_model(args.checkpoint)
+        _, metadata = load_state_dict_file(args.checkpoint)
+        if "pretrained_cfg" in metadata:
+            model.pretrained_cfg = {**model.pretrained_cfg, **json.loads(metadata["pretrained_cfg"])}
+    else:
+        print(f"note: no --checkpoint: {args.model} has RANDOM weights, so these predictions mean nothing")
+        model, metadata = create_model(args.model), {}
+    model = reparameterize(model)
+    transform = create_transform(**resolve_data_config(model=model))
+    names = class_names(metadata, model.num_classes)
+    results = []
+    for f in files:
+        try:
+            image = Image.open(f).convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"cannot read image {f} ({e.__class__.__name__}): is it a valid image file?") from None
+        with torch.no_grad():
+            probs = model(transform(image).unsqueeze(0)).softmax(-1)[0]
+        top = probs.topk(min(args.top_k, probs.numel()))
+        preds = [
+            {"class": names[i], "index": int(i), "prob": float(p)} for p, i in zip(top.values, top.indices, strict=True)
+        ]
+        results.append({"image": str(f), "top": preds})
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            print(r["image"])
+            for p in r["top"]:
+                print(f"  {p['prob']:7.2%}  {p['class']}")
+    return 0

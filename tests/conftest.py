@@ -1,0 +1,60 @@
+"""Shared fixtures: the authors' reference data and randomised (non-trivial) RapidNet weights."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rapidnet
+
+DATA = Path(__file__).parent / "data"
+# The authors' reference outputs live in ../shared/reference beside the checkout (absent on some machines).
+REFERENCE = Path(os.environ.get("RAPIDNET_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+
+MICRO = dict(depths=((1, 0), (1, 0), (1, 1), (1, 1)), widths=(16, 24, 32, 48), head_dim=64)
+
+
+@pytest.fixture(scope="session")
+def micro_expected() -> dict:
+    return torch.load(DATA / "micro_expected.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint() -> Path:
+    return DATA / "micro_official_format.pth"
+
+
+@pytest.fixture(scope="session")
+def reference_module():
+    """``make_checkpoint`` from the shared reference folder (skips where it is not present)."""
+    if not (REFERENCE / "make_checkpoint.py").exists():
+        pytest.skip(f"no reference data at {REFERENCE}")
+    sys.path.insert(0, str(REFERENCE))
+    import make_checkpoint
+
+    return make_checkpoint
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BN non-trivial statistics and every layer scale a large value, so folding is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.8 + 0.2)
+            elif p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "bn.weight" in name else 0.0))
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+    return model
+
+
+@pytest.fixture
+def micro_model() -> torch.nn.Module:
+    return randomize_(rapidnet.create_model("rapidnet_ti", num_classes=10, **MICRO)).eval()

@@ -1,0 +1,104 @@
+"""The ``rapidnet`` command for the model issue: info, convert, predict and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rapidnet
+from conftest import MICRO
+from rapidnet.cli.main import main
+from rapidnet.models.checkpoint import infer_arch
+
+SAMPLE = __import__("pathlib").Path(rapidnet.__file__).parent / "assets" / "sample_ankle_boot.png"
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info_json_equals_spec(capsys):
+    code, out, _ = run_cli(capsys, "info", "rapidnet_ti", "rapidnet_m", "--json")
+    rows = {r["model"]: r for r in json.loads(out)}
+    assert code == 0
+    assert rows["rapidnet_ti"]["params"] == 6_627_840 and rows["rapidnet_ti"]["params_no_dist"] == 6_114_840
+    assert rows["rapidnet_m"]["params"] == 17_304_496
+    assert rows["rapidnet_ti"]["gmacs"] == pytest.approx(0.617, rel=0.005)
+    assert rows["rapidnet_ti"]["gmacs_reparam"] <= rows["rapidnet_ti"]["gmacs"]
+    assert rows["rapidnet_ti"]["params_reparam"] < rows["rapidnet_ti"]["params_no_dist"]
+
+
+def test_info_table_and_resolution(capsys):
+    code, out, _ = run_cli(capsys, "info", "rapidnet_ti", "--resolution", "256", "320")
+    assert code == 0 and "256x320" in out and "6,627,840" in out
+
+
+def test_convert_authors_checkpoint_reparameterized(capsys, tmp_path, micro_checkpoint, micro_expected):
+    dst = tmp_path / "micro_fused.safetensors"
+    code, out, _ = run_cli(capsys, "convert", str(micro_checkpoint), str(dst), "--reparameterize")
+    assert code == 0 and "reparameterized" in out and dst.exists()
+    model = rapidnet.load_model(dst)
+    assert infer_arch(model.state_dict()).reparameterized
+    with torch.no_grad():
+        assert torch.allclose(model(micro_expected["input"]), micro_expected["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_predict_with_random_weights_says_so(capsys):
+    code, out, _ = run_cli(capsys, "predict", str(SAMPLE), "--top-k", "3", "--json")
+    assert code == 0 and "RANDOM weights" in out
+    result = json.loads(out[out.index("[") :])
+    probs = [p["prob"] for p in result[0]["top"]]
+    assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def test_predict_uses_class_names_from_checkpoint(capsys, tmp_path):
+    model = rapidnet.create_model("rapidnet_ti", num_classes=3, **MICRO)
+    names = ["cat", "dog", "bird"]
+    rapidnet.save_weights(
+        model,
+        tmp_path / "m.safetensors",
+        {"class_names": json.dumps(names), "pretrained_cfg": json.dumps({"input_size": [3, 32, 32]})},
+    )
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(SAMPLE, folder / "a.png")
+    code, out, _ = run_cli(capsys, "predict", str(folder), "--checkpoint", str(tmp_path / "m.safetensors"), "--json")
+    result = json.loads(out)
+    assert code == 0 and {p["class"] for p in result[0]["top"]} == set(names)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["convert", "/nonexistent.pth", "/tmp/x.safetensors"], "not found"),
+        (["info", "rapidnet_xl"], "unknown variant"),
+        (["info", "--resolution", "16"], "at least 32"),
+        (["predict", "/nonexistent.png"], "image not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_convert_to_unwritable_path(capsys, micro_checkpoint, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli(capsys, "convert", str(micro_checkpoint), str(blocker / "out.safetensors"))
+    assert code == 2 and "cannot write" in err
+
+
+def test_console_script_entry_point():
+    """The installed ``rapidnet`` command (or ``python -m``) runs in a fresh process."""
+    exe = shutil.which("rapidnet")
+    cmd = [exe] if exe else [sys.executable, "-m", "rapidnet.cli.main"]
+    proc = subprocess.run([*cmd, "info", "rapidnet_ti", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)[0]["params"] == 6_627_840
