@@ -1,0 +1,67 @@
+"""Fused (reparameterized) vs training-form RapidNet in eager PyTorch on CPU, timed interleaved in one run.
+
+    python benchmarks/reparam_speedup.py --model rapidnet_ti --batch 1 --resolution 224 --threads 2 --rounds 30
+
+Each round times one forward of each model (order alternating), after warm-up; the report gives medians, the
+interquartile range and the ratio of medians, so machine noise hits both models alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import rapidnet
+
+
+def time_once(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model(x)
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="rapidnet_ti")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=5, help="forwards per timing")
+    p.add_argument("--channels-last", action="store_true")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    unfused = rapidnet.create_model(args.model).eval()
+    fused = rapidnet.reparameterize(unfused)
+    x = torch.randn(args.batch, 3, args.resolution, args.resolution)
+    if args.channels_last:
+        unfused, fused = unfused.to(memory_format=torch.channels_last), fused.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    models = {"unfused": unfused, "fused": fused}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        assert torch.allclose(unfused(x), fused(x), atol=1e-4, rtol=1e-4)
+        for m in models.values():
+            for _ in range(3):
+                m(x)
+        for r in range(args.rounds):
+            order = list(models) if r % 2 == 0 else list(reversed(models))
+            for name in order:
+                times[name].append(time_once(models[name], x, args.repeats))
+    report = {"model": args.model, "batch": args.batch, "resolution": args.resolution, "threads": args.threads,
+              "channels_last": args.channels_last, "torch": torch.__version__}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        report[name] = {"median_ms": round(statistics.median(ts), 3), "iqr_ms": [round(q[0], 3), round(q[2], 3)]}
+    report["speedup_fused_vs_unfused"] = round(report["unfused"]["median_ms"] / report["fused"]["median_ms"], 3)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

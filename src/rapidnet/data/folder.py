@@ -1,0 +1,185 @@
+"""ImageNet-style class-per-sub-folder data sets that fail with one-line errors and survive corrupt images.
+
+A corrupt JPEG in a million-image data set should cost one sample, not the run: ``ImageFolderDataset`` returns a
+``CorruptSample`` marker instead of raising (an exception inside a DataLoader worker surfaces as a multi-line
+re-raised traceback), and ``collate_skip_corrupt`` drops the markers and reports their paths to the caller.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import default_collate
+from torchvision.transforms.functional import pil_to_tensor
+
+from rapidnet.errors import DataError
+
+__all__ = [
+    "IMG_EXTENSIONS",
+    "CorruptSample",
+    "ImageFolderDataset",
+    "check_same_classes",
+    "collate_skip_corrupt",
+    "load_rgb",
+]
+
+IMG_EXTENSIONS: tuple[str, ...] = torchvision.datasets.folder.IMG_EXTENSIONS
+
+_MAX_NAMES = 5  # how many class names an error message lists before "(+N more)"
+
+
+@dataclass(frozen=True)
+class CorruptSample:
+    """Returned by ``ImageFolderDataset[i]`` in place of ``(image, target)`` when the file cannot be decoded.
+
+    A dataclass rather than a tuple so that ``img, target = ds[i]`` fails loudly instead of silently unpacking it.
+    """
+
+    path: str
+    reason: str
+
+
+def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """Decode an image fully (``convert`` forces the lazy decode) so truncation is detected here, not in a transform."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+def _names(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_MAX_NAMES])
+    return shown + (f" (+{len(names) - _MAX_NAMES} more)" if len(names) > _MAX_NAMES else "")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class ImageFolderDataset(torchvision.datasets.ImageFolder):
+    """``torchvision.datasets.ImageFolder`` with one-line ``DataError``s for bad layouts and no crash on bad images.
+
+    Hidden sub-folders (``.ipynb_checkpoints``, ``.cache``) are not classes. A class sub-folder with no images is an
+    error unless ``allow_empty=True``, since it would silently shift every later class index between train and val.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        transform: Callable[[Any], Any] | None = None,
+        target_transform: Callable[[int], Any] | None = None,
+        loader: Callable[[str], Any] = load_rgb,
+        is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> None:
+        path = Path(root).expanduser()
+        layout = f"put images in {path}/<class_name>/, one sub-folder per class"
+        if not path.exists():
+            raise DataError(f"image folder {path} does not exist: {layout}")
+        if not path.is_dir():
+            raise DataError(f"image folder {path} is not a folder: {layout}")
+        super().__init__(
+            str(path),
+            transform=transform,
+            target_transform=target_transform,
+            loader=loader,
+            is_valid_file=is_valid_file,
+            allow_empty=True,  # checked below, with a better message than torchvision's
+        )
+        if not self.samples:
+            exts = "/".join(IMG_EXTENSIONS) if is_valid_file is None else "valid"
+            raise DataError(
+                f"no images in {path} ({len(self.classes)} class sub-folders, none holding {exts} files): {layout}"
+            )
+        used = set(self.targets)
+        empty = [name for name, idx in self.class_to_idx.items() if idx not in used]
+        if empty and not allow_empty:
+            raise DataError(
+                f"class sub-folders with no images in {path}: {_names(sorted(empty))}: add images or delete them"
+            )
+
+    def find_classes(self, directory: str | os.PathLike[str]) -> tuple[list[str], dict[str, int]]:
+        """Class names are the non-hidden sub-folders, sorted, as in torchvision."""
+        with os.scandir(directory) as entries:
+            classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise DataError(f"no class sub-folders in {directory}: put images in {directory}/<class_name>/")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def __getitem__(self, index: int) -> tuple[Any, Any] | CorruptSample:  # type: ignore[override]
+        path, target = self.samples[index]
+        try:
+            sample = self.loader(path)
+        except Exception as exc:  # any decode failure (PIL raises several types) costs one sample, not the run
+            return CorruptSample(path=str(path), reason=_one_line(exc))
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
+
+
+def _as_tensor_image(img: Any) -> Any:
+    """PIL images become uint8 CHW tensors so an untransformed data set can still be batched."""
+    return pil_to_tensor(img) if isinstance(img, Image.Image) else img
+
+
+def collate_skip_corrupt(batch: Sequence[Any]) -> tuple[torch.Tensor | None, torch.Tensor, list[str]]:
+    """DataLoader ``collate_fn`` that drops ``CorruptSample`` items: returns ``(images, targets, corrupt_paths)``.
+
+    ``images`` is the stacked batch (PIL images are converted to uint8 CHW tensors), or ``None`` when every item in
+    the batch was corrupt; ``targets`` is then an empty int64 tensor, so callers can skip the step with
+    ``if images is None``. Data sets that never yield corrupt samples (Fashion-MNIST) work unchanged.
+    """
+    corrupt = [item.path for item in batch if isinstance(item, CorruptSample)]
+    good = [item for item in batch if not isinstance(item, CorruptSample)]
+    if not good:
+        return None, torch.empty(0, dtype=torch.long), corrupt
+    images = [_as_tensor_image(item[0]) for item in good]
+    targets = [item[1] for item in good]
+    shapes = {tuple(img.shape) for img in images if isinstance(img, (torch.Tensor, np.ndarray))}
+    if len(shapes) > 1:
+        listed = ", ".join("x".join(map(str, s)) for s in sorted(shapes)[:_MAX_NAMES])
+        raise DataError(
+            f"images in one batch have different shapes ({listed}): add a transform that gives one size, "
+            "e.g. Resize + CenterCrop"
+        )
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in targets):
+        target_tensor = torch.tensor(targets, dtype=torch.long)
+    else:
+        target_tensor = default_collate(targets)
+    return default_collate(images), target_tensor, corrupt
+
+
+def check_same_classes(train_ds: Any, val_ds: Any) -> list[str]:
+    """Raise ``DataError`` unless both data sets have the same ``.classes`` in the same order; return them.
+
+    Label indices come from class order, so a class missing on one side would silently mislabel the other's images.
+    """
+    train_classes, val_classes = list(train_ds.classes), list(val_ds.classes)
+    if train_classes == val_classes:
+        return train_classes
+    train_set, val_set = set(train_classes), set(val_classes)
+    only_train = [c for c in train_classes if c not in val_set]
+    only_val = [c for c in val_classes if c not in train_set]
+    if not only_train and not only_val:
+        raise DataError(
+            f"train and val list the same {len(train_classes)} classes in a different order, so label indices differ: "
+            "build both with the same class order (ImageFolder sorts sub-folder names)"
+        )
+    parts = []
+    if only_train:
+        parts.append(f"only in train: {_names(only_train)}")
+    if only_val:
+        parts.append(f"only in val: {_names(only_val)}")
+    raise DataError(
+        f"train and val have different classes ({'; '.join(parts)}): give both folders the same class sub-folders"
+    )
