@@ -186,3 +186,11 @@ def test_pretrained_offline_says_to_pass_a_checkpoint(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match=r"SLDGroup/RapidNet/RapidNet_Ti.pth.*checkpoint=PATH"):
         rapidnet.create_model("rapidnet_ti", pretrained=True)
+
+
+def test_load_model_features_only(micro_checkpoint, micro_expected):
+    backbone = rapidnet.load_model(micro_checkpoint, features_only=True).eval()
+    with torch.no_grad():
+        feats = backbone(micro_expected["input"])
+    for ours, theirs in zip(feats, micro_expected["features"], strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)

@@ -438,13 +438,22 @@ def save_weights(model: nn.Module, path: str | os.PathLike, metadata: Mapping[st
 
 
 def load_model(path: str | os.PathLike, use_ema: bool = True, **kwargs: Any) -> nn.Module:
-    """Build the RapidNet a checkpoint describes (any supported format) and load it: no variant name needed."""
+    """Build the RapidNet a checkpoint describes (any supported format) and load it: no variant name needed.
+
+    ``kwargs`` reach ``create_model`` (``features_only=True`` gives the loaded backbone).
+    """
     from rapidnet.models.factory import create_model
 
     state_dict, _ = load_state_dict_file(path, use_ema=use_ema)
     arch = infer_arch(state_dict)
-    config = dict(depths=arch.depths, widths=arch.widths, head_dim=arch.head_dim)
-    args: dict[str, Any] = dict(num_classes=arch.num_classes, distillation=arch.distillation, in_chans=arch.in_chans)
+    args: dict[str, Any] = dict(
+        depths=arch.depths,
+        widths=arch.widths,
+        head_dim=arch.head_dim,
+        num_classes=arch.num_classes,
+        distillation=arch.distillation,
+        in_chans=arch.in_chans,
+        use_ema=use_ema,
+    )
     args.update(kwargs)
-    model = create_model(arch.variant or "rapidnet_ti", **config, **args)
-    return load_into(model, state_dict, source=str(path))
+    return create_model(arch.variant or "rapidnet_ti", checkpoint=path, **args)

@@ -1,0 +1,76 @@
+"""``rapidnet export``: the fused RapidNet as ONNX, TorchScript or Core ML, checked against PyTorch.
+
+ONNX is run through onnxruntime and TorchScript through torch on a random and a real input, and the largest
+difference from the PyTorch model is printed; a mismatch beyond the tolerance exits with status 1. Core ML packages
+cannot run on Linux: their spec (input and output names, shapes) is checked and numerical checks are left to macOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help="export the fused model to ONNX / TorchScript / Core ML", description=__doc__)
+    p.add_argument("--model", help="variant (rapidnet_ti/s/m/b); optional with --checkpoint, which names its own")
+    p.add_argument("--checkpoint", help="weights (any supported format); without one the weights are random")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "coreml"], help="default: onnx")
+    p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the model's)")
+    p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension (Core ML: 1..64)")
+    p.add_argument("--fp16", action="store_true", help="Core ML: compute in float16 (as the Neural Engine does)")
+    p.add_argument("--features-only", action="store_true", help="export the backbone: 4 feature maps, no head")
+    p.add_argument("--output", help="output path (default: <model>[_features].onnx|.pt|.mlpackage)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer; default 18)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="allclose rtol=atol vs pytorch (default 1e-4)")
+    p.add_argument("--threads", type=int, default=1, help="torch/onnxruntime threads for the check (default 1)")
+    p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from rapidnet.errors import ConfigError
+
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # the check runs two small inputs: a thread pool only adds waiting
+    try:
+        return _export(args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from rapidnet.deploy.export import FORMATS, build_model, check_resolution, check_writable, export
+    from rapidnet.errors import ConfigError
+
+    if args.resolution is not None:
+        check_resolution(args.resolution)
+    if args.fp16 and args.format != "coreml":
+        raise ConfigError("--fp16 applies to --format coreml only: ONNX and TorchScript export fp32")
+    stem = args.model or (Path(args.checkpoint).stem if args.checkpoint else "rapidnet_ti")
+    output = args.output or f"{stem}{'_features' if args.features_only else ''}{FORMATS[args.format]}"
+    check_writable(output)
+    model, _ = build_model(args.model, args.checkpoint, features_only=args.features_only)
+    if args.checkpoint is None:
+        print(f"note: no --checkpoint: {args.model or 'rapidnet_ti'} has RANDOM weights (fine for speed, not accuracy)")
+    result = export(
+        model,
+        output,
+        args.format,
+        resolution=args.resolution,
+        dynamic_batch=args.dynamic_batch,
+        fp16=args.fp16,
+        opset=args.opset,
+        verify=not args.no_verify,
+        tolerance=args.tolerance,
+        threads=args.threads,
+    )
+    print("\n".join(result.lines()))
+    if not result.ok:
+        print(f"rapidnet export: {result.path} does NOT match PyTorch to {args.tolerance:g} (see above)")
+        return 1
+    return 0

@@ -1,0 +1,71 @@
+"""``rapidnet quantize``: int8 post-training quantization for onnxruntime, with an fp32-vs-int8 accuracy check.
+
+Static QDQ quantization (per-channel int8 weights, uint8 activations) calibrated on images from a folder, an
+ImageFolder root, a folder of Fashion-MNIST IDX files or ``fashion-mnist``. With ``--eval-data`` (a labelled data set)
+fp32 and int8 are compared on its held-out split: top-1 of each and how often they agree. A JSON report is written
+beside the output (same name, ``.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("quantize", help="int8 quantization for onnxruntime + accuracy check", description=__doc__)
+    p.add_argument("--model", help="variant (rapidnet_ti/s/m/b); optional with --checkpoint, which names its own")
+    p.add_argument("--checkpoint", required=True, help="weights (any supported format) or an fp32 .onnx file")
+    p.add_argument("--calib", required=True, help="calibration images: folder, data set root, or 'fashion-mnist'")
+    p.add_argument("--calib-size", type=int, default=256, help="calibration images (0: all; default 256)")
+    p.add_argument("--eval-data", help="labelled data set for the fp32-vs-int8 check (its val/test split)")
+    p.add_argument("--eval-size", type=int, default=2000, help="held-out images to compare on (0: all; default 2000)")
+    p.add_argument("--output", required=True, help="int8 model path, e.g. model_int8.onnx (report: model_int8.json)")
+    p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the model's)")
+    p.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"], help="calibration")
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales instead of per-channel")
+    p.add_argument("--all-ops", action="store_true", help="quantize every op onnxruntime can (default: Conv/Gemm)")
+    p.add_argument("--save-fp32", metavar="PATH", help="also keep the fp32 ONNX model used (checkpoint input only)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, help="onnxruntime threads for the accuracy check")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from rapidnet.deploy.export import build_model, check_resolution
+    from rapidnet.deploy.quantize import QUANTIZED_OPS, class_names_from_metadata, quantize_model
+    from rapidnet.errors import ConfigError
+
+    if args.resolution is not None:
+        check_resolution(args.resolution)
+    is_onnx = Path(args.checkpoint).suffix.lower() == ".onnx"
+    if is_onnx and args.model:
+        raise ConfigError("--model does not apply to an .onnx input: the file is the model")
+    if is_onnx and args.save_fp32:
+        raise ConfigError("--save-fp32 applies to checkpoints: the .onnx given is already the fp32 model")
+    if is_onnx:
+        source, names = args.checkpoint, None
+    else:
+        source, metadata = build_model(args.model, args.checkpoint)
+        names = class_names_from_metadata(metadata)
+    report = quantize_model(
+        source,
+        args.output,
+        args.calib,
+        calib_size=args.calib_size,
+        eval_data=args.eval_data,
+        eval_size=args.eval_size,
+        resolution=args.resolution,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        per_channel=not args.per_tensor,
+        calibrate_method=args.method,
+        op_types=None if args.all_ops else QUANTIZED_OPS,
+        fp32_output=args.save_fp32,
+        class_names=names,
+        source_label=args.checkpoint,
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else "\n".join(report.lines()))
+    return 0

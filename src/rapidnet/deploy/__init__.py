@@ -1,0 +1,60 @@
+"""Deployment: export the fused RapidNet (ONNX, TorchScript, Core ML) and quantize it to int8 for onnxruntime.
+
+``ort_session`` and ``export_onnx`` are the building blocks the benchmark uses for its onnxruntime runs.
+"""
+
+from rapidnet.deploy.export import (
+    FORMATS,
+    ExportResult,
+    build_model,
+    check_resolution,
+    eval_transform,
+    export,
+    export_coreml,
+    export_onnx,
+    export_torchscript,
+    ort_session,
+    prepare_model,
+    preprocess_config,
+    read_metadata,
+    run_ort,
+    sample_inputs,
+)
+from rapidnet.deploy.quantize import (
+    Agreement,
+    ArrayCalibrationReader,
+    ImageCalibrationReader,
+    QuantizeReport,
+    calibration_dataset,
+    compare_accuracy,
+    numpy_batches,
+    quantize_model,
+    quantize_onnx,
+)
+
+__all__ = [
+    "FORMATS",
+    "Agreement",
+    "ArrayCalibrationReader",
+    "ExportResult",
+    "ImageCalibrationReader",
+    "QuantizeReport",
+    "build_model",
+    "calibration_dataset",
+    "check_resolution",
+    "compare_accuracy",
+    "eval_transform",
+    "export",
+    "export_coreml",
+    "export_onnx",
+    "export_torchscript",
+    "numpy_batches",
+    "ort_session",
+    "prepare_model",
+    "preprocess_config",
+    "quantize_model",
+    "quantize_onnx",
+    "read_metadata",
+    "run_ort",
+    "sample_inputs",
+]

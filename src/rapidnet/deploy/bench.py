@@ -1,0 +1,314 @@
+"""Latency and throughput of RapidNet beside its peers, on the same machine, in one interleaved run.
+
+Every model is put in its inference form first (RapidNet reparameterized; timm models through
+``timm.utils.reparameterize_model`` where they fold). Timings interleave model by model and backend by backend in
+each round, so a noisy neighbour slows every contestant alike; the report gives medians and the interquartile
+range, the thread count, and each model's achieved GFLOP/s as a fraction of this machine's measured fp32 matmul peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from rapidnet.errors import ConfigError
+from rapidnet.models import VARIANTS, create_model, reparameterize
+from rapidnet.models.complexity import count_gmacs, count_params
+
+DEFAULT_PEERS = (
+    "mobilenetv2_140",
+    "mobilenetv2_100",
+    "efficientformerv2_s0",
+    "fastvit_t8",
+    "repvit_m1",
+    "mobileone_s1",
+    "mobilenetv4_conv_small",
+)
+DEFAULT_MODELS = ("rapidnet_ti", *DEFAULT_PEERS)
+BACKENDS = ("torch", "torch-cl", "ort-fp32", "ort-int8", "cuda")
+
+# ImageNet-1K top-1 as reported in each model's paper (used for the accuracy-latency plot when no results file is
+# given). Only figures we can source: SPEC.md quotes the RapidNet paper for these two.
+PAPER_TOP1: dict[str, tuple[float, str]] = {
+    "rapidnet_ti": (76.3, "RapidNet paper"),
+    "mobilenetv2_140": (74.7, "RapidNet paper (MobileNetV2 x1.4)"),
+}
+
+
+@dataclass
+class BenchResult:
+    model: str
+    backend: str
+    batch: int
+    threads: int
+    resolution: tuple[int, int]
+    params: int
+    gmacs: float
+    times_ms: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    def summary(self, peak_gflops: float | None) -> dict[str, Any]:
+        q1, _, q3 = statistics.quantiles(self.times_ms, n=4) if len(self.times_ms) > 1 else [self.median_ms] * 3
+        gflops = 2 * self.gmacs * self.batch / (self.median_ms / 1e3)
+        out = {k: v for k, v in asdict(self).items() if k != "times_ms"}
+        out.update(
+            median_ms=round(self.median_ms, 3),
+            p25_ms=round(q1, 3),
+            p75_ms=round(q3, 3),
+            images_per_s=round(self.batch / (self.median_ms / 1e3), 1),
+            achieved_gflops=round(gflops, 1),
+            fraction_of_peak=round(gflops / peak_gflops, 3) if peak_gflops and self.backend != "cuda" else None,
+            samples=len(self.times_ms),
+        )
+        return out
+
+
+def build_inference_model(name: str) -> nn.Module:
+    """A model in the form one would deploy: RapidNet fused; timm models reparameterized where they can be."""
+    if name.split(".")[0] in VARIANTS:
+        return reparameterize(create_model(name))
+    if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
+        raise ConfigError(f"unknown model {name!r}: give a RapidNet variant or any timm model name")
+    model = timm.create_model(name, pretrained=False).eval()
+    return timm.utils.reparameterize_model(model)
+
+
+def measure_matmul_peak(threads: int, size: int = 1024, repeats: int = 10) -> float:
+    """fp32 GFLOP/s of a large square matmul through PyTorch: the ceiling a conv net can hope to approach."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / min(times) / 1e9
+
+
+# ---- backends: each turns (model, example input) into a zero-argument callable that runs one forward ------------
+
+
+def _torch_runner(model: nn.Module, x: torch.Tensor, channels_last: bool) -> Callable[[], Any]:
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+def _cuda_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    model = model.cuda().to(memory_format=torch.channels_last)
+    x = x.cuda().contiguous(memory_format=torch.channels_last)
+
+    def run() -> Any:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+            out = model(x)
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def _ort_runner(model: nn.Module, x: torch.Tensor, threads: int, workdir: Path, int8: bool) -> Callable[[], Any]:
+    from rapidnet.deploy.export import export_onnx, ort_session
+
+    path = workdir / f"{id(model)}_{x.shape[0]}.onnx"
+    export_onnx(model, path, resolution=tuple(x.shape[-2:]), batch_size=x.shape[0])
+    if int8:
+        from rapidnet.deploy.quantize import quantize_onnx
+
+        calibration = [np.random.default_rng(i).standard_normal(tuple(x.shape)).astype(np.float32) for i in range(4)]
+        path = quantize_onnx(path, workdir / f"{path.stem}_int8.onnx", calibration)
+    session = ort_session(path, threads)
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def make_runner(backend: str, model: nn.Module, x: torch.Tensor, threads: int, workdir: Path) -> Callable[[], Any]:
+    if backend == "torch":
+        return _torch_runner(model, x, channels_last=False)
+    if backend == "torch-cl":
+        return _torch_runner(model, x, channels_last=True)
+    if backend in ("ort-fp32", "ort-int8"):
+        return _ort_runner(model, x, threads, workdir, int8=backend == "ort-int8")
+    if backend == "cuda":
+        return _cuda_runner(model, x)
+    raise ConfigError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
+
+
+def available_backends(requested: Iterable[str]) -> list[str]:
+    """Drop CUDA where there is none (said once), reject unknown names."""
+    out = []
+    for b in requested:
+        if b not in BACKENDS:
+            raise ConfigError(f"unknown backend {b!r}: choose from {', '.join(BACKENDS)}")
+        if b == "cuda" and not torch.cuda.is_available():
+            continue
+        out.append(b)
+    return out
+
+
+def run_benchmark(
+    models: Sequence[str] = DEFAULT_MODELS,
+    backends: Sequence[str] = ("torch", "torch-cl", "ort-fp32", "ort-int8"),
+    resolution: int | tuple[int, int] = 224,
+    batch_sizes: Sequence[int] = (1,),
+    threads: int = 2,
+    rounds: int = 20,
+    warmup: int = 3,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Time every (model, backend, batch) in interleaved rounds; returns a JSON-ready report."""
+    from tqdm import tqdm
+
+    hw = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    if min(hw) < 32:
+        raise ConfigError(f"resolution {hw} is below 32 pixels: RapidNet downsamples by 32")
+    torch.set_num_threads(threads)
+    backends = available_backends(backends)
+    peak = measure_matmul_peak(threads)
+    results: dict[tuple[str, str, int], BenchResult] = {}
+    runners: dict[tuple[str, str, int], Callable[[], Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in tqdm(models, desc="preparing", disable=not progress):
+            model = build_inference_model(name)
+            params, gmacs = count_params(model), count_gmacs(model, hw)
+            for batch in batch_sizes:
+                x = torch.randn(batch, 3, *hw)
+                for backend in backends:
+                    key = (name, backend, batch)
+                    runner = make_runner(backend, _copy_for(backend, model), x, threads, Path(tmp))
+                    for _ in range(warmup):
+                        runner()
+                    runners[key] = runner
+                    results[key] = BenchResult(name, backend, batch, threads, hw, params, gmacs)
+        for r in tqdm(range(rounds), desc="timing rounds", disable=not progress):
+            keys = list(runners) if r % 2 == 0 else list(reversed(runners))
+            for key in keys:
+                start = time.perf_counter()
+                runners[key]()
+                results[key].times_ms.append((time.perf_counter() - start) * 1e3)
+    return {
+        "machine": _machine_info(threads, peak),
+        "results": [res.summary(peak) for res in results.values()],
+    }
+
+
+def _copy_for(backend: str, model: nn.Module) -> nn.Module:
+    """Backends that convert a model in place (channels_last, CUDA) get their own copy."""
+    import copy
+
+    return copy.deepcopy(model) if backend in ("torch-cl", "cuda") else model
+
+
+def _machine_info(threads: int, peak: float) -> dict[str, Any]:
+    import os
+    import platform
+
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "matmul_peak_gflops": round(peak, 1),
+    }
+    with contextlib.suppress(ImportError):
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    return info
+
+
+def format_table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, matmul peak {m['matmul_peak_gflops']} GFLOP/s",
+        f"{'model':<24} {'backend':<9} {'batch':>5} {'params M':>8} {'GMACs':>6} {'median ms':>10} "
+        f"{'IQR ms':>15} {'img/s':>8} {'GFLOP/s':>8} {'of peak':>7}",
+    ]
+    lines.append("-" * len(lines[1]))
+    for r in report["results"]:
+        frac = f"{r['fraction_of_peak']:.0%}" if r["fraction_of_peak"] is not None else "-"
+        lines.append(
+            f"{r['model']:<24} {r['backend']:<9} {r['batch']:>5} {r['params'] / 1e6:>8.2f} {r['gmacs']:>6.3f} "
+            f"{r['median_ms']:>10.2f} {r['p25_ms']:>7.2f}-{r['p75_ms']:<7.2f} {r['images_per_s']:>8.1f} "
+            f"{r['achieved_gflops']:>8.1f} {frac:>7}"
+        )
+    return "\n".join(lines)
+
+
+def load_accuracies(path: str | Path | None) -> dict[str, tuple[float, str]]:
+    """Paper top-1 figures, overridden by a JSON file ``{"model": top1}`` of measured ones."""
+    acc = dict(PAPER_TOP1)
+    if path:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read accuracies from {path} ({e}): give a JSON object {{model: top1}}") from None
+        acc.update({k: (float(v), f"measured ({Path(path).name})") for k, v in data.items()})
+    return acc
+
+
+def plot_latency_vs_accuracy(
+    report: dict[str, Any], accuracies: dict[str, tuple[float, str]], backend: str, path: str | Path, batch: int = 1
+) -> Path | None:
+    """Scatter of median latency (x) against top-1 (y) for models with a known accuracy; None if none has one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [
+        (r["model"], r["median_ms"], accuracies[r["model"]][0])
+        for r in report["results"]
+        if r["backend"] == backend and r["batch"] == batch and r["model"] in accuracies
+    ]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, ms, top1 in points:
+        ours = name.startswith("rapidnet")
+        ax.scatter(ms, top1, s=60, marker="*" if ours else "o", color="tab:red" if ours else "tab:blue", zorder=3)
+        ax.annotate(name, (ms, top1), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    m = report["machine"]
+    ax.set_xlabel(f"latency, batch {batch}, {backend} (ms, median) — {m['threads']} threads")
+    ax.set_ylabel("ImageNet-1K top-1 (%)")
+    ax.set_title("Accuracy vs latency on this machine")
+    ax.grid(alpha=0.3)
+    sources = sorted({accuracies[n][1] for n, _, _ in points})
+    fig.text(0.01, 0.01, "top-1: " + "; ".join(sources), fontsize=6, color="gray")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,643 @@
+"""Export the fused (reparameterized) RapidNet to ONNX, TorchScript and Core ML, and check the result against PyTorch.
+
+Every export starts from :func:`rapidnet.reparameterize`: deployment never needs BatchNorm, layer scales or the
+distillation head, and the fused graph is the one that is fast. The exported file is then run on a random input and
+on a real photo (the bundled ankle boot through the model's eval transform), and its largest deviation from PyTorch
+is reported. Core ML packages cannot be run off macOS, so there the saved package's spec (input and output names,
+shapes) is checked instead and the result says so.
+
+Preprocessing (mean, std, resize, crop) is stored in each file's metadata so that tools like ``rapidnet quantize``
+can feed an exported model correctly without the original checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rapidnet.errors import CheckpointError, ConfigError
+
+FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage"}
+INPUT_NAME = "input"
+MIN_RESOLUTION = 32  # five stride-2 convolutions: below 32 pixels the last stage has no spatial extent left
+DEFAULT_OPSET = 18
+DEFAULT_TOLERANCE = 1e-4
+SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "sample_ankle_boot.png"
+_PREPROCESS_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+METADATA_KEY = "rapidnet"  # ONNX metadata_props / TorchScript extra file / Core ML user metadata key
+
+
+# ---- inputs and checks ---------------------------------------------------------------------------------------------
+
+
+def check_resolution(resolution: int | Sequence[int]) -> tuple[int, int]:
+    """``(H, W)`` from one or two ints; the network downsamples 32x, so anything below 32 pixels is refused."""
+    res = (resolution, resolution) if isinstance(resolution, int) else tuple(int(r) for r in resolution)
+    if len(res) != 2:
+        raise ConfigError(f"resolution must be H W (two integers), got {list(res)}")
+    if min(res) < MIN_RESOLUTION:
+        raise ConfigError(
+            f"resolution {res[0]}x{res[1]} is too small: RapidNet downsamples 32x, use at least "
+            f"{MIN_RESOLUTION}x{MIN_RESOLUTION}"
+        )
+    return res  # type: ignore[return-value]
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail now, in one line, if ``path`` cannot be written, rather than after a minutes-long conversion."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.probe{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path} ({e.strerror or e}): choose a writable output path") from None
+    if path.is_dir() and path.suffix != ".mlpackage":
+        raise CheckpointError(f"cannot write {path}: it is a folder: give a file name")
+    return path
+
+
+def _replace_into(path: Path, save: Any) -> Path:
+    """``save(tmp)`` then move it over ``path`` (file or package folder), so a failure never leaves half a model."""
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)
+        save(tmp)
+        _remove(path)
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise CheckpointError(f"cannot write {path} ({e.strerror or e}): choose a writable output path") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+    return path
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def is_features_model(model: nn.Module) -> bool:
+    """timm's ``features_only`` wrapper (a ``FeatureListNet``) returns a list of stage outputs, not logits."""
+    return hasattr(model, "feature_info") and not hasattr(model, "forward_head")
+
+
+def output_names(model: nn.Module) -> list[str]:
+    """``["logits"]`` for a classifier, ``["features_<stage>", ...]`` for a ``features_only`` backbone."""
+    if is_features_model(model):
+        return [f"features_{i}" for i in model.feature_info.out_indices]
+    return ["logits"]
+
+
+def preprocess_config(model: nn.Module, resolution: Sequence[int] | None = None) -> dict[str, Any]:
+    """The eval preprocessing of ``model`` (timm's data config), at ``resolution`` when given."""
+    from timm.data import resolve_data_config
+
+    cfg = dict(resolve_data_config(model=model))
+    cfg = {k: cfg[k] for k in _PREPROCESS_KEYS if k in cfg}
+    if resolution is not None:
+        h, w = check_resolution(resolution)
+        cfg["input_size"] = (3, h, w)
+    return cfg
+
+
+def eval_transform(config: Mapping[str, Any]) -> Any:
+    """timm's eval transform (resize, centre crop, normalise) for a :func:`preprocess_config` dict."""
+    from timm.data import create_transform
+
+    return create_transform(**{k: config[k] for k in _PREPROCESS_KEYS if k in config}, is_training=False)
+
+
+def sample_inputs(config: Mapping[str, Any], batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two check inputs: seeded Gaussian noise of ``batch`` images, and the bundled photo through the eval transform."""
+    from PIL import Image
+
+    _, h, w = config["input_size"]
+    noise = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    image = eval_transform(config)(Image.open(SAMPLE_IMAGE).convert("RGB")).unsqueeze(0)
+    return {"random": noise, "image": image}
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """The model to export: a fused fp32 eval copy on the CPU (the original stays trainable and untouched)."""
+    from rapidnet.models import reparameterize
+
+    return reparameterize(model).float().cpu().eval()
+
+
+def _torch_outputs(model: nn.Module, x: torch.Tensor) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = model(x)
+    outs = list(out) if isinstance(out, (list, tuple)) else [out]
+    return [o.detach().cpu().numpy() for o in outs]
+
+
+def model_metadata(model: nn.Module, config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
+    """JSON stored in the exported file: preprocessing, output names, the architecture, and any ``extra`` fields."""
+    from rapidnet.models.checkpoint import model_metadata as arch_metadata
+
+    meta: dict[str, Any] = {"preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}}
+    meta["outputs"] = output_names(model)
+    with contextlib.suppress(AttributeError, TypeError):  # a features_only wrapper has no architecture fields
+        meta["arch"] = arch_metadata(model)
+    meta.update(extra or {})
+    return json.dumps(meta)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata :func:`export_onnx` wrote into an ONNX file (``{}`` for ONNX files from elsewhere)."""
+    require("onnx", "reading ONNX files")
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable ONNX model ({_one_line(e)[:120]})") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    try:
+        return json.loads(props.get(METADATA_KEY, "{}"))
+    except json.JSONDecodeError:
+        return {}
+
+
+@contextlib.contextmanager
+def quiet_logs(
+    names: Sequence[str] = ("onnx_ir", "onnxscript", "onnxruntime", "torch.onnx", "torch.export", "coremltools"),
+) -> Any:
+    """Hold the exporters' and quantizer's INFO chatter (hundreds of lines per model) unless logging is at DEBUG."""
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:  # coremltools warns about things it handles itself (e.g. flattening tuple outputs)
+        lg.setLevel(logging.ERROR if lg.name == "coremltools" else logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def require(module: str, purpose: str) -> None:
+    """A one-line ConfigError naming the install command when an optional deploy dependency is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{purpose} needs the {module} package: pip install 'rapidnet[deploy]'")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# ---- models --------------------------------------------------------------------------------------------------------
+
+
+def build_model(
+    name: str | None = None, checkpoint: str | os.PathLike | None = None, features_only: bool = False
+) -> tuple[nn.Module, dict[str, str]]:
+    """The model to deploy and its checkpoint metadata (``{}`` without one).
+
+    With a checkpoint and no ``name`` the architecture is read off the file; with both, the file must fit ``name``
+    (a one-line ``CheckpointError`` otherwise). The checkpoint's class count is kept, and its stored
+    ``pretrained_cfg`` (resolution, mean, std) overrides the variant's defaults. Without a checkpoint the weights are
+    random, which is fine for speed and export checks but not for predictions.
+    """
+    from rapidnet.models import VARIANTS, create_model
+    from rapidnet.models.checkpoint import infer_arch, load_state_dict_file
+
+    if checkpoint is None:
+        return create_model(name or "rapidnet_ti", features_only=features_only), {}
+    if name is not None and name.split(".")[0] not in VARIANTS:  # fail before reading a large checkpoint
+        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(VARIANTS)}")
+    state_dict, metadata = load_state_dict_file(checkpoint)
+    arch = infer_arch(state_dict)
+    if name is not None and arch.variant != name.split(".")[0]:
+        raise CheckpointError(
+            f"{checkpoint} is {arch.describe()}, not {name}: give no model name to use the checkpoint's own "
+            "architecture, or pass the checkpoint of that variant"
+        )
+    # The file's own architecture when no name is given; through create_model either way, so that features_only
+    # wraps the model after its weights are loaded.
+    shape = {} if name else dict(depths=arch.depths, widths=arch.widths, head_dim=arch.head_dim)
+    model = create_model(
+        name or arch.variant or "rapidnet_ti",
+        checkpoint=checkpoint,
+        num_classes=arch.num_classes,
+        distillation=arch.distillation,
+        in_chans=arch.in_chans,
+        features_only=features_only,
+        **shape,
+    )
+    if "pretrained_cfg" in metadata:
+        try:
+            stored = json.loads(metadata["pretrained_cfg"])
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{checkpoint} has unreadable pretrained_cfg metadata: re-save it") from None
+        stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+        model.pretrained_cfg = {**model.pretrained_cfg, **stored}
+    return model, metadata
+
+
+# ---- onnxruntime ---------------------------------------------------------------------------------------------------
+
+
+def ort_session(
+    path: str | os.PathLike,
+    threads: int | None = None,
+    providers: Sequence[str] | None = None,
+    config_entries: Mapping[str, str] | None = None,
+) -> Any:
+    """An onnxruntime ``InferenceSession`` with full graph optimisation and ``threads`` intra-op threads.
+
+    ``threads=None`` lets onnxruntime choose (one per physical core). Inter-op parallelism is off (sequential
+    execution), so ``threads`` is the whole thread budget, which is what a latency measurement needs to state.
+    """
+    require("onnxruntime", "running ONNX models")
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"ONNX model not found: {path}: check the path")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {threads}")
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    for key, value in (config_entries or {}).items():
+        options.add_session_config_entry(key, value)
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / InvalidProtobuf types
+        raise CheckpointError(f"onnxruntime cannot load {path} ({_one_line(e)[:160]})") from None
+
+
+def run_ort(session: Any, x: np.ndarray | torch.Tensor) -> list[np.ndarray]:
+    """Run a single-input session on a batch; returns all outputs in graph order."""
+    arr = x.numpy() if isinstance(x, torch.Tensor) else x
+    return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(arr, dtype=np.float32)})
+
+
+# ---- exporters -----------------------------------------------------------------------------------------------------
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    resolution: Sequence[int] = (224, 224),
+    dynamic_batch: bool = False,
+    opset: int = DEFAULT_OPSET,
+    metadata: Mapping[str, Any] | None = None,
+    batch_size: int = 1,
+) -> Path:
+    """Write the fused ``model`` as a single-file ONNX model with input ``input`` (N, 3, H, W) float32.
+
+    Uses the ``torch.export``-based exporter (PyTorch's default since 2.9; offline, through onnxscript) with its
+    graph optimiser: the result is plain Conv/Gemm/Erf arithmetic with no Constant/Identity clutter. With
+    ``dynamic_batch`` the batch dimension is symbolic (``batch``); otherwise it is fixed at ``batch_size``. Any
+    timm model exports too (fused where it has ``reparameterize`` methods), e.g. the benchmark's peers.
+    """
+    h, w = check_resolution(resolution)
+    require("onnxscript", "ONNX export (PyTorch's exporter)")
+    if opset < 17:
+        raise ConfigError(f"ONNX opset {opset} is too old: use 17 or newer")
+    path = check_writable(path)
+    fused = prepare_model(model)
+    config = preprocess_config(fused, (h, w))
+    names = output_names(fused)
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    example = torch.zeros(2 if dynamic_batch else batch_size, 3, h, w)
+    kwargs: dict[str, Any] = {}
+    if dynamic_batch:
+        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_logs():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            fused,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=names,
+            optimize=True,
+            verbose=False,
+            **kwargs,
+        )
+    proto = program.model_proto
+    proto.producer_name = "rapidnet"
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, model_metadata(fused, config, metadata)
+
+    def save(tmp: Path) -> None:
+        import onnx
+
+        onnx.save_model(proto, str(tmp))
+
+    return _replace_into(path, save)
+
+
+def trace(model: nn.Module, resolution: Sequence[int] = (224, 224)) -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` of the fused model (the graph has no data-dependent control flow, so tracing is exact)."""
+    h, w = check_resolution(resolution)
+    fused = prepare_model(model)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(fused, torch.zeros(1, 3, h, w), strict=False, check_trace=False)
+
+
+def export_torchscript(
+    model: nn.Module,
+    path: str | os.PathLike,
+    resolution: Sequence[int] = (224, 224),
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a traced TorchScript file of the fused model, loadable with ``torch.jit.load`` (C++ or Python).
+
+    Convolutions generalise over batch size, so the traced model takes any batch; the preprocessing metadata is
+    stored as the extra file ``rapidnet``.
+    """
+    h, w = check_resolution(resolution)
+    path = check_writable(path)
+    traced = trace(model, (h, w))
+    fused = prepare_model(model)
+    extra = {METADATA_KEY: model_metadata(fused, preprocess_config(fused, (h, w)), metadata)}
+
+    def save(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(traced, str(tmp), _extra_files=extra)
+
+    return _replace_into(path, save)
+
+
+def _import_coremltools() -> Any:
+    """Import coremltools without its Linux-only noise (missing native runtime, untested torch version)."""
+    ct_logger = logging.getLogger("coremltools")
+    level = ct_logger.level
+    ct_logger.setLevel(logging.ERROR)
+    try:
+        import coremltools as ct
+    except ImportError as e:
+        raise ConfigError(
+            f"Core ML export needs coremltools ({_one_line(e)}): pip install 'rapidnet[deploy]'"
+        ) from None
+    finally:
+        ct_logger.setLevel(level)
+    return ct
+
+
+def export_coreml(
+    model: nn.Module,
+    path: str | os.PathLike,
+    resolution: Sequence[int] = (224, 224),
+    fp16: bool = False,
+    dynamic_batch: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Convert the traced fused model to a Core ML ML Program (``.mlpackage``, iOS 16 / macOS 13 or newer).
+
+    Inputs and outputs stay float32 for the caller; ``fp16`` makes the computation half precision (what the Apple
+    Neural Engine runs). With ``dynamic_batch`` the batch may range over 1..64.
+    """
+    ct = _import_coremltools()
+    h, w = check_resolution(resolution)
+    path = Path(path)
+    if path.suffix != ".mlpackage":
+        raise ConfigError(f"Core ML output {path} must end in .mlpackage")
+    path = check_writable(path)
+    fused = prepare_model(model)
+    traced = trace(fused, (h, w))
+    batch: Any = ct.RangeDim(1, 64, default=1) if dynamic_batch else 1
+    inputs = [ct.TensorType(name=INPUT_NAME, shape=(batch, 3, h, w), dtype=np.float32)]
+    outputs = [ct.TensorType(name=n, dtype=np.float32) for n in output_names(fused)]
+    precision = ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), quiet_logs():
+        warnings.simplefilter("ignore")
+        mlmodel = ct.convert(
+            traced,
+            inputs=inputs,
+            outputs=outputs,
+            convert_to="mlprogram",
+            compute_precision=precision,
+            minimum_deployment_target=ct.target.iOS16,
+        )
+    config = preprocess_config(fused, (h, w))
+    mlmodel.short_description = "RapidNet (reparameterized) exported by rapidnet"
+    mlmodel.user_defined_metadata[METADATA_KEY] = model_metadata(fused, config, metadata)
+    mlmodel.input_description[INPUT_NAME] = (
+        f"float32 (N, 3, {h}, {w}) RGB scaled to [0, 1], then normalised with "
+        f"mean {list(config['mean'])}, std {list(config['std'])}"
+    )
+    return _replace_into(path, lambda tmp: mlmodel.save(str(tmp)))
+
+
+# ---- verification --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    """How far an exported model's outputs are from PyTorch's on one input, over all outputs.
+
+    ``max_rel_err`` is ``max |ours - ref| / (1 + |ref|)``: at most ``tol`` exactly when
+    ``allclose(ours, ref, rtol=tol, atol=tol)`` holds, the project's tolerance convention (absolute for small
+    values, relative for large ones, where float32 rounding alone exceeds any fixed absolute bound).
+    """
+
+    name: str
+    max_abs_diff: float
+    max_rel_err: float
+    max_abs_ref: float
+    input_shape: tuple[int, ...]
+
+    def passed(self, tolerance: float) -> bool:
+        return self.max_rel_err <= tolerance
+
+
+def compare_outputs(
+    name: str, ours: Sequence[np.ndarray], ref: Sequence[np.ndarray], input_shape: Sequence[int] = ()
+) -> Check:
+    """Compare output lists; a count or shape mismatch is an infinite difference, never a silent pass."""
+    if not ref or len(ours) != len(ref) or any(a.shape != b.shape for a, b in zip(ours, ref, strict=False)):
+        return Check(name, float("inf"), float("inf"), 0.0, tuple(input_shape))
+    pairs = [(a.astype(np.float64), b.astype(np.float64)) for a, b in zip(ours, ref, strict=True)]
+    diff = max(float(np.abs(a - b).max()) for a, b in pairs)
+    rel = max(float((np.abs(a - b) / (1.0 + np.abs(b))).max()) for a, b in pairs)
+    scale = max(float(np.abs(b).max()) for _, b in pairs)
+    return Check(name, diff, rel, scale, tuple(input_shape))
+
+
+def verify_onnx(
+    path: str | os.PathLike, model: nn.Module, inputs: Mapping[str, torch.Tensor], threads: int | None = None
+) -> list[Check]:
+    """Run the ONNX file through onnxruntime and the fused model through PyTorch on each input."""
+    fused = prepare_model(model)
+    session = ort_session(path, threads=threads)
+    return [compare_outputs(k, run_ort(session, x), _torch_outputs(fused, x), x.shape) for k, x in inputs.items()]
+
+
+def verify_torchscript(path: str | os.PathLike, model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> list[Check]:
+    """Load the TorchScript file back with ``torch.jit.load`` and compare it with the fused eager model."""
+    fused = prepare_model(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream but still the C++ route
+        loaded = torch.jit.load(str(path), map_location="cpu").eval()
+    return [compare_outputs(k, _torch_outputs(loaded, x), _torch_outputs(fused, x), x.shape) for k, x in inputs.items()]
+
+
+def coreml_spec_problems(
+    path: str | os.PathLike, input_shape: Sequence[int], outputs: Mapping[str, Sequence[int]]
+) -> list[str]:
+    """What is wrong with a saved ``.mlpackage``'s interface: input name/shape, output names/shapes ([] if right).
+
+    This reads the package's protobuf spec only; coremltools cannot run Core ML models off macOS.
+    """
+    ct = _import_coremltools()
+    try:
+        spec = ct.utils.load_spec(str(path))
+    except Exception as e:
+        return [f"cannot read the package spec ({_one_line(e)[:120]})"]
+    problems: list[str] = []
+    if spec.WhichOneof("Type") != "mlProgram":
+        problems.append(f"model type is {spec.WhichOneof('Type')}, not mlProgram")
+    ins = list(spec.description.input)
+    if [i.name for i in ins] != [INPUT_NAME]:
+        problems.append(f"inputs are {[i.name for i in ins]}, expected [{INPUT_NAME!r}]")
+    else:
+        arr = ins[0].type.multiArrayType
+        shape = list(arr.shape)
+        ranges = [(r.lowerBound, r.upperBound) for r in arr.shapeRange.sizeRanges]
+        if ranges:  # flexible batch: the default shape is batch 1; check the fixed dims via the ranges
+            shape = [lo if lo == hi else shape[i] for i, (lo, hi) in enumerate(ranges)]
+        if shape != list(input_shape):
+            problems.append(f"input shape is {shape}, expected {list(input_shape)}")
+    outs = {o.name: list(o.type.multiArrayType.shape) for o in spec.description.output}
+    if list(outs) != list(outputs):
+        problems.append(f"outputs are {list(outs)}, expected {list(outputs)}")
+    else:
+        for name, want in outputs.items():
+            if outs[name] and outs[name] != list(want):
+                problems.append(f"output {name} has shape {outs[name]}, expected {list(want)}")
+    return problems
+
+
+# ---- one call: export + check --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` wrote and how it checked out."""
+
+    path: Path
+    format: str
+    input_shape: tuple[int, ...]
+    outputs: dict[str, tuple[int, ...]]
+    seconds: float
+    tolerance: float
+    checks: list[Check] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(c.passed(self.tolerance) for c in self.checks)
+
+    def lines(self) -> list[str]:
+        """Human-readable report, one fact per line."""
+        shapes = ", ".join(f"{k} {list(v)}" for k, v in self.outputs.items())
+        out = [f"wrote {self.path} ({self.format}, {self.seconds:.1f} s): input {list(self.input_shape)} -> {shapes}"]
+        for c in self.checks:
+            verdict = "ok" if c.passed(self.tolerance) else "MISMATCH"
+            out.append(
+                f"  {c.name:6s} input {list(c.input_shape)}: max |{self.format} - pytorch| = {c.max_abs_diff:.3g} "
+                f"(outputs up to {c.max_abs_ref:.3g}; allclose rtol=atol={self.tolerance:g}: {verdict})"
+            )
+        out += [f"  spec problem: {p}" for p in self.problems]
+        if self.note:
+            out.append(f"  {self.note}")
+        return out
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike,
+    format: str = "onnx",
+    resolution: Sequence[int] | None = None,
+    dynamic_batch: bool = False,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    verify: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+    threads: int | None = 1,
+    metadata: Mapping[str, Any] | None = None,
+) -> ExportResult:
+    """Export the fused ``model`` in ``format`` and check it (see the module docstring for what is checked).
+
+    ``resolution`` defaults to the model's ``pretrained_cfg`` input size. The random check input has batch 3 when
+    ``dynamic_batch`` is set, so the symbolic batch is exercised too. A check passes when
+    ``allclose(exported, pytorch, rtol=tolerance, atol=tolerance)`` (see :class:`Check`).
+    ``threads`` is onnxruntime's for the check: one by default, as a check needs no speed and spinning worker
+    threads on a busy machine can make a small model hundreds of times slower.
+    """
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
+    if fp16 and format != "coreml":
+        raise ConfigError("--fp16 applies to Core ML only: ONNX and TorchScript export fp32 (see rapidnet quantize)")
+    fused = prepare_model(model)
+    config = preprocess_config(fused, resolution)
+    hw = tuple(config["input_size"][1:])
+    check_resolution(hw)
+    path = check_writable(path)
+    inputs = sample_inputs(config, batch=3 if dynamic_batch else 1)
+    ref = _torch_outputs(fused, inputs["image"])
+    names = output_names(fused)
+    outputs = {n: tuple(r.shape) for n, r in zip(names, ref, strict=True)}
+    start = time.perf_counter()
+    checks: list[Check] = []
+    problems: list[str] = []
+    note = ""
+    if format == "onnx":
+        export_onnx(fused, path, hw, dynamic_batch=dynamic_batch, opset=opset, metadata=metadata)
+        seconds = time.perf_counter() - start
+        checks = verify_onnx(path, fused, inputs, threads) if verify else []
+    elif format == "torchscript":
+        export_torchscript(fused, path, hw, metadata=metadata)
+        seconds = time.perf_counter() - start
+        checks = verify_torchscript(path, fused, inputs) if verify else []
+    else:
+        export_coreml(fused, path, hw, fp16=fp16, dynamic_batch=dynamic_batch, metadata=metadata)
+        seconds = time.perf_counter() - start
+        if verify:
+            problems = coreml_spec_problems(path, (1, 3, *hw), outputs)
+        note = (
+            "Core ML: package spec (input/output names and shapes) checked; numerical checks need macOS "
+            "(coremltools cannot run predictions on Linux)"
+        )
+    if not verify:
+        note = (note + "; " if note else "") + "not verified (--no-verify)"
+    return ExportResult(path, format, (1, 3, *hw), outputs, seconds, tolerance, checks, problems, note)
