@@ -19,10 +19,16 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Train RapidNet-Ti on Fashion-MNIST (real images, offline) on the CPU, evaluate it, classify a sample, plot curves.
+DEMO_DIR ?= runs/demo
 demo: $(STAMP)
-	$(VENV)/bin/rapidnet info
-	@echo
-	$(VENV)/bin/rapidnet predict src/rapidnet/assets/sample_ankle_boot.png --model rapidnet_ti --top-k 3
+	@bash scripts/ensure_fashion_mnist.sh
+	$(VENV)/bin/rapidnet info rapidnet_ti
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/rapidnet train --config configs/fashion_mnist_rapidnet_ti.yaml --output $(DEMO_DIR)
+	$(VENV)/bin/rapidnet eval --checkpoint $(DEMO_DIR)/model_best.safetensors --data fashion-mnist
+	$(VENV)/bin/rapidnet predict src/rapidnet/assets/sample_ankle_boot.png --checkpoint $(DEMO_DIR)/model_best.safetensors --top-k 3
+	$(VENV)/bin/rapidnet plot $(DEMO_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -105,6 +105,7 @@ def test_own_format_round_trip(tmp_path, micro_checkpoint, micro_expected, suffi
         model = rapidnet.reparameterize(model)
     path = rapidnet.save_weights(model, tmp_path / f"own{suffix}")
     assert not list(tmp_path.glob(".*tmp*")), "atomic write leaves no temp file"
+    assert path.stat().st_mode & 0o044, "readable by group/others like any other file (umask permitting)"
     again = rapidnet.load_model(path)
     assert infer_arch(again.state_dict()).reparameterized == fused
     assert torch.allclose(logits_of(again, micro_expected), micro_expected["logits"], atol=1e-4, rtol=1e-4)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from rapidnet.errors import RapidNetError
 
 # Each module defines ``add_parser(subparsers)`` and ``run(args) -> int``.
-_SUBCOMMANDS = ("info", "convert", "predict")
+_SUBCOMMANDS = ("info", "convert", "predict", "bench", "export", "quantize", "train", "eval", "plot")
 
 
 def build_parser() -> argparse.ArgumentParser:

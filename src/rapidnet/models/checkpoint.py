@@ -420,6 +420,9 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 temp files: give the usual permissions
         os.replace(tmp, path)
     except OSError as e:
         raise CheckpointError(f"cannot write {path} ({e.strerror or e}): choose a writable output path") from None

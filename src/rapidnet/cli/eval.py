@@ -1,0 +1,123 @@
+"""``rapidnet eval --checkpoint C``: top-1/top-5 and loss on a validation folder or the Fashion-MNIST test split.
+
+Uses the checkpoint's eval transform (its stored ``pretrained_cfg``: resize ``size / crop_pct`` bicubic, centre
+crop), on any checkpoint this project or the authors wrote; ``--reparameterize`` evaluates the fused inference model
+(same accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="top-1/top-5/loss of a checkpoint on a validation set", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="weights: model_best.safetensors, last.pt, authors' .pth, ...")
+    p.add_argument("--data", default="fashion-mnist",
+                   help="'fashion-mnist' (default), a folder with its IDX files, or an ImageFolder root (uses val/)")
+    p.add_argument("--split", default="val", choices=("val", "test", "train"), help="split (Fashion-MNIST: test=val)")
+    p.add_argument("--model", help="timm model name, for a non-RapidNet checkpoint without rapidnet metadata")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action="store_true", help="bfloat16 (CPU) / float16 (CUDA) autocast")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--input-size", type=int, metavar="PX", help="override the checkpoint's input size")
+    p.add_argument("--crop-pct", type=float, help="override the checkpoint's crop_pct")
+    p.add_argument("--interpolation", help="override the checkpoint's resize interpolation")
+    p.add_argument("--limit", type=int, metavar="N", help="a fixed random subset of N images (as --limit-val)")
+    p.add_argument("--reparameterize", action="store_true", help="evaluate the fused inference model")
+    p.add_argument("--raw-weights", action="store_true", help="the raw weights, not the EMA ones, when both exist")
+    p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (counted) instead of stopping")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from rapidnet.config import Config
+    from rapidnet.data import build_dataset
+    from rapidnet.engine.distributed import DistInfo, resolve_device
+    from rapidnet.engine.seeding import subset_indices
+    from rapidnet.engine.task import RunContext
+    from rapidnet.errors import ConfigError, DataError
+    from rapidnet.models import RapidNet, reparameterize
+    from rapidnet.tasks.classification import (
+        build_eval_loader,
+        build_eval_transform,
+        describe_metrics,
+        eval_data_config,
+        evaluate_classifier,
+        load_classifier,
+    )
+
+    for name in ("batch_size", "workers", "limit", "input_size"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "workers" else 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    device = resolve_device(args.device)
+    model, metadata = load_classifier(args.checkpoint, use_ema=not args.raw_weights, model_name=args.model)
+    dataset = build_dataset(args.data, args.split)
+    classes = list(dataset.classes)
+    num_classes = getattr(model, "num_classes", len(classes))
+    if "class_names" in metadata:
+        trained = list(json.loads(metadata["class_names"]))
+        if trained != classes:
+            raise DataError(
+                f"{args.checkpoint} was trained on {len(trained)} classes ({', '.join(trained[:3])}...) but "
+                f"{args.data} has {len(classes)} ({', '.join(classes[:3])}...): evaluate on the data it was trained on"
+            )
+    elif num_classes != len(classes):
+        raise DataError(
+            f"{args.checkpoint} predicts {num_classes} classes but {args.data} has {len(classes)}: "
+            "evaluate on a data set with the same classes"
+        )
+    if args.reparameterize:
+        if not isinstance(model, RapidNet):
+            raise ConfigError("--reparameterize applies to RapidNet models only")
+        model = reparameterize(model)
+    data_config = eval_data_config(model, input_size=args.input_size)
+    if args.crop_pct is not None:
+        data_config["crop_pct"] = args.crop_pct
+    if args.interpolation is not None:
+        data_config["interpolation"] = args.interpolation
+    dataset.transform = build_eval_transform(data_config)
+    info = DistInfo(device=device)
+    indices = subset_indices(len(dataset), args.limit)
+    loader = build_eval_loader(dataset, indices, args.batch_size, args.workers, info, device.type == "cuda")
+    ctx = RunContext(cfg=Config(), dist=info, output=Path("."), amp=args.amp, channels_last=args.channels_last)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    skipped: list[str] = []
+    start = time.perf_counter()
+    metrics = evaluate_classifier(
+        model, loader, ctx, on_corrupt=skipped.extend if args.skip_corrupt else None, progress=args.progress
+    )
+    seconds = time.perf_counter() - start
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "data": str(args.data),
+        "split": args.split,
+        **metrics,
+        "reparameterized": bool(args.reparameterize),
+        "input_size": list(data_config["input_size"]),
+        "crop_pct": data_config.get("crop_pct"),
+        "interpolation": data_config.get("interpolation"),
+        "seconds": round(seconds, 3),
+    }
+    if args.skip_corrupt:
+        result["skipped_images"] = len(set(skipped))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        form = ", reparameterized" if args.reparameterize else ""
+        print(f"{args.checkpoint} on {args.data} ({args.split}{form}): {describe_metrics(metrics)}  {seconds:.1f} s")
+        if skipped:
+            print(f"skipped {len(set(skipped))} unreadable image file(s) (e.g. {sorted(set(skipped))[0]})")
+    return 0

@@ -1,0 +1,106 @@
+"""``rapidnet train``: train a classifier with a YAML config and command-line overrides; runs under torchrun as is.
+
+Examples: ``rapidnet train --config configs/fashion_mnist_rapidnet_ti.yaml --output runs/fm``;
+``torchrun --nproc_per_node 8 -m rapidnet.cli.main train --config configs/imagenet_rapidnet_ti.yaml --data /imagenet``;
+``rapidnet train --resume runs/fm/last.pt`` continues a stopped run exactly (it reuses the checkpoint's config).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+#: command-line flag (argparse dest) -> config key
+FLAG_KEYS: dict[str, str] = {
+    "model": "model.name",
+    "data": "data.path",
+    "epochs": "train.epochs",
+    "batch_size": "data.batch_size",
+    "lr": "optim.lr",
+    "output": "train.output",
+    "device": "train.device",
+    "workers": "data.workers",
+    "amp": "train.amp",
+    "channels_last": "train.channels_last",
+    "compile": "train.compile",
+    "seed": "train.seed",
+    "teacher": "distill.teacher",
+    "teacher_checkpoint": "distill.teacher_checkpoint",
+    "distillation": "distill.type",
+    "skip_corrupt": "data.skip_corrupt",
+    "limit_train": "data.limit_train",
+    "limit_val": "data.limit_val",
+    "input_size": "data.input_size",
+    "clip_grad": "optim.clip_grad",
+    "ema": "ema.enabled",
+    "pipeline": "data.pipeline",
+    "log_interval": "train.log_interval",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train", help="train a classifier (YAML config + overrides; works under torchrun)", description=__doc__
+    )
+    p.add_argument("--config", help="YAML config (configs/*.yaml); default: the built-in defaults (the paper's "
+                   "recipe, no teacher, on Fashion-MNIST), or with --resume the checkpoint's own config")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its last.pt (or best.pt)")
+    p.add_argument("--model", help="RapidNet variant (rapidnet_ti|s|m|b) or any timm model name")
+    p.add_argument("--data", help="'fashion-mnist', a folder with the Fashion-MNIST IDX files, or an ImageFolder "
+                   "root with train/ and val/")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="images per step on each process")
+    p.add_argument("--lr", type=float, help="learning rate (default: base_lr x global batch / 1024)")
+    p.add_argument("--output", help="run folder (checkpoints, logs); default: the config's, or the resumed run's")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, help="data loading processes per training process")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision: bfloat16 on CPU, float16 + GradScaler on CUDA")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="keep a model EMA")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--teacher", help="distillation teacher: a timm model name (or a RapidNet variant)")
+    p.add_argument("--teacher-checkpoint", help="teacher weights: a file for --teacher, or any checkpoint "
+                   "rapidnet wrote (then --teacher may be left out)")
+    p.add_argument("--distillation", choices=("none", "hard", "soft"),
+                   help="distillation loss (default with a teacher: hard, as in the paper)")
+    p.add_argument("--skip-corrupt", action="store_true", default=None,
+                   help="skip unreadable image files (counted and reported) instead of stopping")
+    p.add_argument("--limit-train", type=int, metavar="N", help="train on a fixed random subset of N images")
+    p.add_argument("--limit-val", type=int, metavar="N", help="validate on a fixed random subset of N images")
+    p.add_argument("--input-size", type=int, metavar="PX")
+    p.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")
+    p.add_argument("--pipeline", choices=("timm", "tensor"), help="input pipeline (tensor: in-memory data only)")
+    p.add_argument("--log-interval", type=int, metavar="STEPS", help="steps between steps.jsonl records")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config value, e.g. --set aug.mixup=0 --set sched.warmup_epochs=5 (repeatable)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: on a terminal)")
+    return p
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """Config assignments from the flags that were given."""
+    values = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest, None) is not None}
+    if (args.teacher or args.teacher_checkpoint) and args.distillation is None:
+        values.setdefault("distill.type", "hard")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    from rapidnet.config import load_config
+    from rapidnet.engine import Trainer
+    from rapidnet.engine.checkpoint import load_training_state
+    from rapidnet.tasks.classification import ClassificationTask
+
+    values = flag_values(args)
+    base = None
+    if args.resume:
+        if args.config is None:
+            base = load_training_state(args.resume)["config"]
+        values.setdefault("train.output", str(Path(args.resume).parent))
+    cfg = load_config(args.config, args.overrides, base=base, values=values)
+    result = Trainer(ClassificationTask(cfg), cfg, resume=args.resume, progress=args.progress).fit()
+    return result.exit_code

@@ -1,0 +1,458 @@
+"""Training configuration: YAML files (``configs/*.yaml``) with ``base:`` inheritance and command-line overrides.
+
+A config is a tree of small dataclasses so that a typo is caught when the file is read, not three hours into a run:
+an unknown key, a value of the wrong type or out of range is a one-line :class:`~rapidnet.errors.ConfigError` that
+names the key (``optim.lrr``) and the file. Defaults are the paper's ImageNet recipe (SPEC.md, "Training recipes").
+
+The engine (``rapidnet.engine``) reads ``train``, ``optim``, ``sched`` and ``ema``; the classification task reads
+``model``, ``data``, ``aug`` and ``distill``. Other tasks keep their own settings under ``task:`` (a free mapping
+that the task itself validates), or add a typed section here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rapidnet.errors import ConfigError
+
+__all__ = [
+    "AugConfig",
+    "Config",
+    "DataConfig",
+    "DistillConfig",
+    "EmaConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SchedConfig",
+    "TrainConfig",
+    "config_diff",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "parse_override",
+    "save_config",
+    "scaled_lr",
+]
+
+
+@dataclass
+class ModelConfig:
+    """Which network to train. ``num_classes`` and ``distillation`` default to what the data and teacher imply."""
+
+    name: str = "rapidnet_ti"
+    num_classes: int | None = None
+    distillation: bool | None = None
+    drop_path_rate: float = 0.1
+    drop_rate: float = 0.0
+    checkpoint: str | None = None  # initial weights (fine-tuning): any checkpoint rapidnet.load_model reads
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments (depths, widths, head_dim)
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are fed; batch sizes are per process (global = x world size)."""
+
+    path: str = "fashion-mnist"
+    input_size: int = 224
+    batch_size: int = 128
+    eval_batch_size: int | None = None  # None: 2 x batch_size
+    workers: int = 4
+    pipeline: str = "timm"  # "timm": PIL + timm transforms; "tensor": in-memory batch augmentation (Fashion-MNIST)
+    crop_pct: float | None = None  # eval transform; None: the model's pretrained_cfg (0.9)
+    interpolation: str | None = None  # eval resize; None: the model's pretrained_cfg (bicubic)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    limit_train: int | None = None  # a fixed random subset, for quick runs and tests
+    limit_val: int | None = None
+    skip_corrupt: bool = False
+    pin_memory: bool = True
+
+
+@dataclass
+class AugConfig:
+    """Training augmentation (DeiT recipe through timm); set a probability/alpha to 0 to switch a piece off."""
+
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.4
+    train_interpolation: str = "random"
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: float = 0.5
+    re_prob: float = 0.25
+    re_mode: str = "pixel"
+    re_count: int = 1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    smoothing: float = 0.1
+    repeated_aug: bool = True  # timm RepeatAugSampler, used when training on more than one process
+    repeats: int = 3
+    crop_padding: int = 4  # "tensor" pipeline only: random crop after zero padding (its geometric augmentation)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer (timm ``create_optimizer_v2``). ``lr`` None means ``base_lr * global_batch / lr_base_size``."""
+
+    opt: str = "adamw"
+    lr: float | None = None
+    base_lr: float = 2e-3
+    lr_base_size: int = 1024
+    weight_decay: float = 0.05
+    eps: float = 1e-8
+    betas: list[float] | None = None
+    momentum: float = 0.9
+    clip_grad: float | None = None
+
+
+@dataclass
+class SchedConfig:
+    """Learning-rate schedule (timm ``create_scheduler_v2``); ``step_on_epochs: false`` updates it every step."""
+
+    name: str = "cosine"
+    warmup_epochs: int = 20
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    cooldown_epochs: int = 0
+    step_on_epochs: bool = True
+    decay_milestones: list[int] = field(default_factory=lambda: [90, 180, 270])  # multistep
+    decay_rate: float = 0.1  # step/multistep factor; the power of "poly"
+
+
+@dataclass
+class EmaConfig:
+    """Model EMA (timm ``ModelEmaV3``); ``evaluate`` also validates the EMA weights each epoch."""
+
+    enabled: bool = True
+    decay: float = 0.99996
+    warmup: bool = False
+    evaluate: bool = True
+
+
+@dataclass
+class DistillConfig:
+    """DeiT-style distillation through the model's distillation head; ``type: none`` trains a single head."""
+
+    type: str = "none"  # none | hard | soft
+    alpha: float = 0.5
+    tau: float = 1.0
+    teacher: str | None = None  # timm model name (or a RapidNet variant); None with a checkpoint: read the file
+    teacher_checkpoint: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """The run itself: length, seed, device and speed options, where results go."""
+
+    epochs: int = 300
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = False  # bfloat16 autocast on CPU, float16 + GradScaler on CUDA
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = True  # SyncBatchNorm when training on several CUDA processes
+    output: str = "runs/train"
+    log_interval: int = 50  # steps between lines of steps.jsonl
+
+
+@dataclass
+class Config:
+    """A whole training configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    task: dict[str, Any] = field(default_factory=dict)  # settings of other tasks (detection...), checked by the task
+
+
+# ---- reading ------------------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read one file and, recursively, its ``base:`` files (relative to it), later values winning."""
+    path = path.expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {path} does not exist: pass a file such as configs/fashion_mnist_rapidnet_ti.yaml"
+        )
+    resolved = path.resolve()
+    if resolved in seen:
+        raise ConfigError(f"config file {path} inherits from itself through 'base:': break the cycle")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"config file {path}{where} is not valid YAML ({problem})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path} ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not a {type(data).__name__}")
+    bases = data.pop("base", None)
+    if bases is None:
+        return data
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else list(bases):
+        if not isinstance(base, str):
+            raise ConfigError(f"config file {path}: 'base' must be a file name or a list of them")
+        merged = _deep_merge(merged, _read_yaml(path.parent / base, (*seen, resolved)))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(a)
+    for key, value in b.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-3"`` -> (["optim", "lr"], 0.001); the value is read as YAML (``null``, ``[1, 2]``, ``true``)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} is not KEY=VALUE with a dotted key, e.g. optim.lr=1e-3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+    values: dict[str, Any] | None = None,
+) -> Config:
+    """Build a validated :class:`Config` from defaults, ``base`` (a dict, e.g. a checkpoint's), a YAML file, overrides.
+
+    Later sources win. ``overrides`` are ``KEY=VALUE`` strings with dotted keys (``data.batch_size=64``), read as
+    YAML; ``values`` maps dotted keys to already-typed values (what command-line flags give) and is applied last.
+    """
+    tree: dict[str, Any] = copy.deepcopy(base) if base else {}
+    source = "command line"
+    if path is not None:
+        tree = _deep_merge(tree, _read_yaml(Path(path)))
+        source = str(path)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _set_path(tree, keys, value)
+    for dotted, value in (values or {}).items():
+        _set_path(tree, dotted.split("."), value)
+    return config_from_dict(tree, source=source)
+
+
+# ---- validation ---------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp``, converting only where YAML is ambiguous (``1e-3`` is a str)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if isinstance(value, (list, tuple)):
+            (inner,) = typing.get_args(tp)
+            return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {value!r}")
+    if origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, values: Any, prefix: str, source: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {prefix or 'the config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(f"{source}: unknown config key '{full}' (known {prefix or 'sections'}: {known})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, full, source)
+        else:
+            kwargs[key] = _coerce(value, tp, full, source)
+    return cls(**kwargs)
+
+
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "data.pipeline": ("timm", "tensor"),
+    "distill.type": ("none", "hard", "soft"),
+    "aug.mixup_mode": ("batch", "pair", "elem"),
+    "aug.re_mode": ("const", "rand", "pixel"),
+}
+
+
+def _validate(cfg: Config, source: str) -> None:
+    """Range checks that types cannot express."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            value = _get(cfg, key)
+            raise ConfigError(f"{source}: {key} must be {what}, got {value!r}")
+
+    for key, choices in _CHOICES.items():
+        need(_get(cfg, key) in choices, key, "one of " + ", ".join(map(str, choices)))
+    need(cfg.train.epochs >= 1, "train.epochs", "at least 1")
+    need(cfg.data.batch_size >= 1, "data.batch_size", "at least 1")
+    need(cfg.data.eval_batch_size is None or cfg.data.eval_batch_size >= 1, "data.eval_batch_size", "at least 1")
+    need(cfg.data.input_size >= 16, "data.input_size", "at least 16 pixels")
+    need(cfg.data.workers >= 0, "data.workers", "0 or more")
+    need(cfg.data.limit_train is None or cfg.data.limit_train >= 1, "data.limit_train", "at least 1")
+    need(cfg.data.limit_val is None or cfg.data.limit_val >= 1, "data.limit_val", "at least 1")
+    need(cfg.data.crop_pct is None or 0 < cfg.data.crop_pct <= 1, "data.crop_pct", "in (0, 1]")
+    need(cfg.optim.lr is None or cfg.optim.lr > 0, "optim.lr", "positive")
+    need(cfg.optim.base_lr > 0, "optim.base_lr", "positive")
+    need(cfg.optim.lr_base_size >= 1, "optim.lr_base_size", "at least 1")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "0 or more")
+    need(cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0, "optim.clip_grad", "positive or null")
+    need(cfg.sched.warmup_epochs >= 0, "sched.warmup_epochs", "0 or more")
+    need(0 <= cfg.ema.decay < 1, "ema.decay", "in [0, 1)")
+    need(0 <= cfg.distill.alpha <= 1, "distill.alpha", "in [0, 1]")
+    need(cfg.distill.tau > 0, "distill.tau", "positive")
+    need(0 <= cfg.aug.smoothing < 1, "aug.smoothing", "in [0, 1)")
+    need(cfg.aug.repeats >= 1, "aug.repeats", "at least 1")
+    need(cfg.aug.crop_padding >= 0, "aug.crop_padding", "0 or more")
+    need(cfg.train.log_interval >= 1, "train.log_interval", "at least 1")
+    need(len(cfg.aug.scale) == 2, "aug.scale", "a [min, max] pair")
+    need(len(cfg.aug.ratio) == 2, "aug.ratio", "a [min, max] pair")
+    for key in ("data.mean", "data.std"):
+        value = _get(cfg, key)
+        need(value is None or len(value) == 3, key, "3 numbers (one per RGB channel) or null")
+    need(cfg.optim.betas is None or len(cfg.optim.betas) == 2, "optim.betas", "a [beta1, beta2] pair or null")
+    if cfg.distill.type != "none" and not (cfg.distill.teacher or cfg.distill.teacher_checkpoint):
+        raise ConfigError(
+            f"{source}: distill.type is {cfg.distill.type!r} but no teacher is given: "
+            "set distill.teacher / --teacher (and --teacher-checkpoint), or distill.type none"
+        )
+    if cfg.distill.type != "none" and cfg.model.distillation is False:
+        raise ConfigError(f"{source}: distill.type {cfg.distill.type!r} needs model.distillation true (or null)")
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
+    """Validate a nested dict (as read from YAML or a checkpoint) into a :class:`Config`."""
+    cfg = _build(Config, tree, "", source)
+    _validate(cfg, source)
+    return cfg
+
+
+def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
+    """The learning rate: ``optim.lr`` when set, else the linear scaling rule ``base_lr * global_batch / lr_base_size``.
+
+    The paper's recipe is 2e-3 at a global batch of 1024, so 8 processes x 128 or 4 x 256 both give 2e-3.
+    """
+    return optim.lr if optim.lr is not None else optim.base_lr * global_batch / optim.lr_base_size
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (YAML/JSON/``torch.load(weights_only=True)`` friendly)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
+    from rapidnet.models.checkpoint import atomic_write
+
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Keys whose values differ between two config dicts, as ``(dotted_key, value_in_a, value_in_b)``."""
+    out: list[tuple[str, Any, Any]] = []
+    for key in sorted(set(a) | set(b)):
+        full = f"{prefix}.{key}" if prefix else key
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict) and key != "kwargs":
+            out += config_diff(va, vb, full)
+        elif va != vb:
+            out.append((full, va, vb))
+    return out

@@ -1,0 +1,124 @@
+"""Engine pieces in isolation: reproducible sampling, RNG capture, optimizer groups, run logs."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import rapidnet
+from rapidnet.config import load_config
+from rapidnet.engine import JsonlLog, SeededDataset, SeededSampler, read_jsonl
+from rapidnet.engine.checkpoint import capture_rng, restore_rng
+from rapidnet.engine.seeding import subset_indices
+from rapidnet.tasks.classification import ClassificationTask, TensorBatches
+
+
+def _batches(sampler: SeededSampler) -> list[list[tuple[int, int]]]:
+    items = list(sampler)
+    return [items[i : i + sampler.batch_size] for i in range(0, len(items), sampler.batch_size)]
+
+
+def test_two_processes_see_the_global_batches_of_one():
+    one = SeededSampler(50, batch_size=8, seed=3)
+    ranks = [SeededSampler(50, batch_size=4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for s in (one, *ranks):
+        s.set_epoch(5)
+    assert one.num_batches == ranks[0].num_batches == ranks[1].num_batches == 6
+    for b, batch in enumerate(_batches(one)):
+        split = _batches(ranks[0])[b] + _batches(ranks[1])[b]
+        assert sorted(batch) == sorted(split)  # same images, same augmentation seeds
+
+
+def test_order_depends_on_seed_and_epoch_and_start_batch_skips_exactly():
+    s = SeededSampler(40, batch_size=4, seed=0)
+    s.set_epoch(0)
+    epoch0 = list(s)
+    s.set_epoch(1)
+    assert [i for i, _ in list(s)] != [i for i, _ in epoch0]
+    s.set_epoch(0, start_batch=3)
+    assert list(s) == epoch0[12:] and len(s) == len(epoch0) - 12
+    other = SeededSampler(40, batch_size=4, seed=1)
+    other.set_epoch(0)
+    assert list(other) != epoch0
+
+
+def test_repeated_augmentation_gives_each_copy_another_seed():
+    ranks = [SeededSampler(64, batch_size=8, seed=0, rank=r, world_size=2, repeats=3) for r in range(2)]
+    items = []
+    for s in ranks:
+        s.set_epoch(0)
+        items += list(s)
+    assert ranks[0].num_batches == ranks[1].num_batches > 0
+    indices = [i for i, _ in items]
+    assert len(set(indices)) < len(indices)  # repeats present ...
+    assert len({seed for _, seed in items}) == len(items)  # ... each augmented differently
+
+
+def test_seeded_dataset_transform_depends_only_on_the_seed():
+    class Noise:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return i, random.random(), torch.rand(1).item(), np.random.rand()
+
+    ds = SeededDataset(Noise(), indices=[3, 1])
+    assert len(ds) == 2 and ds[(0, 7)] == ds[(0, 7)] and ds[(0, 7)][0] == 3
+    assert ds[(0, 7)] != ds[(0, 8)]
+
+
+def test_subset_is_fixed_and_spread():
+    a = subset_indices(1000, 100)
+    assert a == subset_indices(1000, 100) and len(set(a)) == 100 and max(a) > 500
+    assert subset_indices(10, None) == list(range(10)) and subset_indices(10, 50) == list(range(10))
+
+
+def test_rng_capture_restores_every_generator():
+    state = capture_rng()
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    restore_rng(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_no_weight_decay_on_norms_biases_and_layer_scales():
+    cfg = load_config(values={"optim.weight_decay": 0.05})
+    model = rapidnet.create_model("rapidnet_ti", num_classes=10, depths=((1, 0), (1, 0), (1, 1), (1, 1)),
+                                  widths=(16, 24, 32, 48), head_dim=64)
+    optimizer = ClassificationTask(cfg).build_optimizer(model, lr=1e-3)
+    assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["eps"] == 1e-8
+    decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay and all(p.ndim > 1 for p in model.parameters() if id(p) in decay)
+    skipped = [names[id(p)] for p in model.parameters() if id(p) not in decay]
+    assert any("gamma" in n for n in skipped) and any(n.endswith("bn.weight") for n in skipped)
+    assert any(n.endswith("conv.bias") for n in skipped)
+
+
+def test_tensor_batches_augment_reproducibly():
+    images = torch.arange(6 * 8 * 8, dtype=torch.uint8).view(6, 8, 8)
+    sampler = SeededSampler(6, batch_size=2, seed=0)
+    tb = TensorBatches(images, torch.arange(6), sampler, mean=(0.5,) * 3, std=(0.25,) * 3, hflip=0.5, padding=2)
+    first = list(tb.batches(0, 0))
+    again = list(tb.batches(0, 1))
+    assert len(first) == 3 and first[0][0].shape == (2, 3, 8, 8)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first[1:], again, strict=True))
+    x = first[0][0]
+    assert torch.equal(x[:, 0], x[:, 1])  # grayscale replicated to RGB
+    assert x.min() >= (0 - 0.5) / 0.25 and x.max() <= (1 - 0.5) / 0.25
+
+
+def test_jsonl_log_survives_a_torn_line_and_truncates(tmp_path):
+    log = JsonlLog(tmp_path / "log.jsonl")
+    for epoch in (1, 2, 3):
+        log.append({"epoch": epoch, "loss": float("nan") if epoch == 2 else 1.0})
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"epoch": 4, "lo')
+    records = read_jsonl(tmp_path / "log.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[1]["loss"] is None
+    log.keep_only(lambda r: r["epoch"] <= 2)
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "log.jsonl")] == [1, 2]
+    with pytest.raises(rapidnet.DataError):
+        read_jsonl(tmp_path / "missing.jsonl")
