@@ -180,3 +180,20 @@ def test_bad_constructor_arguments():
         rapidnet.create_model("rapidnet_xl")
     with pytest.raises(ValueError, match="equal length"):
         rapidnet.RapidNet(depths=((1, 0),), widths=(16, 32))
+
+
+def test_reparameterize_folds_frozen_batchnorm(micro_model):
+    """A detector freezes BN (torchvision's FrozenBatchNorm2d); folding it must stay exact."""
+    from timm.layers import freeze_batch_norm_2d
+
+    frozen = freeze_batch_norm_2d(micro_model).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(micro_model(x), rapidnet.reparameterize(frozen)(x), rtol=1e-4, atol=1e-4)
+
+
+def test_public_dense_entry_points():
+    from rapidnet.detection import mask_rcnn
+    from rapidnet.segmentation import semantic_fpn
+
+    assert callable(mask_rcnn) and callable(semantic_fpn)

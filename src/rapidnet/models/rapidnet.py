@@ -94,13 +94,15 @@ class ConvNormAct(nn.Module):
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        if not isinstance(self.bn, nn.BatchNorm2d):
-            return  # already folded
         bn = self.bn
+        if not hasattr(bn, "running_var"):
+            return  # already folded (BatchNorm2d and the frozen BNs of torchvision/timm all carry running_var)
         conv_bias = self.conv.bias if self.conv.bias is not None else torch.zeros_like(bn.running_mean)
         weight, bias = fuse_conv_bn_weights(
             self.conv.weight, conv_bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
         )
+        weight.requires_grad_(self.conv.weight.requires_grad)
+        bias.requires_grad_(self.conv.weight.requires_grad)
         self.conv.weight = weight
         self.conv.bias = bias
         self.bn = nn.Identity()

@@ -1,0 +1,301 @@
+"""An offline dense-prediction data set from real Fashion-MNIST garments: scenes of several garments at random scales
+and places on a smooth background, written in both the COCO instances and the ADE20K layout.
+
+::
+
+    OUT/meta.json                                   classes, label conventions, the builder's parameters
+    OUT/annotations/instances_{train,val}.json      COCO instances: boxes, RLE instance masks, category = garment
+    OUT/{train,val}/000000.png ...                  the images (COCO layout)
+    OUT/images/{training,validation}/000000.png     the same images (ADE20K layout; hard links where possible)
+    OUT/annotations/{training,validation}/000000.png  semantic maps: 0 = background, k = garment class k (1..10)
+
+Conventions: COCO category ids 1..10 are the Fashion-MNIST classes 0..9 (names from Fashion-MNIST); the semantic
+map's value equals the category id, and background (0) is a real class, so there are 11 semantic classes and the
+ADE20K reader must use ``reduce_zero_label=False`` (``meta.json`` says so, and the reader follows it). Reading the
+maps with ``reduce_zero_label=True`` instead gives the 10 garment classes with background ignored.
+
+A garment's mask is its pixels whose (resized) intensity exceeds ``mask_threshold``; inside the mask the garment
+is painted in a random tint modulated by its intensity, so its texture survives; later garments occlude earlier ones
+and the masks, boxes and semantic map describe what is visible. Train scenes use Fashion-MNIST's training images,
+val scenes its test images. Every scene draws from its own generator seeded by ``(seed, split, index)``: the same
+seed gives the same bytes, and changing a count does not change the other scenes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from rapidnet.errors import ConfigError
+
+__all__ = ["MOSAIC_FORMAT", "MosaicConfig", "Scene", "build_mosaic", "render_scene", "scene_rng"]
+
+MOSAIC_FORMAT = "rapidnet-mosaic"
+META_FILE = "meta.json"
+_SPLITS = {"train": ("train", "training", 0), "val": ("test", "validation", 1)}  # name: (FM split, ADE split, code)
+
+
+@dataclass(frozen=True)
+class MosaicConfig:
+    """How scenes look. Scales are garment sizes as fractions of the image's shorter side."""
+
+    image_size: tuple[int, int] = (128, 128)
+    min_objects: int = 2
+    max_objects: int = 6
+    min_scale: float = 0.25
+    max_scale: float = 0.55
+    mask_threshold: int = 40
+    max_occlusion: float = 0.3
+    noise: float = 6.0
+
+    def check(self) -> None:
+        h, w = self.image_size
+        if h < 16 or w < 16:
+            raise ConfigError(f"image_size {self.image_size} is too small: use at least 16x16")
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ConfigError(
+                f"min_objects={self.min_objects}, max_objects={self.max_objects}: need 1 <= min_objects <= max_objects"
+            )
+        if not 0 < self.min_scale <= self.max_scale <= 1:
+            raise ConfigError(
+                f"min_scale={self.min_scale}, max_scale={self.max_scale}: need 0 < min_scale <= max_scale <= 1"
+            )
+        if not 0 <= self.mask_threshold < 255:
+            raise ConfigError(f"mask_threshold={self.mask_threshold}: use an intensity in 0..254")
+        if not 0 <= self.max_occlusion < 1:
+            raise ConfigError(f"max_occlusion={self.max_occlusion}: use a fraction in [0, 1)")
+
+
+@dataclass
+class Scene:
+    """One rendered scene: ``image`` (H, W, 3) uint8, visible instance ``masks`` (N, H, W) bool, Fashion-MNIST
+    ``classes`` (N,) in 0..9, and ``semantic`` (H, W) uint8 with 0 = background and k + 1 = class k."""
+
+    image: np.ndarray
+    masks: np.ndarray
+    classes: np.ndarray
+    semantic: np.ndarray
+
+
+def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of scene ``index`` of ``split``: independent of every other scene."""
+    return np.random.default_rng([int(seed), _SPLITS[split][2], int(index)])
+
+
+def _background(rng: np.random.Generator, h: int, w: int, noise: float) -> np.ndarray:
+    """A linear gradient between two dark-to-mid colours, plus Gaussian noise: plain but not trivially flat."""
+    c1, c2 = rng.uniform(0, 140, size=3), rng.uniform(0, 140, size=3)
+    angle = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    t = xx * np.cos(angle) + yy * np.sin(angle)
+    t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
+    bg = c1[None, None] * (1 - t[..., None]) + c2[None, None] * t[..., None]
+    return bg + rng.normal(0, noise, size=(h, w, 3))
+
+
+def _tint(rng: np.random.Generator) -> np.ndarray:
+    """A random saturated, bright colour (HSV with V in 0.6..1) as RGB 0..255."""
+    hue, sat, val = rng.uniform(0, 1), rng.uniform(0.3, 1.0), rng.uniform(0.6, 1.0)
+    i = int(hue * 6) % 6
+    f = hue * 6 - int(hue * 6)
+    p, q, t = val * (1 - sat), val * (1 - f * sat), val * (1 - (1 - f) * sat)
+    rgb = [(val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q)][i]
+    return np.array(rgb) * 255.0
+
+
+def render_scene(garments: np.ndarray, labels: np.ndarray, rng: np.random.Generator, cfg: MosaicConfig) -> Scene:
+    """Draw one scene from the pool ``garments`` (N, 28, 28 uint8) with ``labels`` (N,), using ``rng`` only."""
+    h, w = cfg.image_size
+    canvas = _background(rng, h, w, cfg.noise)
+    count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    visible: list[np.ndarray] = []
+    full_area: list[int] = []
+    classes: list[int] = []
+    side = min(h, w)
+    for _ in range(count):
+        for _attempt in range(50):
+            idx = int(rng.integers(len(garments)))
+            size = rng.uniform(cfg.min_scale, cfg.max_scale) * side
+            aspect = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
+            gh = int(np.clip(round(size * np.sqrt(aspect)), 4, h))
+            gw = int(np.clip(round(size / np.sqrt(aspect)), 4, w))
+            patch = np.asarray(Image.fromarray(garments[idx]).resize((gw, gh), Image.BILINEAR), dtype=np.uint8)
+            local = patch > cfg.mask_threshold
+            if local.sum() < 16:
+                continue
+            top, left = int(rng.integers(0, h - gh + 1)), int(rng.integers(0, w - gw + 1))
+            mask = np.zeros((h, w), bool)
+            mask[top : top + gh, left : left + gw] = local
+            # The new garment goes on top: every earlier one must keep most of its own pixels.
+            keep = [
+                (vis & ~mask).sum() >= (1 - cfg.max_occlusion) * a for vis, a in zip(visible, full_area, strict=True)
+            ]
+            if not all(keep):
+                continue
+            tint = _tint(rng)
+            shade = 0.4 + 0.6 * patch.astype(np.float64) / 255.0
+            region = canvas[top : top + gh, left : left + gw]
+            region[local] = (shade[..., None] * tint[None, None])[local]
+            visible = [vis & ~mask for vis in visible]
+            visible.append(mask)
+            full_area.append(int(mask.sum()))
+            classes.append(int(labels[idx]))
+            break
+    image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    masks = np.stack(visible) if visible else np.zeros((0, h, w), bool)
+    semantic = np.zeros((h, w), np.uint8)
+    for vis, cls in zip(visible, classes, strict=True):
+        semantic[vis] = cls + 1
+    return Scene(image, masks, np.array(classes, dtype=np.int64), semantic)
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    Image.fromarray(array).save(path, format="PNG", compress_level=6)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """The ADE20K-layout copy of an image: a hard link where the file system allows (half the disk), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _coco_annotations(scene: Scene, image_id: int, first_ann_id: int) -> list[dict[str, Any]]:
+    from pycocotools import mask as mask_utils
+
+    anns = []
+    for k, (mask, cls) in enumerate(zip(scene.masks, scene.classes, strict=True)):
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
+        anns.append(
+            {
+                "id": first_ann_id + k,
+                "image_id": image_id,
+                "category_id": int(cls) + 1,
+                "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
+                "area": int(mask_utils.area(rle)),
+                "bbox": [x, y, bw, bh],
+                "iscrowd": 0,
+            }
+        )
+    return anns
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} is a file: choose a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / META_FILE).is_file():
+            raise ConfigError(f"output folder {out} is not empty and holds no mosaic data set: choose an empty folder")
+        if not overwrite:
+            raise ConfigError(f"output folder {out} already holds a mosaic data set: pass overwrite=True to rebuild it")
+
+
+def build_mosaic(
+    out_dir: str | os.PathLike[str],
+    seed: int = 0,
+    num_train: int = 2000,
+    num_val: int = 200,
+    image_size: int | tuple[int, int] = 128,
+    min_objects: int = 2,
+    max_objects: int = 6,
+    fashion_mnist_root: str | os.PathLike[str] | None = None,
+    *,
+    min_scale: float = 0.25,
+    max_scale: float = 0.55,
+    mask_threshold: int = 40,
+    max_occlusion: float = 0.3,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Build the mosaic data set in ``out_dir`` (see the module docstring); returns its path.
+
+    The set is assembled in a temporary sibling folder and renamed into place at the end, so an interrupted build
+    never leaves a half-written data set under ``out_dir``. An existing mosaic is only replaced with ``overwrite``.
+    """
+    from tqdm.auto import tqdm
+
+    from rapidnet.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
+
+    size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+    cfg = MosaicConfig(size, min_objects, max_objects, min_scale, max_scale, mask_threshold, max_occlusion)  # type: ignore[arg-type]
+    cfg.check()
+    counts = {"train": int(num_train), "val": int(num_val)}
+    if counts["train"] < 0 or counts["val"] < 0 or counts["train"] + counts["val"] == 0:
+        raise ConfigError(f"num_train={num_train}, num_val={num_val}: ask for at least one scene, no negative counts")
+    out = Path(out_dir).expanduser()
+    _prepare_output(out, overwrite)
+    pools = {name: FashionMNIST(fashion_mnist_root, split=fm) for name, (fm, _, _) in _SPLITS.items() if counts[name]}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    categories = [{"id": i + 1, "name": n, "supercategory": "garment"} for i, n in enumerate(FASHION_MNIST_CLASSES)]
+    try:
+        bar = tqdm(total=sum(counts.values()), desc="mosaic", unit="img", disable=not progress)
+        for split, (_, ade_split, _) in _SPLITS.items():
+            coco_dir, ade_img = tmp / split, tmp / "images" / ade_split
+            ade_lab = tmp / "annotations" / ade_split
+            for folder in (coco_dir, ade_img, ade_lab):
+                folder.mkdir(parents=True, exist_ok=True)
+            images, annotations = [], []
+            for index in range(counts[split]):
+                pool = pools[split]
+                scene = render_scene(pool.images, pool.labels, scene_rng(seed, split, index), cfg)
+                name = f"{index:06d}.png"
+                _save_png(scene.image, coco_dir / name)
+                _link_or_copy(coco_dir / name, ade_img / name)
+                _save_png(scene.semantic, ade_lab / name)
+                images.append({"id": index + 1, "file_name": name, "height": size[0], "width": size[1]})
+                annotations += _coco_annotations(scene, index + 1, len(annotations) + 1)
+                bar.update(1)
+            coco = {
+                "info": {"description": f"Fashion-MNIST mosaic ({split})", "version": "1", "seed": seed},
+                "licenses": [],
+                "images": images,
+                "annotations": annotations,
+                "categories": categories,
+            }
+            (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco), encoding="utf-8")
+        bar.close()
+        meta = {
+            "format": MOSAIC_FORMAT,
+            "version": 1,
+            "seed": seed,
+            "num_train": counts["train"],
+            "num_val": counts["val"],
+            "config": {**asdict(cfg), "image_size": list(size)},
+            "classes": list(FASHION_MNIST_CLASSES),
+            "coco": {"category_ids": list(range(1, len(FASHION_MNIST_CLASSES) + 1)), "splits": ["train", "val"]},
+            "semantic": {
+                "classes": ["background", *FASHION_MNIST_CLASSES],
+                "reduce_zero_label": False,
+                "ignore_index": 255,
+                "splits": ["training", "validation"],
+            },
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(
+            f"cannot write the mosaic data set to {out} ({e.strerror or e}): choose a writable folder"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

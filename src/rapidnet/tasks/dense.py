@@ -1,0 +1,294 @@
+"""What Mask R-CNN and Semantic FPN share: a backbone (RapidNet or any timm CNN) with an FPN, BN freezing, stage
+freezing, inference-time reparameterization, batching of lists of images, and moving batches to a device.
+
+Both dense models take a *list* of images (each ``(3, H, W)`` float in ``[0, 1]``, sizes may differ) and a list of
+target dicts, as torchvision's detection models do, so one engine loop and one ``collate_dense`` serve both tasks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import FrozenBatchNormAct2d, freeze_batch_norm_2d, unfreeze_batch_norm_2d
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from rapidnet.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "BN_MODES",
+    "BackboneWithFPN",
+    "build_backbone",
+    "collate_dense",
+    "freeze_stages",
+    "jsonable",
+    "pad_images",
+    "resolve_bn_mode",
+    "stage_of_parameters",
+    "targets_to_device",
+]
+
+#: ``frozen``: BN replaced by FrozenBatchNorm2d (statistics and affine fixed; torchvision/Detectron convention);
+#: ``eval``: BN kept in eval mode, affine trained (mmdetection's ``norm_eval=True``); ``train``: ordinary BN.
+BN_MODES = ("frozen", "eval", "train")
+NUM_UNITS = 5  # stem + four stages: what ``trainable_stages`` counts
+
+
+def resolve_bn_mode(frozen_bn: bool | str) -> str:
+    """Map the user-facing ``frozen_bn`` (True / False / a mode name) onto one of :data:`BN_MODES`."""
+    if frozen_bn is True:
+        return "frozen"
+    if frozen_bn is False:
+        return "train"
+    if isinstance(frozen_bn, str) and frozen_bn in BN_MODES:
+        return frozen_bn
+    raise ConfigError(f"frozen_bn={frozen_bn!r} is not understood: use True, False or one of {', '.join(BN_MODES)}")
+
+
+# ---- backbone construction -----------------------------------------------------------------------------------------
+
+
+def _is_rapidnet(name: str) -> bool:
+    from rapidnet.models.rapidnet import VARIANTS
+
+    return name.split(".")[0] in VARIANTS
+
+
+def _load_timm_checkpoint(body: nn.Module, path: str | os.PathLike[str], name: str) -> None:
+    """Load a classification checkpoint of timm model ``name`` into its ``features_only`` body.
+
+    timm's feature wrappers either keep the model's key names or flatten the first level (``stages.0`` ->
+    ``stages_0``); both spellings are tried. Every backbone weight must be found: a partial load would silently
+    train from random weights.
+    """
+    from rapidnet.models.checkpoint import read_checkpoint, strip_prefix, unwrap_state_dict
+
+    obj, _ = read_checkpoint(path)
+    source = strip_prefix(unwrap_state_dict(obj))
+    own = body.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    for key, value in source.items():
+        for cand in (key, key.replace(".", "_", 1)):
+            if cand in own:
+                if own[cand].shape != value.shape:
+                    raise CheckpointError(
+                        f"checkpoint {path} does not fit backbone {name}: {key} has shape {tuple(value.shape)}, "
+                        f"the backbone {tuple(own[cand].shape)}: pass a checkpoint of {name}"
+                    )
+                loaded[cand] = value
+                break
+    missing = [k for k in own if k not in loaded and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit backbone {name}: {len(missing)} of its weights are missing "
+            f"(e.g. {', '.join(missing[:3])}): pass a checkpoint of {name}"
+        )
+    body.load_state_dict(loaded, strict=False)
+
+
+def build_backbone(
+    name: str,
+    checkpoint: str | os.PathLike[str] | None = None,
+    out_indices: Sequence[int] | None = None,
+    **kwargs: Any,
+) -> tuple[nn.Module, list[int], dict[str, Any]]:
+    """A feature extractor giving the stride 4/8/16/32 maps of ``name``: ``(body, channels, pretrained_cfg)``.
+
+    RapidNet variants go through :func:`rapidnet.create_model` (any RapidNet checkpoint, classification ones
+    included: the head is simply not part of the body); any other name is a timm model (e.g. ``mobilenetv2_140``),
+    whose four stride 4..32 outputs are ``out_indices=(1, 2, 3, 4)`` unless given.
+    """
+    if _is_rapidnet(name):
+        from rapidnet.models import create_model
+
+        body = create_model(
+            name, checkpoint=checkpoint, features_only=True, out_indices=out_indices or (0, 1, 2, 3), **kwargs
+        )
+    else:
+        try:
+            body = timm.create_model(
+                name, pretrained=False, features_only=True, out_indices=tuple(out_indices or (1, 2, 3, 4)), **kwargs
+            )
+        except RuntimeError as e:
+            if "Unknown model" not in str(e):
+                raise
+            raise ConfigError(
+                f"unknown backbone {name!r}: use a RapidNet variant (rapidnet_ti/s/m/b) or a timm model name "
+                "(see timm.list_models())"
+            ) from None
+        except (IndexError, AssertionError):
+            raise ConfigError(
+                f"backbone {name!r} has no feature levels {tuple(out_indices or (1, 2, 3, 4))}: "
+                "pass backbone_out_indices for its stride 4, 8, 16 and 32 outputs"
+            ) from None
+        if checkpoint is not None:
+            _load_timm_checkpoint(body, checkpoint, name)
+    reductions = list(body.feature_info.reduction())
+    if reductions != [4, 8, 16, 32]:
+        raise ConfigError(
+            f"backbone {name!r} gives feature strides {reductions}, the FPN needs 4, 8, 16 and 32: "
+            "choose backbone_out_indices accordingly"
+        )
+    cfg = dict(getattr(body, "pretrained_cfg", None) or {})
+    return body, list(body.feature_info.channels()), cfg
+
+
+def stage_of_parameters(body: nn.Module) -> dict[str, int]:
+    """Which unit (0 = stem, 1..4 = the four feature stages) each parameter of a feature body belongs to.
+
+    Parameters up to and including the module that gives feature ``k`` belong to unit ``k + 1``; those before the
+    first feature module form the stem. Works for RapidNet and timm feature wrappers alike (registration order is
+    forward order).
+    """
+    names = list(body.feature_info.module_name())
+    prefixes = [(n + ".", n.replace(".", "_") + ".") for n in names]
+    units: dict[str, int] = {}
+    passed = -1  # index of the last feature module whose parameters have been seen
+    for pname, _ in body.named_parameters():
+        owner = next((k for k, pre in enumerate(prefixes) if pname.startswith(pre)), None)
+        if owner is not None:
+            passed = max(passed, owner)
+            units[pname] = owner + 1
+        elif passed < 0:
+            units[pname] = 0  # before the first feature module: the stem
+        else:
+            units[pname] = min(passed + 2, NUM_UNITS - 1)  # between features k and k+1: leads to stage k+1
+    return units
+
+
+def freeze_stages(body: nn.Module, trainable_stages: int) -> None:
+    """Keep only the last ``trainable_stages`` of the five units (stem, stage 0..3) trainable (torchvision's rule)."""
+    if not 0 <= trainable_stages <= NUM_UNITS:
+        raise ConfigError(f"trainable_stages={trainable_stages} is out of range: use 0 (all frozen) to 5 (all trained)")
+    first_trained = NUM_UNITS - trainable_stages
+    units = stage_of_parameters(body)
+    for pname, param in body.named_parameters():
+        if units[pname] < first_trained:
+            param.requires_grad_(False)
+
+
+# ---- backbone + FPN ------------------------------------------------------------------------------------------------
+
+
+class BackboneWithFPN(nn.Module):
+    """Backbone feature body + FPN: ``forward(x)`` returns an ``OrderedDict`` of ``out_channels``-wide maps.
+
+    Keys ``"0".."3"`` are strides 4..32 and, with ``extra_pool``, ``"pool"`` a stride-64 max-pool of the last level
+    (torchvision's LastLevelMaxPool, the "P6" of Mask R-CNN's fifth level). Has ``out_channels`` as torchvision's
+    detection models require. ``bn_mode`` is one of :data:`BN_MODES`; ``reparameterize()`` folds the backbone for
+    inference, whatever the mode.
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        in_channels: Sequence[int],
+        out_channels: int = 256,
+        extra_pool: bool = True,
+        bn_mode: str = "frozen",
+    ) -> None:
+        super().__init__()
+        if bn_mode not in BN_MODES:
+            raise ConfigError(f"bn_mode={bn_mode!r} is not one of {', '.join(BN_MODES)}")
+        self.bn_mode = bn_mode
+        self.body = freeze_batch_norm_2d(body) if bn_mode == "frozen" else body
+        self.fpn = FeaturePyramidNetwork(list(in_channels), out_channels, LastLevelMaxPool() if extra_pool else None)
+        self.out_channels = out_channels
+        self.in_channels = list(in_channels)
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        feats = self.body(x)
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+
+    def train(self, mode: bool = True) -> BackboneWithFPN:
+        """Ordinary ``train``, except that in ``eval`` BN mode the backbone's BN layers stay in eval mode."""
+        super().train(mode)
+        if mode and self.bn_mode == "eval":
+            for m in self.body.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the backbone for inference: frozen BN back to BN (so it can fold), then RapidNet's own folding."""
+        from rapidnet.models.reparam import reparameterize_
+
+        if any(isinstance(m, (FrozenBatchNorm2d, FrozenBatchNormAct2d)) for m in self.body.modules()):
+            device = next(self.body.parameters()).device
+            self.body = unfreeze_batch_norm_2d(self.body).to(device)
+        self.bn_mode = "train"
+        reparameterize_(self.body)
+        self.eval()
+
+
+def jsonable(value: Any) -> Any:
+    """Tuples to lists, recursively: the form in which builder arguments are stored with weights (JSON/YAML)."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+# ---- batches -------------------------------------------------------------------------------------------------------
+
+
+def collate_dense(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """DataLoader ``collate_fn`` for both dense tasks: ``(list of images, list of target dicts)``, sizes may differ."""
+    images = [item[0] for item in batch]
+    targets = [item[1] for item in batch]
+    return images, targets
+
+
+def targets_to_device(targets: Sequence[Mapping[str, Any]], device: torch.device | str) -> list[dict[str, Any]]:
+    """Move every tensor in a list of target dicts to ``device`` (other values, e.g. file names, are kept)."""
+    return [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+
+
+def pad_images(
+    images: Sequence[torch.Tensor] | torch.Tensor, size_divisor: int = 32, fill: float = 0.0
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Stack images of different sizes into one batch, padded at the bottom/right to a multiple of ``size_divisor``.
+
+    Returns the batch and each image's own ``(H, W)``, which evaluators use to crop the padding off again.
+    """
+    if torch.is_tensor(images) and images.ndim == 4:
+        sizes = [tuple(images.shape[-2:])] * images.shape[0]
+        images = list(images)
+    else:
+        sizes = [tuple(im.shape[-2:]) for im in images]
+    if not sizes:
+        raise ValueError("pad_images needs at least one image")
+    h = max(s[0] for s in sizes)
+    w = max(s[1] for s in sizes)
+    if size_divisor > 1:
+        h = (h + size_divisor - 1) // size_divisor * size_divisor
+        w = (w + size_divisor - 1) // size_divisor * size_divisor
+    out = images[0].new_full((len(sizes), images[0].shape[0], h, w), fill)
+    for i, im in enumerate(images):
+        out[i, :, : im.shape[-2], : im.shape[-1]] = im
+    return out, [(int(a), int(b)) for a, b in sizes]
+
+
+def pad_labels(labels: Sequence[torch.Tensor], size: tuple[int, int], ignore_index: int = 255) -> torch.Tensor:
+    """Stack label maps into ``(N, H, W)`` int64, padding with ``ignore_index`` so padding never counts."""
+    out = torch.full((len(labels), *size), ignore_index, dtype=torch.long, device=labels[0].device)
+    for i, lab in enumerate(labels):
+        out[i, : lab.shape[-2], : lab.shape[-1]] = lab
+    return out
+
+
+def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``(N, C, H, W)`` logits (no-op when the size already matches)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -1,0 +1,131 @@
+"""Mask R-CNN (detection + instance segmentation) on a RapidNet backbone, built on torchvision's ``MaskRCNN``.
+
+The paper's COCO recipe (mmdetection 2.x there): Mask R-CNN with a 256-channel, 5-level FPN over the four stage
+outputs (strides 4..32) plus a max-pooled P6, BN statistics frozen in the backbone. torchvision supplies the RPN,
+RoI heads, losses and post-processing; this module supplies the backbone and its FPN (:mod:`rapidnet.tasks.dense`).
+
+Engine contract (torchvision detection style): ``model(images, targets)`` with ``images`` a list of ``(3, H, W)``
+float tensors in ``[0, 1]`` and ``targets`` a list of dicts (``boxes`` XYXY float, ``labels`` int64 in 1..K,
+``masks`` uint8 ``(N, H, W)``) returns a dict of losses in train mode; in eval mode it returns one dict per image
+(``boxes``, ``labels``, ``scores``, ``masks`` ``(N, 1, H, W)`` probabilities) in the input image's coordinates.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+from rapidnet.errors import ConfigError
+from rapidnet.tasks.dense import BackboneWithFPN, build_backbone, freeze_stages, jsonable, resolve_bn_mode
+
+__all__ = ["RapidMaskRCNN", "mask_rcnn"]
+
+
+class RapidMaskRCNN(MaskRCNN):
+    """torchvision's MaskRCNN, except that eval mode ignores targets, so an engine can always pass them.
+
+    (torchvision would otherwise resize the ground-truth masks of every evaluation batch for nothing.)
+    """
+
+    def forward(self, images: Sequence[torch.Tensor] | torch.Tensor, targets: Sequence[dict] | None = None) -> Any:
+        if not self.training:
+            targets = None
+        elif targets is None:
+            raise ValueError("Mask R-CNN in train mode needs targets (boxes, labels, masks): call model.eval() first")
+        return super().forward(list(images), None if targets is None else list(targets))
+
+
+def _anchor_generator(sizes: Sequence[int] | Sequence[Sequence[int]], ratios: Sequence[float]) -> AnchorGenerator:
+    levels = tuple(tuple(int(x) for x in s) if isinstance(s, Sequence) else (int(s),) for s in sizes)
+    if len(levels) != 5:
+        raise ConfigError(f"anchor_sizes has {len(levels)} entries, the FPN has 5 levels: give one size per level")
+    return AnchorGenerator(levels, (tuple(float(r) for r in ratios),) * len(levels))
+
+
+def mask_rcnn(
+    backbone: str = "rapidnet_m",
+    num_classes: int = 80,
+    backbone_checkpoint: str | os.PathLike[str] | None = None,
+    frozen_bn: bool | str = True,
+    trainable_stages: int = 5,
+    min_size: int | Sequence[int] = 800,
+    max_size: int = 1333,
+    *,
+    fpn_channels: int = 256,
+    anchor_sizes: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    backbone_out_indices: Sequence[int] | None = None,
+    backbone_kwargs: Mapping[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> RapidMaskRCNN:
+    """Mask R-CNN + FPN (256 channels, 5 levels) over ``backbone``.
+
+    Args:
+        backbone: a RapidNet variant (``rapidnet_ti/s/m/b``) or a timm model name (e.g. ``mobilenetv2_140``).
+        num_classes: object classes, background *excluded* (torchvision's head gets ``num_classes + 1``).
+        backbone_checkpoint: weights for the backbone: any RapidNet checkpoint (authors' or ours, classification
+            ones included) or a timm classification checkpoint of the same model.
+        frozen_bn: True / ``"frozen"``: FrozenBatchNorm2d (statistics and affine fixed, the paper's "BN statistics
+            frozen"); ``"eval"``: BN kept in eval mode with a trained affine (mmdetection's ``norm_eval``);
+            False / ``"train"``: ordinary BN.
+        trainable_stages: how many of the five backbone units (stem, stage 0..3), counted from the top, are trained.
+        min_size, max_size: torchvision's resize (shorter side ``min_size``, a tuple means multi-scale training,
+            longer side at most ``max_size``); the 1x recipe is 800 / 1333.
+        anchor_sizes: one anchor size per FPN level (default 32, 64, 128, 256, 512); smaller for small images.
+        image_mean, image_std: input normalisation; default the backbone's (ImageNet's).
+        backbone_kwargs: extra arguments for the backbone (e.g. ``depths``/``widths`` of a custom RapidNet).
+        kwargs: passed on to torchvision's ``MaskRCNN`` (``box_detections_per_img``, ``rpn_*``, ``box_*`` ...).
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes={num_classes!r}: give the number of object classes (background excluded)")
+    bn_mode = resolve_bn_mode(frozen_bn)
+    body, channels, cfg = build_backbone(
+        backbone, backbone_checkpoint, backbone_out_indices, **dict(backbone_kwargs or {})
+    )
+    freeze_stages(body, trainable_stages)
+    neck = BackboneWithFPN(body, channels, fpn_channels, extra_pool=True, bn_mode=bn_mode)
+    if anchor_sizes is not None:
+        kwargs["rpn_anchor_generator"] = _anchor_generator(anchor_sizes, aspect_ratios)
+    elif tuple(aspect_ratios) != (0.5, 1.0, 2.0):
+        kwargs["rpn_anchor_generator"] = _anchor_generator((32, 64, 128, 256, 512), aspect_ratios)
+    mean = list(image_mean or cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = list(image_std or cfg.get("std", (0.229, 0.224, 0.225)))
+    model = RapidMaskRCNN(
+        neck,
+        num_classes=num_classes + 1,
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=mean,
+        image_std=std,
+        **kwargs,
+    )
+    model.class_names = list(class_names) if class_names is not None else None  # type: ignore[assignment]
+    # Everything needed to rebuild the same network with ``mask_rcnn(**model.build_args)`` (JSON-able).
+    model.build_args = jsonable(  # type: ignore[assignment]
+        dict(
+            backbone=backbone,
+            num_classes=num_classes,
+            frozen_bn=bn_mode,
+            trainable_stages=trainable_stages,
+            min_size=min_size,
+            max_size=max_size,
+            fpn_channels=fpn_channels,
+            anchor_sizes=anchor_sizes,
+            aspect_ratios=aspect_ratios,
+            image_mean=mean,
+            image_std=std,
+            backbone_out_indices=backbone_out_indices,
+            backbone_kwargs=dict(backbone_kwargs or {}),
+            class_names=model.class_names,
+            **{k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))},
+        )
+    )
+    return model
