@@ -54,8 +54,14 @@ def main() -> None:
             order = list(models) if r % 2 == 0 else list(reversed(models))
             for name in order:
                 times[name].append(time_once(models[name], x, args.repeats))
-    report = {"model": args.model, "batch": args.batch, "resolution": args.resolution, "threads": args.threads,
-              "channels_last": args.channels_last, "torch": torch.__version__}
+    report = {
+        "model": args.model,
+        "batch": args.batch,
+        "resolution": args.resolution,
+        "threads": args.threads,
+        "channels_last": args.channels_last,
+        "torch": torch.__version__,
+    }
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=4)
         report[name] = {"median_ms": round(statistics.median(ts), 3), "iqr_ms": [round(q[0], 3), round(q[2], 3)]}

@@ -76,12 +76,24 @@ def main() -> None:
         for n in args.models if r % 2 == 0 else reversed(args.models):
             times[n].append(step(n))
     first = statistics.median(times[args.models[0]])
-    report = {"batch": args.batch, "resolution": args.resolution, "threads": args.threads, "device": str(device),
-              "amp": args.amp, "channels_last": args.channels_last, "torch": torch.__version__, "models": {}}
+    report = {
+        "batch": args.batch,
+        "resolution": args.resolution,
+        "threads": args.threads,
+        "device": str(device),
+        "amp": args.amp,
+        "channels_last": args.channels_last,
+        "torch": torch.__version__,
+        "models": {},
+    }
     for n, ts in times.items():
         med = statistics.median(ts)
-        report["models"][n] = {"median_step_s": round(med, 3), "images_per_s": round(args.batch / med, 1),
-                               "min_step_s": round(min(ts), 3), "step_time_vs_first": round(med / first, 3)}
+        report["models"][n] = {
+            "median_step_s": round(med, 3),
+            "images_per_s": round(args.batch / med, 1),
+            "min_step_s": round(min(ts), 3),
+            "step_time_vs_first": round(med / first, 3),
+        }
     print(json.dumps(report, indent=2))
 
 

@@ -18,6 +18,15 @@ REFERENCE = Path(os.environ.get("RAPIDNET_REFERENCE", Path(__file__).resolve().p
 MICRO = dict(depths=((1, 0), (1, 0), (1, 1), (1, 1)), widths=(16, 24, 32, 48), head_dim=64)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests use tiny models: on a shared 2-core machine a second torch thread only waits (up to 100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def micro_expected() -> dict:
     return torch.load(DATA / "micro_expected.pt", weights_only=True)

@@ -46,8 +46,11 @@ def test_fashion_mnist_config_is_a_short_cpu_schedule():
 def test_inheritance_overrides_and_flags_apply_in_order(tmp_path):
     (tmp_path / "parent.yaml").write_text("optim: {weight_decay: 0.1, eps: 1.0e-6}\ntrain: {epochs: 5}\n")
     (tmp_path / "child.yaml").write_text("base: parent.yaml\noptim: {weight_decay: 0.2}\n")
-    cfg = load_config(tmp_path / "child.yaml", ["optim.lr=1e-3", "train.epochs=7", "data.mean=[0.5, 0.5, 0.5]"],
-                      values={"train.epochs": 9})
+    cfg = load_config(
+        tmp_path / "child.yaml",
+        ["optim.lr=1e-3", "train.epochs=7", "data.mean=[0.5, 0.5, 0.5]"],
+        values={"train.epochs": 9},
+    )
     assert cfg.optim.weight_decay == 0.2 and cfg.optim.eps == 1e-6  # child wins, parent fills in
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # YAML reads "1e-3" as a string
     assert cfg.train.epochs == 9 and cfg.data.mean == [0.5, 0.5, 0.5]

@@ -33,15 +33,6 @@ TINY_DET = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on two contended ones (shared CI machines)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def micro_checkpoint_file(tmp_path_factory):
     """A RapidNet classification checkpoint (10 classes) with non-trivial BN statistics and layer scales."""

@@ -85,8 +85,9 @@ def test_rng_capture_restores_every_generator():
 
 def test_no_weight_decay_on_norms_biases_and_layer_scales():
     cfg = load_config(values={"optim.weight_decay": 0.05})
-    model = rapidnet.create_model("rapidnet_ti", num_classes=10, depths=((1, 0), (1, 0), (1, 1), (1, 1)),
-                                  widths=(16, 24, 32, 48), head_dim=64)
+    model = rapidnet.create_model(
+        "rapidnet_ti", num_classes=10, depths=((1, 0), (1, 0), (1, 1), (1, 1)), widths=(16, 24, 32, 48), head_dim=64
+    )
     optimizer = ClassificationTask(cfg).build_optimizer(model, lr=1e-3)
     assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["eps"] == 1e-8
     decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}

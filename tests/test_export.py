@@ -36,15 +36,6 @@ def _close(ours: list[np.ndarray], ref: list[np.ndarray]) -> bool:
     return all(np.allclose(a, b, rtol=TOL, atol=TOL) for a, b in zip(ours, ref, strict=True))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: a second torch thread only waits (100x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def micro_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "micro.safetensors"

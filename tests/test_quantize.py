@@ -31,15 +31,6 @@ def _fake_fashion_mnist(root: Path, n_train: int = 48, n_test: int = 40) -> Path
     return root
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: a second torch thread only waits (100x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def fmnist(tmp_path_factory) -> Path:
     return _fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"))

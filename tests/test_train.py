@@ -62,15 +62,6 @@ def make_image_folder(root: Path, classes=("blue", "green", "red"), val_classes=
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and a shared 2-core machine does not stall on busy-waiting threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def fm(tmp_path_factory) -> Path:
     return make_fashion_like(tmp_path_factory.mktemp("fm"))
@@ -136,13 +127,40 @@ def test_short_run_writes_checkpoints_logs_and_weights_that_eval_reproduces(shor
 
     best = max(records, key=lambda r: r["best_top1"])["best_top1"]
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(short_run / "model_best.safetensors"), "--data", str(fm), "--json",
-                 "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(short_run / "model_best.safetensors"),
+                "--data",
+                str(fm),
+                "--json",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == N_VAL
     assert result["top1"] == pytest.approx(best, abs=1e-9)
-    assert main(["eval", "--checkpoint", str(short_run / "model_best.safetensors"), "--data", str(fm), "--json",
-                 "--workers", "0", "--reparameterize"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(short_run / "model_best.safetensors"),
+                "--data",
+                str(fm),
+                "--json",
+                "--workers",
+                "0",
+                "--reparameterize",
+            ]
+        )
+        == 0
+    )
     fused = json.loads(capsys.readouterr().out)
     assert fused["reparameterized"] and abs(fused["top1"] - best) <= 100 / N_VAL + 1e-9  # at most one image flips
 
@@ -162,10 +180,30 @@ def test_timm_recipe_on_image_folder_runs(tmp_path):
     data = make_image_folder(tmp_path / "data")
     out = tmp_path / "run"
     code = train(
-        "--data", str(data), "--output", str(out), "--model", "rapidnet_ti", "--epochs", "1", "--batch-size", "8",
-        "--input-size", "32", "--workers", "1", "--ema", "--amp", "--clip-grad", "1.0",
-        "--set", TINY,
-        "--set", "sched.warmup_epochs=0", "--set", "train.log_interval=1",
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--model",
+        "rapidnet_ti",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--input-size",
+        "32",
+        "--workers",
+        "1",
+        "--ema",
+        "--amp",
+        "--clip-grad",
+        "1.0",
+        "--set",
+        TINY,
+        "--set",
+        "sched.warmup_epochs=0",
+        "--set",
+        "train.log_interval=1",
     )
     assert code == 0
     record = read_jsonl(out / "log.jsonl")[0]
@@ -177,14 +215,33 @@ def test_timm_recipe_on_image_folder_runs(tmp_path):
 def test_any_timm_model_trains_and_evaluates(fm, tiny_config, tmp_path, capsys):
     """Baselines train with the same recipe; the exported weights name the timm model, so eval rebuilds it."""
     out = tmp_path / "run"
-    assert train("--config", str(tiny_config), "--data", str(fm), "--output", str(out), "--epochs", "1",
-                 "--model", "resnet10t", "--set", "model.kwargs={}") == 0
+    assert (
+        train(
+            "--config",
+            str(tiny_config),
+            "--data",
+            str(fm),
+            "--output",
+            str(out),
+            "--epochs",
+            "1",
+            "--model",
+            "resnet10t",
+            "--set",
+            "model.kwargs={}",
+        )
+        == 0
+    )
     _, metadata = load_state_dict_file(out / "model_best.safetensors")
     assert (metadata["format"], metadata["arch"]) == ("timm", "resnet10t")
     logged = read_jsonl(out / "log.jsonl")[0]["val_top1"]
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(out / "model_best.safetensors"), "--data", str(fm), "--json",
-                 "--workers", "0"]) == 0
+    assert (
+        main(
+            ["eval", "--checkpoint", str(out / "model_best.safetensors"), "--data", str(fm), "--json", "--workers", "0"]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(logged)
 
 
@@ -226,8 +283,23 @@ def test_kill_and_resume_gives_the_same_losses(pipeline, fm, tiny_config, tmp_pa
         data, args, at, steps = fm, ["--config", str(tiny_config)], (1, 3), N_TRAIN // BATCH
     else:
         data = make_image_folder(tmp_path / "data", n_train=16)
-        args = ["--set", TINY, "--input-size", "32", "--batch-size", "8", "--workers", "1", "--ema",
-                "--set", "sched.warmup_epochs=1", "--set", "train.log_interval=1", "--set", "data.limit_val=6"]
+        args = [
+            "--set",
+            TINY,
+            "--input-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--workers",
+            "1",
+            "--ema",
+            "--set",
+            "sched.warmup_epochs=1",
+            "--set",
+            "train.log_interval=1",
+            "--set",
+            "data.limit_val=6",
+        ]
         at, steps = (1, 2), 48 // 8
     ref = tmp_path / "ref"
     assert train(*args, "--data", str(data), "--epochs", "3", "--output", str(ref)) == 0
@@ -255,8 +327,20 @@ def test_ctrl_c_saves_and_exits_cleanly_then_resumes(fm, tiny_config, tmp_path):
     """The real CLI in a subprocess: SIGINT mid-run -> message, exit 130, loadable last.pt; --resume finishes."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "rapidnet.cli.main", "train", "--config", str(tiny_config), "--data", str(fm),
-           "--epochs", "40", "--output", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rapidnet.cli.main",
+        "train",
+        "--config",
+        str(tiny_config),
+        "--data",
+        str(fm),
+        "--epochs",
+        "40",
+        "--output",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and len(read_jsonl(out / "steps.jsonl", True)) < 13:
@@ -295,9 +379,26 @@ def test_two_process_ddp_matches_one_process(fm, tiny_config, tmp_path, capsys):
     common = ["--config", str(tiny_config), "--data", str(fm), "--epochs", "2"]
     assert train(*common, "--output", str(one), "--batch-size", "16") == 0
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "rapidnet.cli.main", "train", *common,
-           "--output", str(two), "--batch-size", "8", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "rapidnet.cli.main",
+        "train",
+        *common,
+        "--output",
+        str(two),
+        "--batch-size",
+        "8",
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
@@ -313,8 +414,12 @@ def test_two_process_ddp_matches_one_process(fm, tiny_config, tmp_path, capsys):
     assert abs(log2[-1]["val_top1"] - log1[-1]["val_top1"]) <= 15
 
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(two / "model_best.safetensors"), "--data", str(fm), "--json",
-                 "--workers", "0"]) == 0
+    assert (
+        main(
+            ["eval", "--checkpoint", str(two / "model_best.safetensors"), "--data", str(fm), "--json", "--workers", "0"]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(max(r["best_top1"] for r in log2))
 
 
@@ -350,12 +455,14 @@ def test_nan_loss_stops_with_one_line_error_and_keeps_last_checkpoint(fm, tiny_c
 
 def test_missing_and_empty_data_are_one_line_errors(tiny_config, tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    message = one_line_error(capsys, train("--config", str(tiny_config), "--data", str(missing),
-                                           "--output", str(tmp_path / "a")))
+    message = one_line_error(
+        capsys, train("--config", str(tiny_config), "--data", str(missing), "--output", str(tmp_path / "a"))
+    )
     assert str(missing) in message and "does not exist" in message
     (tmp_path / "empty").mkdir()
-    message = one_line_error(capsys, train("--config", str(tiny_config), "--data", str(tmp_path / "empty"),
-                                           "--output", str(tmp_path / "b")))
+    message = one_line_error(
+        capsys, train("--config", str(tiny_config), "--data", str(tmp_path / "empty"), "--output", str(tmp_path / "b"))
+    )
     assert "is empty" in message
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "last.pt").exists()
 
@@ -370,8 +477,27 @@ def test_corrupt_image_names_the_file_or_is_skipped_and_counted(tmp_path, capsys
     data = make_image_folder(tmp_path / "data")
     bad = data / "train" / "red" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    common = ["--data", str(data), "--model", "rapidnet_ti", "--epochs", "1", "--batch-size", "8", "--input-size", "32",
-              "--workers", "0", "--no-ema", "--set", "aug.mixup=0", "--set", "aug.cutmix=0", "--set", TINY]
+    common = [
+        "--data",
+        str(data),
+        "--model",
+        "rapidnet_ti",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--input-size",
+        "32",
+        "--workers",
+        "0",
+        "--no-ema",
+        "--set",
+        "aug.mixup=0",
+        "--set",
+        "aug.cutmix=0",
+        "--set",
+        TINY,
+    ]
     message = one_line_error(capsys, train(*common, "--output", str(tmp_path / "strict")))
     assert str(bad) in message and "--skip-corrupt" in message
     assert not (tmp_path / "strict" / "last.pt").exists()
@@ -396,14 +522,17 @@ def test_resume_refuses_another_model_or_a_weights_file(short_run, capsys):
 
 def test_eval_refuses_data_with_other_classes(short_run, tmp_path, capsys):
     data = make_image_folder(tmp_path / "data")
-    message = one_line_error(capsys, main(["eval", "--checkpoint", str(short_run / "model_best.safetensors"),
-                                           "--data", str(data), "--workers", "0"]))
+    message = one_line_error(
+        capsys,
+        main(
+            ["eval", "--checkpoint", str(short_run / "model_best.safetensors"), "--data", str(data), "--workers", "0"]
+        ),
+    )
     assert "trained on 10 classes" in message and "3" in message
 
 
 def test_existing_run_is_not_overwritten(short_run, tiny_config, fm, capsys):
-    message = one_line_error(capsys, train("--config", str(tiny_config), "--data", str(fm),
-                                           "--output", str(short_run)))
+    message = one_line_error(capsys, train("--config", str(tiny_config), "--data", str(fm), "--output", str(short_run)))
     assert "already holds a run" in message and "--resume" in message
 
 
@@ -412,8 +541,18 @@ def test_existing_run_is_not_overwritten(short_run, tiny_config, fm, capsys):
 
 def test_hard_distillation_from_a_checkpoint_this_project_wrote(short_run, fm, tiny_config, tmp_path):
     out = tmp_path / "student"
-    code = train("--config", str(tiny_config), "--data", str(fm), "--output", str(out), "--epochs", "1",
-                 "--teacher-checkpoint", str(short_run / "model_best.safetensors"))
+    code = train(
+        "--config",
+        str(tiny_config),
+        "--data",
+        str(fm),
+        "--output",
+        str(out),
+        "--epochs",
+        "1",
+        "--teacher-checkpoint",
+        str(short_run / "model_best.safetensors"),
+    )
     assert code == 0
     saved = load_training_state(out / "last.pt")
     assert saved["config"]["distill"]["type"] == "hard"
@@ -428,9 +567,22 @@ def test_soft_distillation_from_a_timm_teacher(fm, tiny_config, tmp_path):
     teacher = timm.create_model("resnet10t", num_classes=10)
     torch.save({"state_dict": teacher.state_dict()}, tmp_path / "teacher.pth")
     out = tmp_path / "student"
-    code = train("--config", str(tiny_config), "--data", str(fm), "--output", str(out), "--epochs", "1",
-                 "--teacher", "resnet10t", "--teacher-checkpoint", str(tmp_path / "teacher.pth"),
-                 "--distillation", "soft")
+    code = train(
+        "--config",
+        str(tiny_config),
+        "--data",
+        str(fm),
+        "--output",
+        str(out),
+        "--epochs",
+        "1",
+        "--teacher",
+        "resnet10t",
+        "--teacher-checkpoint",
+        str(tmp_path / "teacher.pth"),
+        "--distillation",
+        "soft",
+    )
     assert code == 0
     assert load_training_state(out / "last.pt")["config"]["distill"]["type"] == "soft"
 

@@ -20,8 +20,12 @@ from rapidnet.errors import ConfigError
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency/throughput of RapidNet and peers", description=__doc__)
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="RapidNet variants and timm model names")
-    p.add_argument("--backends", nargs="+", default=["torch", "torch-cl", "ort-fp32", "ort-int8", "cuda"],
-                   help=f"of {', '.join(BACKENDS)} (cuda is skipped where absent)")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=["torch", "torch-cl", "ort-fp32", "ort-int8", "cuda"],
+        help=f"of {', '.join(BACKENDS)} (cuda is skipped where absent)",
+    )
     p.add_argument("--resolution", type=int, nargs="+", default=[224], metavar="PX", help="H [W]")
     p.add_argument("--batch", type=int, default=1, help="latency batch size")
     p.add_argument("--throughput-batch", type=int, default=0, help="also time this batch size (0: skip)")
@@ -40,15 +44,20 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--threads, --rounds and --batch must be at least 1")
     batches = [args.batch] + ([args.throughput_batch] if args.throughput_batch else [])
     accuracies = load_accuracies(args.accuracies)
-    report = run_benchmark(args.models, args.backends, (args.resolution[0], args.resolution[-1]), batches,
-                           args.threads, args.rounds)
+    report = run_benchmark(
+        args.models, args.backends, (args.resolution[0], args.resolution[-1]), batches, args.threads, args.rounds
+    )
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
-    plot_backend = next((b for b in ("ort-fp32", "torch", "torch-cl") if any(r["backend"] == b
-                                                                              for r in report["results"])), None)
-    plot = plot_latency_vs_accuracy(report, accuracies, plot_backend, out / "latency_vs_top1.png", args.batch) \
-        if plot_backend else None
+    plot_backend = next(
+        (b for b in ("ort-fp32", "torch", "torch-cl") if any(r["backend"] == b for r in report["results"])), None
+    )
+    plot = (
+        plot_latency_vs_accuracy(report, accuracies, plot_backend, out / "latency_vs_top1.png", args.batch)
+        if plot_backend
+        else None
+    )
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     print(f"wrote {out / 'bench.json'}" + (f" and {plot}" if plot else ""))
     return 0

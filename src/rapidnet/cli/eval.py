@@ -18,8 +18,11 @@ import torch
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="top-1/top-5/loss of a checkpoint on a validation set", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="weights: model_best.safetensors, last.pt, authors' .pth, ...")
-    p.add_argument("--data", default="fashion-mnist",
-                   help="'fashion-mnist' (default), a folder with its IDX files, or an ImageFolder root (uses val/)")
+    p.add_argument(
+        "--data",
+        default="fashion-mnist",
+        help="'fashion-mnist' (default), a folder with its IDX files, or an ImageFolder root (uses val/)",
+    )
     p.add_argument("--split", default="val", choices=("val", "test", "train"), help="split (Fashion-MNIST: test=val)")
     p.add_argument("--model", help="timm model name, for a non-RapidNet checkpoint without rapidnet metadata")
     p.add_argument("--batch-size", type=int, default=256)

@@ -43,41 +43,66 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", help="train a classifier (YAML config + overrides; works under torchrun)", description=__doc__
     )
-    p.add_argument("--config", help="YAML config (configs/*.yaml); default: the built-in defaults (the paper's "
-                   "recipe, no teacher, on Fashion-MNIST), or with --resume the checkpoint's own config")
+    p.add_argument(
+        "--config",
+        help="YAML config (configs/*.yaml); default: the built-in defaults (the paper's "
+        "recipe, no teacher, on Fashion-MNIST), or with --resume the checkpoint's own config",
+    )
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its last.pt (or best.pt)")
     p.add_argument("--model", help="RapidNet variant (rapidnet_ti|s|m|b) or any timm model name")
-    p.add_argument("--data", help="'fashion-mnist', a folder with the Fashion-MNIST IDX files, or an ImageFolder "
-                   "root with train/ and val/")
+    p.add_argument(
+        "--data",
+        help="'fashion-mnist', a folder with the Fashion-MNIST IDX files, or an ImageFolder root with train/ and val/",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per step on each process")
     p.add_argument("--lr", type=float, help="learning rate (default: base_lr x global batch / 1024)")
     p.add_argument("--output", help="run folder (checkpoints, logs); default: the config's, or the resumed run's")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, help="data loading processes per training process")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="mixed precision: bfloat16 on CPU, float16 + GradScaler on CUDA")
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mixed precision: bfloat16 on CPU, float16 + GradScaler on CUDA",
+    )
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="keep a model EMA")
     p.add_argument("--seed", type=int)
     p.add_argument("--teacher", help="distillation teacher: a timm model name (or a RapidNet variant)")
-    p.add_argument("--teacher-checkpoint", help="teacher weights: a file for --teacher, or any checkpoint "
-                   "rapidnet wrote (then --teacher may be left out)")
-    p.add_argument("--distillation", choices=("none", "hard", "soft"),
-                   help="distillation loss (default with a teacher: hard, as in the paper)")
-    p.add_argument("--skip-corrupt", action="store_true", default=None,
-                   help="skip unreadable image files (counted and reported) instead of stopping")
+    p.add_argument(
+        "--teacher-checkpoint",
+        help="teacher weights: a file for --teacher, or any checkpoint rapidnet wrote (then --teacher may be left out)",
+    )
+    p.add_argument(
+        "--distillation",
+        choices=("none", "hard", "soft"),
+        help="distillation loss (default with a teacher: hard, as in the paper)",
+    )
+    p.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        default=None,
+        help="skip unreadable image files (counted and reported) instead of stopping",
+    )
     p.add_argument("--limit-train", type=int, metavar="N", help="train on a fixed random subset of N images")
     p.add_argument("--limit-val", type=int, metavar="N", help="validate on a fixed random subset of N images")
     p.add_argument("--input-size", type=int, metavar="PX")
     p.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")
     p.add_argument("--pipeline", choices=("timm", "tensor"), help="input pipeline (tensor: in-memory data only)")
     p.add_argument("--log-interval", type=int, metavar="STEPS", help="steps between steps.jsonl records")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config value, e.g. --set aug.mixup=0 --set sched.warmup_epochs=5 (repeatable)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars (default: on a terminal)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config value, e.g. --set aug.mixup=0 --set sched.warmup_epochs=5 (repeatable)",
+    )
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: on a terminal)"
+    )
     return p
 
 

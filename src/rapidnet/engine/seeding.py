@@ -142,7 +142,10 @@ class SeededSampler(Sampler):
             from timm.data.distributed_sampler import RepeatAugSampler
 
             ra = RepeatAugSampler(
-                range(self.length), num_replicas=self.world_size, rank=self.rank, shuffle=self.shuffle,
+                range(self.length),
+                num_replicas=self.world_size,
+                rank=self.rank,
+                shuffle=self.shuffle,
                 num_repeats=self.repeats,
             )
             ra.set_epoch(mix_seed(self.seed, self.epoch, 2) & 0x7FFFFFFF)

@@ -481,12 +481,19 @@ class Trainer:
                     global_loss = sums[0] / sums[1] if sums[1] else float("nan")
                     rate = window_samples / max(now - window_start, 1e-9)
                     self.steps_log.append(
-                        {"epoch": epoch + 1, "step": step, "update": self.updates, "loss": global_loss, "lr": lr,
-                         "img_per_s": round(rate, 2)}
+                        {
+                            "epoch": epoch + 1,
+                            "step": step,
+                            "update": self.updates,
+                            "loss": global_loss,
+                            "lr": lr,
+                            "img_per_s": round(rate, 2),
+                        }
                     )
                     window_samples, window_start = 0.0, now
-                bar.set_postfix(loss=f"{self.meter.loss:.4f}", lr=f"{lr:.2e}", img_s=f"{self.meter.rate:.0f}",
-                                refresh=False)
+                bar.set_postfix(
+                    loss=f"{self.meter.loss:.4f}", lr=f"{lr:.2e}", img_s=f"{self.meter.rate:.0f}", refresh=False
+                )
                 bar.update(1)
                 if sums[2] > 0:
                     path = self._save_last()

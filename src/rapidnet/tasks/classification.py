@@ -227,12 +227,16 @@ class DistillationLoss(nn.Module):
             teacher_logits = self.teacher(inputs).float()
         if self.kind == "soft":
             t = self.tau
-            distill = F.kl_div(
-                F.log_softmax(logits_dist / t, dim=1),
-                F.log_softmax(teacher_logits / t, dim=1),
-                reduction="sum",
-                log_target=True,
-            ) * (t * t) / logits_dist.numel()
+            distill = (
+                F.kl_div(
+                    F.log_softmax(logits_dist / t, dim=1),
+                    F.log_softmax(teacher_logits / t, dim=1),
+                    reduction="sum",
+                    log_target=True,
+                )
+                * (t * t)
+                / logits_dist.numel()
+            )
         else:
             distill = F.cross_entropy(logits_dist, teacher_logits.argmax(dim=1))
         return base_loss * (1 - self.alpha) + distill * self.alpha
@@ -644,8 +648,11 @@ class ClassificationTask(Task):
             if ignored:
                 aug.append(f"({', '.join(ignored)} not applied by the tensor pipeline)")
         else:
-            aug = [f"RandAugment {a.auto_augment}" if a.auto_augment else "no RandAugment",
-                   f"colour jitter {a.color_jitter}", f"{a.train_interpolation} interpolation"]
+            aug = [
+                f"RandAugment {a.auto_augment}" if a.auto_augment else "no RandAugment",
+                f"colour jitter {a.color_jitter}",
+                f"{a.train_interpolation} interpolation",
+            ]
         if a.re_prob > 0:
             aug.append(f"erasing {a.re_prob} ({a.re_mode})")
         if self.mixup_active:
@@ -708,15 +715,11 @@ class ClassificationTask(Task):
         if not skipped:
             return []
         example = sorted(skipped)[0]
-        return [
-            f"skipped {len(skipped)} unreadable image file(s) (e.g. {example}); fix or delete them to use them"
-        ]
+        return [f"skipped {len(skipped)} unreadable image file(s) (e.g. {example}); fix or delete them to use them"]
 
 
 def describe_metrics(metrics: dict[str, float]) -> str:
     """``top-1 91.23%  top-5 99.80%  loss 0.2512  (10000 images)``."""
     loss = metrics["loss"]
     loss_text = f"{loss:.4f}" if math.isfinite(loss) else str(loss)
-    return (
-        f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {loss_text}  ({metrics['images']} images)"
-    )
+    return f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {loss_text}  ({metrics['images']} images)"

@@ -230,6 +230,15 @@ class BackboneWithFPN(nn.Module):
         self.eval()
 
 
+def image_normalization(
+    cfg: Mapping[str, Any], image_mean: Sequence[float] | None, image_std: Sequence[float] | None
+) -> tuple[list[float], list[float]]:
+    """Mean/std the detector or segmenter normalises with: given ones, else the backbone's, else ImageNet's."""
+    mean = list(image_mean or cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = list(image_std or cfg.get("std", (0.229, 0.224, 0.225)))
+    return mean, std
+
+
 def jsonable(value: Any) -> Any:
     """Tuples to lists, recursively: the form in which builder arguments are stored with weights (JSON/YAML)."""
     if isinstance(value, Mapping):

@@ -21,7 +21,14 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from rapidnet.errors import ConfigError
-from rapidnet.tasks.dense import BackboneWithFPN, build_backbone, freeze_stages, jsonable, resolve_bn_mode
+from rapidnet.tasks.dense import (
+    BackboneWithFPN,
+    build_backbone,
+    freeze_stages,
+    image_normalization,
+    jsonable,
+    resolve_bn_mode,
+)
 
 __all__ = ["RapidMaskRCNN", "mask_rcnn"]
 
@@ -96,8 +103,7 @@ def mask_rcnn(
         kwargs["rpn_anchor_generator"] = _anchor_generator(anchor_sizes, aspect_ratios)
     elif tuple(aspect_ratios) != (0.5, 1.0, 2.0):
         kwargs["rpn_anchor_generator"] = _anchor_generator((32, 64, 128, 256, 512), aspect_ratios)
-    mean = list(image_mean or cfg.get("mean", (0.485, 0.456, 0.406)))
-    std = list(image_std or cfg.get("std", (0.229, 0.224, 0.225)))
+    mean, std = image_normalization(cfg, image_mean, image_std)
     model = RapidMaskRCNN(
         neck,
         num_classes=num_classes + 1,

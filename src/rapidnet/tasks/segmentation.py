@@ -27,6 +27,7 @@ from rapidnet.tasks.dense import (
     BackboneWithFPN,
     build_backbone,
     freeze_stages,
+    image_normalization,
     jsonable,
     pad_images,
     pad_labels,
@@ -173,8 +174,7 @@ def semantic_fpn(
     )
     freeze_stages(body, trainable_stages)
     neck = BackboneWithFPN(body, channels, fpn_channels, extra_pool=False, bn_mode=bn_mode)
-    mean = list(image_mean or cfg.get("mean", (0.485, 0.456, 0.406)))
-    std = list(image_std or cfg.get("std", (0.229, 0.224, 0.225)))
+    mean, std = image_normalization(cfg, image_mean, image_std)
     model = SemanticFPN(
         neck,
         num_classes,
