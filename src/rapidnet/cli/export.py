@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rapidnet.deploy.export import DEFAULT_OPSET
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the fused model to ONNX / TorchScript / Core ML", description=__doc__)
@@ -21,7 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="Core ML: compute in float16 (as the Neural Engine does)")
     p.add_argument("--features-only", action="store_true", help="export the backbone: 4 feature maps, no head")
     p.add_argument("--output", help="output path (default: <model>[_features].onnx|.pt|.mlpackage)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer; default 18)")
+    p.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (17 or newer; default {DEFAULT_OPSET})"
+    )
     p.add_argument("--tolerance", type=float, default=1e-4, help="allclose rtol=atol vs pytorch (default 1e-4)")
     p.add_argument("--threads", type=int, default=1, help="torch/onnxruntime threads for the check (default 1)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
