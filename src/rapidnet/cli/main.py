@@ -14,7 +14,20 @@ from collections.abc import Sequence
 from rapidnet.errors import RapidNetError
 
 # Each module defines ``add_parser(subparsers)`` and ``run(args) -> int``.
-_SUBCOMMANDS = ("info", "convert", "predict", "bench", "export", "quantize", "train", "eval", "plot")
+_SUBCOMMANDS = (
+    "info",
+    "convert",
+    "predict",
+    "bench",
+    "export",
+    "quantize",
+    "train",
+    "eval",
+    "plot",
+    "data",
+    "det",
+    "seg",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

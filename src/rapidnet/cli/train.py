@@ -8,6 +8,7 @@ Examples: ``rapidnet train --config configs/fashion_mnist_rapidnet_ti.yaml --out
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +44,25 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", help="train a classifier (YAML config + overrides; works under torchrun)", description=__doc__
     )
-    p.add_argument(
-        "--config",
-        help="YAML config (configs/*.yaml); default: the built-in defaults (the paper's "
+    add_train_options(
+        p,
+        config_help="YAML config (configs/*.yaml); default: the built-in defaults (the paper's "
         "recipe, no teacher, on Fashion-MNIST), or with --resume the checkpoint's own config",
+        data_help="'fashion-mnist', a folder with the Fashion-MNIST IDX files, or an ImageFolder root with train/ "
+        "and val/",
     )
+    return p
+
+
+def add_train_options(
+    p: argparse.ArgumentParser, config_help: str, data_help: str, classification: bool = True
+) -> argparse.ArgumentParser:
+    """The options of ``rapidnet train``; ``classification=False`` leaves out the classification-only ones
+    (teacher, distillation, input size, pipeline, --skip-corrupt), for the dense ``det|seg train`` commands."""
+    p.add_argument("--config", help=config_help)
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its last.pt (or best.pt)")
     p.add_argument("--model", help="RapidNet variant (rapidnet_ti|s|m|b) or any timm model name")
-    p.add_argument(
-        "--data",
-        help="'fashion-mnist', a folder with the Fashion-MNIST IDX files, or an ImageFolder root with train/ and val/",
-    )
+    p.add_argument("--data", help=data_help)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per step on each process")
     p.add_argument("--lr", type=float, help="learning rate (default: base_lr x global batch / 1024)")
@@ -70,6 +79,27 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="keep a model EMA")
     p.add_argument("--seed", type=int)
+    if classification:
+        _add_classification_options(p)
+    p.add_argument("--limit-train", type=int, metavar="N", help="train on a fixed random subset of N images")
+    p.add_argument("--limit-val", type=int, metavar="N", help="validate on a fixed random subset of N images")
+    p.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")
+    p.add_argument("--log-interval", type=int, metavar="STEPS", help="steps between steps.jsonl records")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config value, e.g. --set aug.mixup=0 --set sched.warmup_epochs=5 (repeatable)",
+    )
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: on a terminal)"
+    )
+    return p
+
+
+def _add_classification_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="distillation teacher: a timm model name (or a RapidNet variant)")
     p.add_argument(
         "--teacher-checkpoint",
@@ -86,46 +116,43 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=None,
         help="skip unreadable image files (counted and reported) instead of stopping",
     )
-    p.add_argument("--limit-train", type=int, metavar="N", help="train on a fixed random subset of N images")
-    p.add_argument("--limit-val", type=int, metavar="N", help="validate on a fixed random subset of N images")
     p.add_argument("--input-size", type=int, metavar="PX")
-    p.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")
     p.add_argument("--pipeline", choices=("timm", "tensor"), help="input pipeline (tensor: in-memory data only)")
-    p.add_argument("--log-interval", type=int, metavar="STEPS", help="steps between steps.jsonl records")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any config value, e.g. --set aug.mixup=0 --set sched.warmup_epochs=5 (repeatable)",
-    )
-    p.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: on a terminal)"
-    )
-    return p
 
 
 def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     """Config assignments from the flags that were given."""
     values = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest, None) is not None}
-    if (args.teacher or args.teacher_checkpoint) and args.distillation is None:
+    teacher = getattr(args, "teacher", None) or getattr(args, "teacher_checkpoint", None)
+    if teacher and getattr(args, "distillation", None) is None:
         values.setdefault("distill.type", "hard")
     return values
 
 
 def run(args: argparse.Namespace) -> int:
-    from rapidnet.config import load_config
-    from rapidnet.engine import Trainer
-    from rapidnet.engine.checkpoint import load_training_state
     from rapidnet.tasks.classification import ClassificationTask
 
-    values = flag_values(args)
+    return run_training(args, ClassificationTask)
+
+
+def load_run_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Any:
+    """The run's config: ``--config`` (or, resuming without one, the checkpoint's), then flags and ``--set``."""
+    from rapidnet.config import load_config
+    from rapidnet.engine.checkpoint import load_training_state
+
+    values = {**(extra or {}), **flag_values(args)}
     base = None
     if args.resume:
         if args.config is None:
             base = load_training_state(args.resume)["config"]
         values.setdefault("train.output", str(Path(args.resume).parent))
-    cfg = load_config(args.config, args.overrides, base=base, values=values)
-    result = Trainer(ClassificationTask(cfg), cfg, resume=args.resume, progress=args.progress).fit()
+    return load_config(args.config, args.overrides, base=base, values=values)
+
+
+def run_training(args: argparse.Namespace, task_factory: Callable[[Any], Any], cfg: Any = None) -> int:
+    """Train ``task_factory(cfg)`` with the engine (``cfg`` default: :func:`load_run_config`); the exit status."""
+    from rapidnet.engine import Trainer
+
+    cfg = cfg if cfg is not None else load_run_config(args)
+    result = Trainer(task_factory(cfg), cfg, resume=args.resume, progress=args.progress).fit()
     return result.exit_code

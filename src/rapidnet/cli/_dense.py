@@ -1,0 +1,158 @@
+"""What ``rapidnet det`` and ``rapidnet seg`` share: ``train`` (the engine, ``rapidnet train``'s options), ``eval``
+(a checkpoint's metrics on a data set's validation split) and ``predict`` (PNG overlays of images)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NAMES = {"detection": ("det", "Mask R-CNN", "a COCO-format folder (annotations/instances_{train,val}.json)"),
+          "segmentation": ("seg", "Semantic FPN", "an ADE20K-layout folder (images/ and annotations/)")}  # fmt: skip
+
+
+def add_dense_parser(sub: argparse._SubParsersAction, kind: str, doc: str) -> argparse.ArgumentParser:
+    """``rapidnet det|seg`` with its ``train``/``eval``/``predict`` actions."""
+    from rapidnet.cli.train import add_train_options
+
+    command, model_name, data_text = _NAMES[kind]
+    p = sub.add_parser(command, help=f"{model_name} {kind}: train, eval, predict", description=doc)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    t = actions.add_parser("train", help=f"train {model_name} (YAML config + overrides; works under torchrun)")
+    add_train_options(
+        t,
+        config_help=f"YAML config, e.g. configs/mosaic_{'mask_rcnn' if kind == 'detection' else 'semantic_fpn'}"
+        "_rapidnet_ti.yaml (required unless resuming)",
+        data_help=f"data set: {data_text}; the mosaic builder writes both layouts into one folder",
+        classification=False,
+    )
+    t.add_argument(
+        "--backbone-checkpoint", help="classification checkpoint the backbone starts from (task.backbone_checkpoint)"
+    )
+
+    e = actions.add_parser("eval", help="metrics of a checkpoint on the validation split")
+    e.add_argument("--checkpoint", required=True, help="model_best.safetensors, last.pt or best.pt of a run")
+    e.add_argument("--data", required=True, help=f"data set: {data_text}")
+    e.add_argument("--batch-size", type=int, default=2)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--limit", type=int, metavar="N", help="a fixed random subset of N images (as --limit-val)")
+    e.add_argument("--raw-weights", action="store_true", help="the raw weights, not the EMA ones, when both exist")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    r = actions.add_parser("predict", help="PNG overlays of the model's predictions")
+    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("--checkpoint", required=True, help="model_best.safetensors, last.pt or best.pt of a run")
+    r.add_argument("--output", required=True, help="folder for the PNG overlays")
+    r.add_argument("--device", default="auto")
+    if kind == "detection":
+        r.add_argument("--score-threshold", type=float, default=0.5, help="draw detections scoring at least this")
+    r.add_argument("--min-side", type=int, default=256, help="enlarge small images to this side for readable labels")
+    return p
+
+
+def run_dense(args: argparse.Namespace, kind: str) -> int:
+    return {"train": _train, "eval": _eval, "predict": _predict}[args.action](args, kind)
+
+
+def _train(args: argparse.Namespace, kind: str) -> int:
+    from rapidnet.cli.train import load_run_config, run_training
+    from rapidnet.errors import ConfigError
+    from rapidnet.tasks.dense_tasks import TASKS
+
+    if args.config is None and args.resume is None:
+        raise ConfigError(f"give --config (e.g. configs/mosaic_*_rapidnet_ti.yaml) or --resume for a {kind} run")
+    extra = {"task.backbone_checkpoint": args.backbone_checkpoint} if args.backbone_checkpoint else {}
+    cfg = load_run_config(args, extra)
+    return run_training(args, TASKS[kind], cfg)
+
+
+def _eval(args: argparse.Namespace, kind: str) -> int:
+    from rapidnet.engine.distributed import resolve_device
+    from rapidnet.engine.seeding import subset_indices
+    from rapidnet.errors import ConfigError, DataError
+    from rapidnet.tasks.dense_tasks import build_dense_eval_dataset, dense_eval_loader, evaluate_dense
+    from rapidnet.tasks.metrics import CocoEvaluator, SegmentationMetrics
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: use 1 or more")
+    if not Path(args.data).expanduser().is_dir():
+        raise DataError(f"data set folder {args.data} not found: pass the folder the model was trained on")
+    device = resolve_device(args.device)
+    model, meta = _load(args.checkpoint, kind, device, use_ema=not args.raw_weights)
+    dataset = build_dense_eval_dataset(kind, args.data, meta["eval_args"])
+    if list(dataset.classes) != list(meta["class_names"]):
+        raise DataError(f"{args.data} has other classes than {args.checkpoint} was trained on: use the same data")
+    indices = subset_indices(len(dataset), args.limit)
+    if kind == "detection":
+        evaluator: Any = CocoEvaluator.from_dataset(dataset)
+    else:
+        evaluator = SegmentationMetrics(dataset.num_classes, dataset.ignore_index, dataset.classes)
+    t0 = time.perf_counter()
+    metrics = evaluate_dense(model, dense_eval_loader(dataset, indices, args.batch_size), evaluator, device)
+    if args.json:
+        print(json.dumps({**metrics, "images": len(indices)}, indent=2))
+    else:
+        print(evaluator.table())
+        main = ("bbox_AP", "segm_AP") if kind == "detection" else ("mIoU", "mAcc", "aAcc")
+        text = "  ".join(f"{k} {metrics[k]:.2f}" for k in main)
+        print(f"{text}  ({len(indices)} images, {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _load(path: str, kind: str, device: torch.device, use_ema: bool = True) -> tuple[Any, dict[str, Any]]:
+    from rapidnet.tasks.dense_tasks import load_dense_model
+
+    model, meta = load_dense_model(path, kind, use_ema=use_ema)
+    return model.to(device), meta
+
+
+def _read_image(path: str) -> torch.Tensor:
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    from rapidnet.errors import DataError
+
+    try:
+        with Image.open(path) as img:
+            pil = img.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read image {path} ({' '.join(str(e).split())[:120]}): pass an image file") from None
+    return TF.to_dtype(TF.pil_to_tensor(pil), torch.float32, scale=True)
+
+
+@torch.no_grad()
+def _predict(args: argparse.Namespace, kind: str) -> int:
+    import torch.nn.functional as F
+
+    from rapidnet.engine.distributed import resolve_device
+    from rapidnet.tasks.visualize import draw_instances, draw_semantic, save_png
+
+    device = resolve_device(args.device)
+    images = [(path, _read_image(path)) for path in args.images]  # every file is checked before the model loads
+    model, meta = _load(args.checkpoint, kind, device)
+    names = meta["class_names"]
+    out = Path(args.output).expanduser()
+    for path, image in images:
+        if kind == "detection":
+            pred = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+            overlay = draw_instances(image, pred, names, args.score_threshold, min_side=args.min_side)
+            found = int((pred["scores"] >= args.score_threshold).sum())
+            summary = f"{found} object(s)"
+        else:
+            from rapidnet.data.ade20k import SegEvalTransform
+
+            scale = meta["eval_args"].get("scale")
+            resized, _ = SegEvalTransform(scale)(image, image[:1])
+            logits = model([resized.to(device)])[0][:, : resized.shape[-2], : resized.shape[-1]]
+            logits = F.interpolate(logits[None].float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
+            labels = logits[0].argmax(0).cpu()
+            overlay = draw_semantic(image, labels, names, min_side=args.min_side)
+            summary = f"classes {', '.join(names[int(c)] for c in labels.unique())}"
+        target = save_png(overlay, out / f"{Path(path).stem}.png")
+        print(f"{path} -> {target}: {summary}")
+    return 0

@@ -1,0 +1,268 @@
+"""The dense commands end to end on a tiny mosaic: ``rapidnet data mosaic``, ``det|seg train`` (checkpoints, logs,
+resume), ``eval`` reproducing the logged metrics from the exported weights, ``predict`` overlays, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rapidnet.cli.main import main
+from rapidnet.data import FASHION_MNIST_FILES, write_idx
+from rapidnet.data.fashion_mnist import DEFAULT_FASHION_MNIST_DIR, is_fashion_mnist_folder
+
+# pycocotools' RLE decoding predates numpy 2's copy keyword
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+TINY_MODEL = """
+model:
+  name: rapidnet_ti
+  drop_path_rate: 0.0
+  kwargs: {depths: [[1, 0], [1, 0], [1, 1], [1, 1]], widths: [16, 24, 32, 48], head_dim: 64}
+data: {batch_size: 2, workers: 0}
+ema: {enabled: false}
+train: {epochs: 1, seed: 0, log_interval: 1, device: cpu}
+"""
+DET_CONFIG = (
+    TINY_MODEL
+    + """
+optim: {opt: adamw, lr: 1.0e-4, weight_decay: 0.05}
+sched: {name: cosine, warmup_epochs: 0, min_lr: 1.0e-6, step_on_epochs: false}
+task:
+  name: detection
+  min_size: 64
+  max_size: 64
+  model_kwargs: {fpn_channels: 32, anchor_sizes: [8, 16, 32, 64, 128], rpn_pre_nms_top_n_train: 200,
+                 rpn_post_nms_top_n_train: 100, box_batch_size_per_image: 32, rpn_pre_nms_top_n_test: 100,
+                 rpn_post_nms_top_n_test: 50}
+"""
+)
+SEG_CONFIG = (
+    TINY_MODEL
+    + """
+optim: {opt: adamw, lr: 1.0e-3, weight_decay: 1.0e-4}
+sched: {name: poly, warmup_epochs: 0, min_lr: 0.0, decay_rate: 0.9, step_on_epochs: false}
+task:
+  name: segmentation
+  scale: [64, 64]
+  crop_size: [64, 64]
+  model_kwargs: {fpn_channels: 32, head_channels: 32}
+"""
+)
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(err: str, command: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"rapidnet {command}: error: "), err
+    return lines[0]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    if a is None or b is None or (isinstance(a, float) and math.isnan(a)):
+        return (a is None or math.isnan(a)) and (b is None or math.isnan(b))
+    return a == pytest.approx(b, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def fm_root(tmp_path_factory) -> Path:
+    """The real Fashion-MNIST where installed, else a small stand-in with garment-like blobs."""
+    if is_fashion_mnist_folder(DEFAULT_FASHION_MNIST_DIR):
+        return DEFAULT_FASHION_MNIST_DIR
+    root = tmp_path_factory.mktemp("fm")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 50), ("test", 20)):
+        yy, xx = np.mgrid[0:28, 0:28]
+        images = np.stack(
+            [((xx - 14) ** 2 + (yy - 14) ** 2 < rng.integers(40, 150)) * rng.integers(80, 255) for _ in range(n)]
+        ).astype(np.uint8)
+        write_idx(root / FASHION_MNIST_FILES[f"{split}-images"], images)
+        write_idx(root / FASHION_MNIST_FILES[f"{split}-labels"], rng.integers(0, 10, n).astype(np.uint8))
+    return root
+
+
+@pytest.fixture(scope="module")
+def mosaic(tmp_path_factory, fm_root) -> Path:
+    out = tmp_path_factory.mktemp("mosaic") / "data"
+    code = main(["data", "mosaic", "--out", str(out), "--fashion-mnist", str(fm_root), "--num-train", "6",
+                 "--num-val", "3", "--image-size", "64", "--seed", "1", "--no-progress"])  # fmt: skip
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def det_run(tmp_path_factory, mosaic) -> Path:
+    folder = tmp_path_factory.mktemp("det")
+    (folder / "det.yaml").write_text(DET_CONFIG)
+    out = folder / "run"
+    code = main(["det", "train", "--config", str(folder / "det.yaml"), "--data", str(mosaic), "--output", str(out),
+                 "--limit-train", "4", "--no-progress"])  # fmt: skip
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory, mosaic) -> Path:
+    folder = tmp_path_factory.mktemp("seg")
+    (folder / "seg.yaml").write_text(SEG_CONFIG)
+    out = folder / "run"
+    code = main(["seg", "train", "--config", str(folder / "seg.yaml"), "--data", str(mosaic), "--output", str(out),
+                 "--no-progress"])  # fmt: skip
+    assert code == 0
+    return out
+
+
+# ---- data mosaic ---------------------------------------------------------------------------------------------------
+
+
+def test_data_mosaic_writes_both_formats_and_refuses_bad_output(capsys, mosaic, fm_root, tmp_path):
+    coco = json.loads((mosaic / "annotations" / "instances_train.json").read_text())
+    assert len(coco["images"]) == 6 and coco["annotations"]
+    assert len(list((mosaic / "images" / "validation").glob("*.png"))) == 3
+    assert Image.open(mosaic / "annotations" / "validation" / "000000.png").size == (64, 64)
+
+    out = tmp_path / "m"
+    args = ("data", "mosaic", "--out", out, "--fashion-mnist", fm_root, "--num-train", "2", "--num-val", "1",
+            "--image-size", "32", "--no-progress")  # fmt: skip
+    assert _run(capsys, *args)[0] == 0
+    code, _, err = _run(capsys, *args)
+    assert code == 2 and "overwrite" in _one_line_error(err, "data")
+    code, out_text, _ = _run(capsys, *args, "--overwrite")
+    assert code == 0 and "2 train / 1 val" in out_text
+
+    empty = tmp_path / "no-fashion-mnist"
+    empty.mkdir()
+    code, _, err = _run(capsys, "data", "mosaic", "--out", tmp_path / "m2", "--fashion-mnist", empty, "--no-progress")
+    assert code == 2
+    _one_line_error(err, "data")
+    assert not (tmp_path / "m2").exists()
+
+
+# ---- detection -----------------------------------------------------------------------------------------------------
+
+
+def test_det_train_writes_checkpoints_and_logs(det_run):
+    for name in ("last.pt", "best.pt", "model_best.safetensors", "config.yaml", "log.jsonl", "steps.jsonl"):
+        assert (det_run / name).is_file(), name
+    (record,) = _records(det_run)
+    assert record["epoch"] == 1 and record["step"] == 2  # 4 images, batch 2
+    assert math.isfinite(record["train_loss"]) and record["train_loss"] > 0
+    assert {"val_bbox_AP", "val_segm_AP", "best_bbox_AP"} <= set(record)
+    assert len((det_run / "steps.jsonl").read_text().splitlines()) == 2
+
+
+def test_det_eval_reproduces_logged_metrics(capsys, det_run, mosaic):
+    (record,) = _records(det_run)
+    for checkpoint in ("model_best.safetensors", "last.pt"):
+        code, out, _ = _run(capsys, "det", "eval", "--checkpoint", det_run / checkpoint, "--data", mosaic, "--json")
+        assert code == 0
+        metrics = json.loads(out)
+        assert metrics["images"] == 3
+        for key in ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50"):
+            assert _same(metrics[key], record[f"val_{key}"]), key
+
+
+def test_det_predict_writes_overlays(capsys, det_run, mosaic, tmp_path):
+    images = [mosaic / "val" / "000000.png", mosaic / "val" / "000001.png"]
+    code, out, _ = _run(capsys, "det", "predict", *images, "--checkpoint", det_run / "model_best.safetensors",
+                        "--output", tmp_path / "overlays", "--score-threshold", "0")  # fmt: skip
+    assert code == 0 and out.count("object(s)") == 2
+    for image in images:
+        overlay = Image.open(tmp_path / "overlays" / image.name)
+        assert overlay.size[0] >= 256  # small images are enlarged for readable captions
+        assert np.asarray(overlay.convert("RGB")).std() > 0
+
+
+def test_det_resume_continues_the_run(capsys, det_run, mosaic, tmp_path):
+    import shutil
+
+    run = tmp_path / "resumed"
+    shutil.copytree(det_run, run)
+    code, out, _ = _run(capsys, "det", "train", "--resume", run / "last.pt", "--epochs", "2", "--no-progress")
+    assert code == 0, out
+    first, second = _records(run)
+    assert first == _records(det_run)[0]
+    assert second["epoch"] == 2 and second["step"] == 4
+
+
+def test_det_errors_are_one_line(capsys, det_run, mosaic, tmp_path):
+    code, _, err = _run(capsys, "det", "train", "--data", mosaic)
+    assert code == 2 and "--config" in _one_line_error(err, "det")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DET_CONFIG.replace("min_size: 64", "min_sise: 64"))
+    code, _, err = _run(capsys, "det", "train", "--config", bad, "--data", mosaic, "--output", tmp_path / "r")
+    assert code == 2 and "min_sise" in _one_line_error(err, "det")
+    code, _, err = _run(capsys, "seg", "eval", "--checkpoint", det_run / "model_best.safetensors", "--data", mosaic)
+    assert code == 2 and "detection" in _one_line_error(err, "seg")
+    code, _, err = _run(capsys, "det", "eval", "--checkpoint", det_run / "last.pt", "--data", tmp_path / "missing")
+    assert code == 2 and "not found" in _one_line_error(err, "det")
+    text = tmp_path / "not-an-image.png"
+    text.write_text("hello")
+    code, _, err = _run(capsys, "det", "predict", text, "--checkpoint", det_run / "last.pt", "--output", tmp_path)
+    assert code == 2 and "not-an-image.png" in _one_line_error(err, "det")
+
+
+# ---- segmentation --------------------------------------------------------------------------------------------------
+
+
+def test_seg_train_eval_and_predict(capsys, seg_run, mosaic, tmp_path):
+    for name in ("last.pt", "best.pt", "model_best.safetensors", "log.jsonl"):
+        assert (seg_run / name).is_file(), name
+    (record,) = _records(seg_run)
+    assert record["step"] == 3 and math.isfinite(record["train_loss"])
+    assert 0 < record["val_aAcc"] <= 100
+
+    code, out, _ = _run(capsys, "seg", "eval", "--checkpoint", seg_run / "model_best.safetensors", "--data", mosaic,
+                        "--json")  # fmt: skip
+    assert code == 0
+    metrics = json.loads(out)
+    for key in ("mIoU", "mAcc", "aAcc"):
+        assert _same(metrics[key], record[f"val_{key}"]), key
+
+    code, out, _ = _run(capsys, "seg", "eval", "--checkpoint", seg_run / "last.pt", "--data", mosaic)
+    assert code == 0 and "background" in out and f"mIoU {record['val_mIoU']:.2f}" in out
+
+    image = mosaic / "images" / "validation" / "000002.png"
+    code, out, _ = _run(capsys, "seg", "predict", image, "--checkpoint", seg_run / "model_best.safetensors",
+                        "--output", tmp_path / "o")  # fmt: skip
+    assert code == 0 and "classes" in out
+    overlay = Image.open(tmp_path / "o" / "000002.png")
+    assert overlay.size[0] >= 256
+
+
+# ---- configs -------------------------------------------------------------------------------------------------------
+
+DENSE_CONFIGS = sorted(
+    p
+    for pattern in ("coco_*.yaml", "ade20k_*.yaml", "mosaic_*.yaml")
+    for p in (Path(__file__).parent.parent / "configs").glob(pattern)
+)
+
+
+@pytest.mark.parametrize("path", DENSE_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_dense_configs_validate(path):
+    from rapidnet.config import load_config
+    from rapidnet.tasks.dense_tasks import TASKS
+
+    cfg = load_config(path)
+    task = TASKS[cfg.task["name"]](cfg)  # checks the task: section
+    assert not cfg.ema.enabled
+    if path.stem.startswith("mosaic_"):
+        assert cfg.model.name in path.stem and cfg.model.name in task.opts["backbone_checkpoint"]
+
+
+def test_dense_configs_are_found():
+    assert len(DENSE_CONFIGS) == 8
