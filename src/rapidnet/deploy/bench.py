@@ -78,12 +78,19 @@ class BenchResult:
         return out
 
 
+def check_model_names(names: Iterable[str]) -> None:
+    """Reject unknown names before any work starts."""
+    known = set(timm.list_models())
+    for name in names:
+        if name.split(".")[0] not in VARIANTS and name.split(".")[0] not in known:
+            raise ConfigError(f"unknown model {name!r}: give a RapidNet variant or any timm model name")
+
+
 def build_inference_model(name: str) -> nn.Module:
     """A model in the form one would deploy: RapidNet fused; timm models reparameterized where they can be."""
+    check_model_names([name])
     if name.split(".")[0] in VARIANTS:
         return reparameterize(create_model(name))
-    if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
-        raise ConfigError(f"unknown model {name!r}: give a RapidNet variant or any timm model name")
     model = timm.create_model(name, pretrained=False).eval()
     return timm.utils.reparameterize_model(model)
 
@@ -185,11 +192,13 @@ def run_benchmark(
     hw = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
     if min(hw) < 32:
         raise ConfigError(f"resolution {hw} is below 32 pixels: RapidNet downsamples by 32")
+    check_model_names(models)
     torch.set_num_threads(threads)
     backends = available_backends(backends)
     peak = measure_matmul_peak(threads)
     results: dict[tuple[str, str, int], BenchResult] = {}
     runners: dict[tuple[str, str, int], Callable[[], Any]] = {}
+    failures: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in tqdm(models, desc="preparing", disable=not progress):
             model = build_inference_model(name)
@@ -198,9 +207,16 @@ def run_benchmark(
                 x = torch.randn(batch, 3, *hw)
                 for backend in backends:
                     key = (name, backend, batch)
-                    runner = make_runner(backend, _copy_for(backend, model), x, threads, Path(tmp))
-                    for _ in range(warmup):
-                        runner()
+                    try:
+                        runner = make_runner(backend, _copy_for(backend, model), x, threads, Path(tmp))
+                        for _ in range(warmup):
+                            runner()
+                    except ConfigError:
+                        raise
+                    except Exception as e:  # one peer that cannot export must not sink the whole comparison
+                        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+                        failures.append({"model": name, "backend": backend, "batch": batch, "error": reason})
+                        continue
                     runners[key] = runner
                     results[key] = BenchResult(name, backend, batch, threads, hw, params, gmacs)
         for r in tqdm(range(rounds), desc="timing rounds", disable=not progress):
@@ -212,6 +228,7 @@ def run_benchmark(
     return {
         "machine": _machine_info(threads, peak),
         "results": [res.summary(peak) for res in results.values()],
+        "failures": failures,
     }
 
 
@@ -263,6 +280,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['median_ms']:>10.2f} {r['p25_ms']:>7.2f}-{r['p75_ms']:<7.2f} {r['images_per_s']:>8.1f} "
             f"{r['achieved_gflops']:>8.1f} {frac:>7}"
         )
+    for f in report.get("failures", []):
+        lines.append(f"{f['model']:<24} {f['backend']:<9} {f['batch']:>5} failed: {f['error']}")
     return "\n".join(lines)
 
 

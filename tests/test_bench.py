@@ -1,0 +1,79 @@
+"""``rapidnet bench``: a real (small) interleaved run across backends, its report, plot and errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rapidnet.cli.main import main
+from rapidnet.deploy import bench
+
+
+@pytest.fixture(scope="module")
+def report():
+    return bench.run_benchmark(
+        ["rapidnet_ti"],
+        ["torch", "torch-cl", "ort-fp32", "ort-int8"],
+        resolution=64,
+        batch_sizes=(1, 2),
+        threads=1,
+        rounds=3,
+        warmup=1,
+        progress=False,
+    )
+
+
+def test_every_backend_and_batch_is_timed(report):
+    rows = {(r["backend"], r["batch"]): r for r in report["results"]}
+    assert set(rows) == {(b, n) for b in ("torch", "torch-cl", "ort-fp32", "ort-int8") for n in (1, 2)}
+    for r in rows.values():
+        assert r["samples"] == 3 and r["p25_ms"] <= r["median_ms"] <= r["p75_ms"]
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_ms"] * 1e3, rel=0.01)
+        assert 0 < r["fraction_of_peak"] < 2  # achieved GFLOP/s over the measured matmul peak
+    assert report["machine"]["threads"] == 1 and report["machine"]["matmul_peak_gflops"] > 0
+    assert report["failures"] == []
+
+
+def test_table_and_plot(report, tmp_path):
+    table = bench.format_table(report)
+    assert "rapidnet_ti" in table and "ort-int8" in table and "matmul peak" in table
+    acc = bench.load_accuracies(None)
+    path = bench.plot_latency_vs_accuracy(report, acc, "ort-fp32", tmp_path / "plot.png")
+    assert path is not None and path.stat().st_size > 1000
+
+
+def test_a_failing_peer_is_reported_not_fatal(monkeypatch):
+    real = bench.make_runner
+
+    def flaky(backend, model, x, threads, workdir):
+        if backend == "torch-cl":
+            raise RuntimeError("exporter cannot handle this model")
+        return real(backend, model, x, threads, workdir)
+
+    monkeypatch.setattr(bench, "make_runner", flaky)
+    out = bench.run_benchmark(
+        ["rapidnet_ti"], ["torch", "torch-cl"], resolution=32, threads=1, rounds=2, warmup=0, progress=False
+    )
+    assert [r["backend"] for r in out["results"]] == ["torch"]
+    assert out["failures"][0]["backend"] == "torch-cl" and "exporter" in out["failures"][0]["error"]
+
+
+def test_measured_accuracies_override_paper_figures(tmp_path):
+    (tmp_path / "acc.json").write_text(json.dumps({"rapidnet_ti": 91.9}))
+    acc = bench.load_accuracies(tmp_path / "acc.json")
+    assert acc["rapidnet_ti"][0] == 91.9 and acc["mobilenetv2_140"][0] == 74.7
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--models", "no_such_net", "--backends", "torch"], "unknown model"),
+        (["bench", "--backends", "tpu"], "unknown backend"),
+        (["bench", "--resolution", "16", "--backends", "torch"], "below 32"),
+    ],
+)
+def test_bad_input_is_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
