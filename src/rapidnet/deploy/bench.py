@@ -147,7 +147,8 @@ def _ort_runner(model: nn.Module, x: torch.Tensor, threads: int, workdir: Path, 
 
         calibration = [np.random.default_rng(i).standard_normal(tuple(x.shape)).astype(np.float32) for i in range(4)]
         path = quantize_onnx(path, workdir / f"{path.stem}_int8.onnx", calibration)
-    session = ort_session(path, threads)
+    # no spin-waiting: idle onnxruntime workers would otherwise steal the cores of the next (interleaved) contestant
+    session = ort_session(path, threads, config_entries={"session.intra_op.allow_spinning": "0"})
     feed = {session.get_inputs()[0].name: x.numpy()}
     return lambda: session.run(None, feed)
 
