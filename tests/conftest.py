@@ -67,3 +67,24 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture
 def micro_model() -> torch.nn.Module:
     return randomize_(rapidnet.create_model("rapidnet_ti", num_classes=10, **MICRO)).eval()
+
+
+@pytest.fixture(scope="session")
+def fm_root(tmp_path_factory) -> Path:
+    """The real Fashion-MNIST where installed, else a small stand-in with garment-like blobs."""
+    import numpy as np
+
+    from rapidnet.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_FILES, is_fashion_mnist_folder, write_idx
+
+    if is_fashion_mnist_folder(DEFAULT_FASHION_MNIST_DIR):
+        return DEFAULT_FASHION_MNIST_DIR
+    root = tmp_path_factory.mktemp("fm")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 50), ("test", 20)):
+        yy, xx = np.mgrid[0:28, 0:28]
+        images = np.stack(
+            [((xx - 14) ** 2 + (yy - 14) ** 2 < rng.integers(40, 150)) * rng.integers(80, 255) for _ in range(n)]
+        ).astype(np.uint8)
+        write_idx(root / FASHION_MNIST_FILES[f"{split}-images"], images)
+        write_idx(root / FASHION_MNIST_FILES[f"{split}-labels"], rng.integers(0, 10, n).astype(np.uint8))
+    return root

@@ -12,8 +12,6 @@ import pytest
 from PIL import Image
 
 from rapidnet.cli.main import main
-from rapidnet.data import FASHION_MNIST_FILES, write_idx
-from rapidnet.data.fashion_mnist import DEFAULT_FASHION_MNIST_DIR, is_fashion_mnist_folder
 
 # pycocotools' RLE decoding predates numpy 2's copy keyword
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -75,23 +73,6 @@ def _same(a: float | None, b: float | None) -> bool:
     if a is None or b is None or (isinstance(a, float) and math.isnan(a)):
         return (a is None or math.isnan(a)) and (b is None or math.isnan(b))
     return a == pytest.approx(b, abs=1e-6)
-
-
-@pytest.fixture(scope="module")
-def fm_root(tmp_path_factory) -> Path:
-    """The real Fashion-MNIST where installed, else a small stand-in with garment-like blobs."""
-    if is_fashion_mnist_folder(DEFAULT_FASHION_MNIST_DIR):
-        return DEFAULT_FASHION_MNIST_DIR
-    root = tmp_path_factory.mktemp("fm")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 50), ("test", 20)):
-        yy, xx = np.mgrid[0:28, 0:28]
-        images = np.stack(
-            [((xx - 14) ** 2 + (yy - 14) ** 2 < rng.integers(40, 150)) * rng.integers(80, 255) for _ in range(n)]
-        ).astype(np.uint8)
-        write_idx(root / FASHION_MNIST_FILES[f"{split}-images"], images)
-        write_idx(root / FASHION_MNIST_FILES[f"{split}-labels"], rng.integers(0, 10, n).astype(np.uint8))
-    return root
 
 
 @pytest.fixture(scope="module")

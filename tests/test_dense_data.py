@@ -14,10 +14,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 
-from rapidnet.data import FASHION_MNIST_FILES, FashionMNIST, write_idx
+from rapidnet.data import FashionMNIST
 from rapidnet.data.ade20k import ADE20KSegmentation, SegTrainTransform
 from rapidnet.data.coco import CocoInstances
-from rapidnet.data.fashion_mnist import DEFAULT_FASHION_MNIST_DIR, is_fashion_mnist_folder
 from rapidnet.data.mosaic import MosaicConfig, build_mosaic, render_scene, scene_rng
 from rapidnet.errors import ConfigError, DataError
 
@@ -25,23 +24,6 @@ SEED, SIZE, NUM_TRAIN, NUM_VAL = 3, 64, 6, 3
 
 # pycocotools' RLE decoding predates numpy 2's copy keyword
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-@pytest.fixture(scope="module")
-def fm_root(tmp_path_factory) -> Path:
-    """The real Fashion-MNIST where installed, else a small stand-in with garment-like blobs."""
-    if is_fashion_mnist_folder(DEFAULT_FASHION_MNIST_DIR):
-        return DEFAULT_FASHION_MNIST_DIR
-    root = tmp_path_factory.mktemp("fm")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 50), ("test", 20)):
-        yy, xx = np.mgrid[0:28, 0:28]
-        images = np.stack(
-            [((xx - 14) ** 2 + (yy - 14) ** 2 < rng.integers(40, 150)) * rng.integers(80, 255) for _ in range(n)]
-        ).astype(np.uint8)
-        write_idx(root / FASHION_MNIST_FILES[f"{split}-images"], images)
-        write_idx(root / FASHION_MNIST_FILES[f"{split}-labels"], rng.integers(0, 10, n).astype(np.uint8))
-    return root
 
 
 @pytest.fixture(scope="module")
