@@ -127,41 +127,16 @@ def test_short_run_writes_checkpoints_logs_and_weights_that_eval_reproduces(shor
 
     best = max(records, key=lambda r: r["best_top1"])["best_top1"]
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "eval",
-                "--checkpoint",
-                str(short_run / "model_best.safetensors"),
-                "--data",
-                str(fm),
-                "--json",
-                "--workers",
-                "0",
-            ]
-        )
-        == 0
-    )
-    result = json.loads(capsys.readouterr().out)
+
+    def eval_json(*extra: str) -> dict:
+        argv = ["eval", "--checkpoint", str(short_run / "model_best.safetensors"), "--data", str(fm), "--json"]
+        assert main([*argv, "--workers", "0", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    result = eval_json()
     assert result["images"] == N_VAL
     assert result["top1"] == pytest.approx(best, abs=1e-9)
-    assert (
-        main(
-            [
-                "eval",
-                "--checkpoint",
-                str(short_run / "model_best.safetensors"),
-                "--data",
-                str(fm),
-                "--json",
-                "--workers",
-                "0",
-                "--reparameterize",
-            ]
-        )
-        == 0
-    )
-    fused = json.loads(capsys.readouterr().out)
+    fused = eval_json("--reparameterize")
     assert fused["reparameterized"] and abs(fused["top1"] - best) <= 100 / N_VAL + 1e-9  # at most one image flips
 
 
