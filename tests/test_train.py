@@ -88,10 +88,15 @@ def train(*args: str) -> int:
     return main(["train", "--no-progress", *args])
 
 
+def train_on(config: Path, data: Path, out: Path, *extra: str) -> int:
+    """``rapidnet train --config CONFIG --data DATA --output OUT`` plus extra options."""
+    return train("--config", str(config), "--data", str(data), "--output", str(out), *extra)
+
+
 @pytest.fixture(scope="module")
 def short_run(fm, tiny_config, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "short"
-    assert train("--config", str(tiny_config), "--data", str(fm), "--output", str(out), "--ema") == 0
+    assert train_on(tiny_config, fm, out, "--ema") == 0
     return out
 
 
@@ -191,13 +196,10 @@ def test_any_timm_model_trains_and_evaluates(fm, tiny_config, tmp_path, capsys):
     """Baselines train with the same recipe; the exported weights name the timm model, so eval rebuilds it."""
     out = tmp_path / "run"
     assert (
-        train(
-            "--config",
-            str(tiny_config),
-            "--data",
-            str(fm),
-            "--output",
-            str(out),
+        train_on(
+            tiny_config,
+            fm,
+            out,
             "--epochs",
             "1",
             "--model",
@@ -414,7 +416,7 @@ def test_nan_loss_stops_with_one_line_error_and_keeps_last_checkpoint(fm, tiny_c
         return result
 
     monkeypatch.setattr(ClassificationTask, "train_step", poisoned)
-    code = train("--config", str(tiny_config), "--data", str(fm), "--output", str(out), "--epochs", "3")
+    code = train_on(tiny_config, fm, out, "--epochs", "3")
     message = one_line_error(capsys, code)
     assert "loss is nan at epoch 2, step 2" in message and "last.pt (epoch 1) is kept" in message
     state = load_training_state(out / "last.pt")
@@ -507,7 +509,7 @@ def test_eval_refuses_data_with_other_classes(short_run, tmp_path, capsys):
 
 
 def test_existing_run_is_not_overwritten(short_run, tiny_config, fm, capsys):
-    message = one_line_error(capsys, train("--config", str(tiny_config), "--data", str(fm), "--output", str(short_run)))
+    message = one_line_error(capsys, train_on(tiny_config, fm, short_run))
     assert "already holds a run" in message and "--resume" in message
 
 
@@ -516,13 +518,10 @@ def test_existing_run_is_not_overwritten(short_run, tiny_config, fm, capsys):
 
 def test_hard_distillation_from_a_checkpoint_this_project_wrote(short_run, fm, tiny_config, tmp_path):
     out = tmp_path / "student"
-    code = train(
-        "--config",
-        str(tiny_config),
-        "--data",
-        str(fm),
-        "--output",
-        str(out),
+    code = train_on(
+        tiny_config,
+        fm,
+        out,
         "--epochs",
         "1",
         "--teacher-checkpoint",
@@ -542,13 +541,10 @@ def test_soft_distillation_from_a_timm_teacher(fm, tiny_config, tmp_path):
     teacher = timm.create_model("resnet10t", num_classes=10)
     torch.save({"state_dict": teacher.state_dict()}, tmp_path / "teacher.pth")
     out = tmp_path / "student"
-    code = train(
-        "--config",
-        str(tiny_config),
-        "--data",
-        str(fm),
-        "--output",
-        str(out),
+    code = train_on(
+        tiny_config,
+        fm,
+        out,
         "--epochs",
         "1",
         "--teacher",

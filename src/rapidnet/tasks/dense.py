@@ -239,6 +239,13 @@ def image_normalization(
     return mean, std
 
 
+def attach_build_info(model: nn.Module, class_names: Sequence[str] | None, **build_args: Any) -> nn.Module:
+    """Record class names and the (JSON-able) arguments that rebuild this exact network, for checkpoints."""
+    model.class_names = list(class_names) if class_names is not None else None
+    model.build_args = jsonable(dict(build_args, class_names=model.class_names))
+    return model
+
+
 def jsonable(value: Any) -> Any:
     """Tuples to lists, recursively: the form in which builder arguments are stored with weights (JSON/YAML)."""
     if isinstance(value, Mapping):

@@ -23,10 +23,10 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from rapidnet.errors import ConfigError
 from rapidnet.tasks.dense import (
     BackboneWithFPN,
+    attach_build_info,
     build_backbone,
     freeze_stages,
     image_normalization,
-    jsonable,
     resolve_bn_mode,
 )
 
@@ -113,25 +113,21 @@ def mask_rcnn(
         image_std=std,
         **kwargs,
     )
-    model.class_names = list(class_names) if class_names is not None else None  # type: ignore[assignment]
-    # Everything needed to rebuild the same network with ``mask_rcnn(**model.build_args)`` (JSON-able).
-    model.build_args = jsonable(  # type: ignore[assignment]
-        dict(
-            backbone=backbone,
-            num_classes=num_classes,
-            frozen_bn=bn_mode,
-            trainable_stages=trainable_stages,
-            min_size=min_size,
-            max_size=max_size,
-            fpn_channels=fpn_channels,
-            anchor_sizes=anchor_sizes,
-            aspect_ratios=aspect_ratios,
-            image_mean=mean,
-            image_std=std,
-            backbone_out_indices=backbone_out_indices,
-            backbone_kwargs=dict(backbone_kwargs or {}),
-            class_names=model.class_names,
-            **{k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))},
-        )
+    return attach_build_info(
+        model,
+        class_names,
+        backbone=backbone,
+        num_classes=num_classes,
+        frozen_bn=bn_mode,
+        trainable_stages=trainable_stages,
+        min_size=min_size,
+        max_size=max_size,
+        fpn_channels=fpn_channels,
+        anchor_sizes=anchor_sizes,
+        aspect_ratios=aspect_ratios,
+        image_mean=mean,
+        image_std=std,
+        backbone_out_indices=backbone_out_indices,
+        backbone_kwargs=dict(backbone_kwargs or {}),
+        **{k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))},
     )
-    return model

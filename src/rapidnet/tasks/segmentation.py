@@ -25,10 +25,10 @@ from torch import nn
 from rapidnet.errors import ConfigError
 from rapidnet.tasks.dense import (
     BackboneWithFPN,
+    attach_build_info,
     build_backbone,
     freeze_stages,
     image_normalization,
-    jsonable,
     pad_images,
     pad_labels,
     resolve_bn_mode,
@@ -185,24 +185,20 @@ def semantic_fpn(
         image_mean=mean,
         image_std=std,
     )
-    model.class_names = list(class_names) if class_names is not None else None  # type: ignore[assignment]
-    # Everything needed to rebuild the same network with ``semantic_fpn(**model.build_args)`` (JSON-able).
-    model.build_args = jsonable(  # type: ignore[assignment]
-        dict(
-            backbone=backbone,
-            num_classes=num_classes,
-            frozen_bn=bn_mode,
-            trainable_stages=trainable_stages,
-            fpn_channels=fpn_channels,
-            head_channels=head_channels,
-            head_norm=head_norm,
-            dropout=dropout,
-            ignore_index=ignore_index,
-            image_mean=mean,
-            image_std=std,
-            backbone_out_indices=backbone_out_indices,
-            backbone_kwargs=dict(backbone_kwargs or {}),
-            class_names=model.class_names,
-        )
+    return attach_build_info(
+        model,
+        class_names,
+        backbone=backbone,
+        num_classes=num_classes,
+        frozen_bn=bn_mode,
+        trainable_stages=trainable_stages,
+        fpn_channels=fpn_channels,
+        head_channels=head_channels,
+        head_norm=head_norm,
+        dropout=dropout,
+        ignore_index=ignore_index,
+        image_mean=mean,
+        image_std=std,
+        backbone_out_indices=backbone_out_indices,
+        backbone_kwargs=dict(backbone_kwargs or {}),
     )
-    return model
