@@ -32,6 +32,9 @@ print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_
                                                          max_name_column_width=30, max_shapes_column_width=60))
 PY
 
+echo "== where onnxruntime's time goes, fp32 and int8, 2 threads"
+$py benchmarks/ort_profile.py --models rapidnet_ti mobilenetv2_140 --threads 2 --rounds 30 > "$out/ort_profile.json"
+
 echo "== training throughput, batch 64 at 224, 2 threads"
 $py benchmarks/train_throughput.py --rounds 5 > "$out/train_throughput.json"
 

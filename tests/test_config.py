@@ -43,6 +43,16 @@ def test_fashion_mnist_config_is_a_short_cpu_schedule():
     assert cfg.train.epochs <= 10 and cfg.train.channels_last
 
 
+@pytest.mark.parametrize("task", ["mask_rcnn", "semantic_fpn"])
+def test_mosaic_backbone_comparison_uses_one_recipe(task):
+    """RapidNet-Ti and MobileNetV2 x1.4 are compared on the mosaic with the same recipe: only the names differ."""
+    ti, mnv2 = (
+        config_to_dict(load_config(CONFIGS / f"mosaic_{task}_{model}.yaml"))
+        for model in ("rapidnet_ti", "mobilenetv2_140")
+    )
+    assert sorted(k for k, _, _ in config_diff(ti, mnv2)) == ["model.name", "task.backbone_checkpoint", "train.output"]
+
+
 def test_inheritance_overrides_and_flags_apply_in_order(tmp_path):
     (tmp_path / "parent.yaml").write_text("optim: {weight_decay: 0.1, eps: 1.0e-6}\ntrain: {epochs: 5}\n")
     (tmp_path / "child.yaml").write_text("base: parent.yaml\noptim: {weight_decay: 0.2}\n")

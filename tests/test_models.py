@@ -172,7 +172,31 @@ def test_reparameterize_features_only_and_timm_helper(micro_model):
 
 def test_reparameterized_gmacs_not_more():
     model = rapidnet.create_model("rapidnet_ti")
-    assert count_gmacs(rapidnet.reparameterize(model)) <= count_gmacs(model)
+    fused = rapidnet.reparameterize(model)
+    assert count_gmacs(fused) <= count_gmacs(model)
+    assert count_gmacs(fused) > 0.99 * count_gmacs(model), "the FLOP counter must still see the fused convs"
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
+def test_fused_cpu_inference_runs_conv_and_gelu_as_one_onednn_call(micro_model, memory_format):
+    fused = rapidnet.reparameterize(micro_model).to(memory_format=memory_format)
+    x = torch.randn(2, 3, 64, 96).contiguous(memory_format=memory_format)
+    with torch.inference_mode():
+        with torch.profiler.profile() as prof:
+            fast = fused(x)
+        with torch.backends.mkldnn.flags(enabled=False):  # the plain conv2d -> gelu path
+            plain = fused(x)
+        reference = micro_model(x)
+    ops = {event.key for event in prof.key_averages()}
+    assert "mkldnn::_convolution_pointwise" in ops and "aten::gelu" not in ops
+    assert torch.allclose(fast, plain, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(fast, reference, rtol=1e-4, atol=1e-4)
+    with torch.enable_grad():  # autograd needs the differentiable path
+        x.requires_grad_(True)
+        fused(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_bad_constructor_arguments():
