@@ -51,6 +51,14 @@ def test_mosaic_backbone_comparison_uses_one_recipe(task):
         for model in ("rapidnet_ti", "mobilenetv2_140")
     )
     assert sorted(k for k, _, _ in config_diff(ti, mnv2)) == ["model.name", "task.backbone_checkpoint", "train.output"]
+    # ... and each backbone checkpoint is the output of one Fashion-MNIST classification recipe, again same but names
+    pretraining = [
+        config_to_dict(load_config(CONFIGS / name))
+        for name in ("fashion_mnist_rapidnet_ti.yaml", "fashion_mnist_mobilenetv2_140_demo.yaml")
+    ]
+    assert sorted(k for k, _, _ in config_diff(*pretraining)) == ["model.name", "train.output"]
+    for dense, pre in zip((ti, mnv2), pretraining, strict=True):
+        assert dense["task"]["backbone_checkpoint"] == f"{pre['train']['output']}/model_best.safetensors"
 
 
 def test_inheritance_overrides_and_flags_apply_in_order(tmp_path):

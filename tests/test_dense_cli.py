@@ -121,8 +121,9 @@ def test_data_mosaic_writes_both_formats_and_refuses_bad_output(capsys, mosaic, 
     assert _run(capsys, *args)[0] == 0
     code, _, err = _run(capsys, *args)
     assert code == 2 and "overwrite" in _one_line_error(err, "data")
-    code, out_text, _ = _run(capsys, *args, "--overwrite")
-    assert code == 0 and "2 train / 1 val" in out_text
+    code, out_text, _ = _run(capsys, *args, "--overwrite", "--style", "tinted")
+    assert code == 0 and "2 train / 1 val" in out_text and "tinted" in out_text
+    assert json.loads((out / "meta.json").read_text())["config"]["style"] == "tinted"
 
     empty = tmp_path / "no-fashion-mnist"
     empty.mkdir()

@@ -94,6 +94,44 @@ def test_mosaic_layout_and_same_bytes_for_same_seed(mosaic, fm_root, tmp_path):
     assert meta["semantic"]["reduce_zero_label"] is False
 
 
+def test_mosaic_styles_look_as_documented(fm_root):
+    """``dark``: grey-ish light garments with their full texture on a near-black grey background, as Fashion-MNIST
+    shows them; ``tinted``: colourful backgrounds. Both keep masks, classes and semantic map consistent."""
+    pool = _pool(fm_root, "train")
+    stats = {}
+    for style in ("dark", "tinted"):
+        bg_level, bg_spread, fg_level, fg_range = [], [], [], []
+        for index in range(8):
+            scene = render_scene(pool.images, pool.labels, scene_rng(SEED, "train", index), MosaicConfig(style=style))
+            image = scene.image.astype(np.float64)
+            background, garments = scene.semantic == 0, scene.semantic > 0
+            assert np.array_equal(garments, scene.masks.any(0))
+            bg_level.append(image[background].mean())
+            bg_spread.append(np.ptp(image[background].mean(0)))  # how far the mean colour is from grey
+            fg_level.append(image[garments].mean())
+            for mask in scene.masks:
+                luminance = image[mask].mean(-1)
+                fg_range.append(np.percentile(luminance, 95) / max(np.percentile(luminance, 5), 1.0))
+        stats[style] = {k: float(np.mean(v)) for k, v in
+                        dict(bg=bg_level, spread=bg_spread, fg=fg_level, texture=fg_range).items()}  # fmt: skip
+    dark, tinted = stats["dark"], stats["tinted"]
+    assert dark["bg"] < 45 and dark["spread"] < 3 and dark["fg"] > 3 * dark["bg"]
+    assert tinted["spread"] > 10 and tinted["bg"] > dark["bg"]
+    assert dark["texture"] > tinted["texture"]  # the dark style keeps the garment's full intensity range
+    with pytest.raises(ConfigError) as info:
+        MosaicConfig(style="neon").check()
+    assert "neon" in _one_line_error(info) and "dark" in str(info.value)
+
+
+def test_mosaic_tinted_style_is_recorded_and_deterministic(fm_root, tmp_path):
+    kwargs = dict(num_train=2, num_val=1, image_size=SIZE, fashion_mnist_root=fm_root, progress=False, style="tinted")
+    first = _files(build_mosaic(tmp_path / "a", seed=SEED, **kwargs))
+    assert first == _files(build_mosaic(tmp_path / "b", seed=SEED, **kwargs))
+    assert json.loads(first["meta.json"])["config"]["style"] == "tinted"
+    dark = _files(build_mosaic(tmp_path / "c", seed=SEED, **{**kwargs, "style": "dark"}))
+    assert dark["train/000000.png"] != first["train/000000.png"]
+
+
 def test_mosaic_refuses_foreign_or_existing_folders(mosaic, fm_root, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -10,6 +10,8 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from rapidnet.data.mosaic import MOSAIC_STYLES
+
     p = sub.add_parser("data", help="build data sets (the Fashion-MNIST mosaic for detection/segmentation)",
                        description=__doc__)  # fmt: skip
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -21,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     m.add_argument("--image-size", type=int, default=128, metavar="PX")
     m.add_argument("--min-objects", type=int, default=2)
     m.add_argument("--max-objects", type=int, default=6)
+    m.add_argument("--style", choices=MOSAIC_STYLES, default="dark",
+                   help="dark: light garments on a dark background, as in Fashion-MNIST (default); "
+                        "tinted: coloured garments on coloured backgrounds (a domain gap)")  # fmt: skip
     m.add_argument("--fashion-mnist", metavar="DIR", help="folder with the Fashion-MNIST IDX files (default: system)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing mosaic in --out")
     m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
@@ -41,9 +46,13 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         min_objects=args.min_objects,
         max_objects=args.max_objects,
+        style=args.style,
         fashion_mnist_root=args.fashion_mnist,
         overwrite=args.overwrite,
         progress=progress,
     )
-    print(f"mosaic data set: {out} ({args.num_train} train / {args.num_val} val scenes, seed {args.seed})")
+    print(
+        f"mosaic data set: {out} ({args.num_train} train / {args.num_val} val scenes, {args.style} style, "
+        f"seed {args.seed})"
+    )
     return 0

@@ -14,11 +14,18 @@ map's value equals the category id, and background (0) is a real class, so there
 ADE20K reader must use ``reduce_zero_label=False`` (``meta.json`` says so, and the reader follows it). Reading the
 maps with ``reduce_zero_label=True`` instead gives the 10 garment classes with background ignored.
 
-A garment's mask is its pixels whose (resized) intensity exceeds ``mask_threshold``; inside the mask the garment
-is painted in a random tint modulated by its intensity, so its texture survives; later garments occlude earlier ones
-and the masks, boxes and semantic map describe what is visible. Train scenes use Fashion-MNIST's training images,
-val scenes its test images. Every scene draws from its own generator seeded by ``(seed, split, index)``: the same
-seed gives the same bytes, and changing a count does not change the other scenes.
+A garment's mask is its pixels whose (resized) intensity exceeds ``mask_threshold``; later garments occlude earlier
+ones and the masks, boxes and semantic map describe what is visible. Two looks (``style``):
+
+- ``"dark"`` (default): garments as Fashion-MNIST shows them, light on a dark, noisy, slightly graded background,
+  each with its own brightness and a faint tint, their full texture kept. These scenes test the transfer of what the
+  backbone learnt on Fashion-MNIST to finding and outlining several garments, without a change of image domain.
+- ``"tinted"``: each garment painted in a random saturated colour (texture compressed to 40-100% of it) on a
+  coloured gradient: a harder scene with a domain gap to the pretraining; the same bytes as version 1 of the builder.
+
+Train scenes use Fashion-MNIST's training images, val scenes its test images. Every scene draws from its own
+generator seeded by ``(seed, split, index)``: the same seed gives the same bytes, and changing a count does not change
+the other scenes.
 """
 
 from __future__ import annotations
@@ -35,9 +42,10 @@ from PIL import Image
 
 from rapidnet.errors import ConfigError
 
-__all__ = ["MOSAIC_FORMAT", "MosaicConfig", "Scene", "build_mosaic", "render_scene", "scene_rng"]
+__all__ = ["MOSAIC_FORMAT", "MOSAIC_STYLES", "MosaicConfig", "Scene", "build_mosaic", "render_scene", "scene_rng"]
 
 MOSAIC_FORMAT = "rapidnet-mosaic"
+MOSAIC_STYLES = ("dark", "tinted")
 META_FILE = "meta.json"
 _SPLITS = {"train": ("train", "training", 0), "val": ("test", "validation", 1)}  # name: (FM split, ADE split, code)
 
@@ -54,9 +62,12 @@ class MosaicConfig:
     mask_threshold: int = 40
     max_occlusion: float = 0.3
     noise: float = 6.0
+    style: str = "dark"
 
     def check(self) -> None:
         h, w = self.image_size
+        if self.style not in MOSAIC_STYLES:
+            raise ConfigError(f"mosaic style {self.style!r} is unknown: use one of {', '.join(MOSAIC_STYLES)}")
         if h < 16 or w < 16:
             raise ConfigError(f"image_size {self.image_size} is too small: use at least 16x16")
         if not 1 <= self.min_objects <= self.max_objects:
@@ -89,9 +100,13 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), _SPLITS[split][2], int(index)])
 
 
-def _background(rng: np.random.Generator, h: int, w: int, noise: float) -> np.ndarray:
-    """A linear gradient between two dark-to-mid colours, plus Gaussian noise: plain but not trivially flat."""
-    c1, c2 = rng.uniform(0, 140, size=3), rng.uniform(0, 140, size=3)
+def _background(rng: np.random.Generator, h: int, w: int, noise: float, style: str) -> np.ndarray:
+    """A linear gradient between two colours plus Gaussian noise: plain but not trivially flat. ``tinted``: two
+    dark-to-mid colours; ``dark``: two near-black greys, as behind a Fashion-MNIST garment."""
+    if style == "tinted":
+        c1, c2 = rng.uniform(0, 140, size=3), rng.uniform(0, 140, size=3)
+    else:
+        c1, c2 = np.full(3, rng.uniform(0, 40)), np.full(3, rng.uniform(0, 40))
     angle = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     t = xx * np.cos(angle) + yy * np.sin(angle)
@@ -100,9 +115,9 @@ def _background(rng: np.random.Generator, h: int, w: int, noise: float) -> np.nd
     return bg + rng.normal(0, noise, size=(h, w, 3))
 
 
-def _tint(rng: np.random.Generator) -> np.ndarray:
-    """A random saturated, bright colour (HSV with V in 0.6..1) as RGB 0..255."""
-    hue, sat, val = rng.uniform(0, 1), rng.uniform(0.3, 1.0), rng.uniform(0.6, 1.0)
+def _tint(rng: np.random.Generator, saturation: tuple[float, float], value: tuple[float, float]) -> np.ndarray:
+    """A random colour (HSV, S and V drawn from the given ranges) as RGB 0..255."""
+    hue, sat, val = rng.uniform(0, 1), rng.uniform(*saturation), rng.uniform(*value)
     i = int(hue * 6) % 6
     f = hue * 6 - int(hue * 6)
     p, q, t = val * (1 - sat), val * (1 - f * sat), val * (1 - (1 - f) * sat)
@@ -113,7 +128,7 @@ def _tint(rng: np.random.Generator) -> np.ndarray:
 def render_scene(garments: np.ndarray, labels: np.ndarray, rng: np.random.Generator, cfg: MosaicConfig) -> Scene:
     """Draw one scene from the pool ``garments`` (N, 28, 28 uint8) with ``labels`` (N,), using ``rng`` only."""
     h, w = cfg.image_size
-    canvas = _background(rng, h, w, cfg.noise)
+    canvas = _background(rng, h, w, cfg.noise, cfg.style)
     count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     visible: list[np.ndarray] = []
     full_area: list[int] = []
@@ -139,8 +154,11 @@ def render_scene(garments: np.ndarray, labels: np.ndarray, rng: np.random.Genera
             ]
             if not all(keep):
                 continue
-            tint = _tint(rng)
-            shade = 0.4 + 0.6 * patch.astype(np.float64) / 255.0
+            intensity = patch.astype(np.float64) / 255.0
+            if cfg.style == "tinted":
+                tint, shade = _tint(rng, (0.3, 1.0), (0.6, 1.0)), 0.4 + 0.6 * intensity
+            else:
+                tint, shade = _tint(rng, (0.0, 0.25), (0.7, 1.0)), intensity
             region = canvas[top : top + gh, left : left + gw]
             region[local] = (shade[..., None] * tint[None, None])[local]
             visible = [vis & ~mask for vis in visible]
@@ -213,6 +231,7 @@ def build_mosaic(
     max_scale: float = 0.55,
     mask_threshold: int = 40,
     max_occlusion: float = 0.3,
+    style: str = "dark",
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -226,7 +245,16 @@ def build_mosaic(
     from rapidnet.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 
     size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
-    cfg = MosaicConfig(size, min_objects, max_objects, min_scale, max_scale, mask_threshold, max_occlusion)  # type: ignore[arg-type]
+    cfg = MosaicConfig(
+        size,  # type: ignore[arg-type]
+        min_objects,
+        max_objects,
+        min_scale,
+        max_scale,
+        mask_threshold,
+        max_occlusion,
+        style=style,
+    )
     cfg.check()
     counts = {"train": int(num_train), "val": int(num_val)}
     if counts["train"] < 0 or counts["val"] < 0 or counts["train"] + counts["val"] == 0:
