@@ -35,7 +35,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -45,9 +45,27 @@ from rapidnet.errors import ConfigError
 __all__ = ["MOSAIC_FORMAT", "MOSAIC_STYLES", "MosaicConfig", "Scene", "build_mosaic", "render_scene", "scene_rng"]
 
 MOSAIC_FORMAT = "rapidnet-mosaic"
-MOSAIC_STYLES = ("dark", "tinted")
 META_FILE = "meta.json"
 _SPLITS = {"train": ("train", "training", 0), "val": ("test", "validation", 1)}  # name: (FM split, ADE split, code)
+
+
+class _Look(NamedTuple):
+    """How a style draws: background levels drawn in 0..``background_max`` (per channel when ``coloured``, else one
+    grey), garment colour from HSV with S and V in the given ranges, and the intensity a garment's darkest pixel keeps
+    (``shade_floor``: 0 keeps the full texture)."""
+
+    background_max: float
+    coloured_background: bool
+    saturation: tuple[float, float]
+    value: tuple[float, float]
+    shade_floor: float
+
+
+_LOOKS = {
+    "dark": _Look(40.0, False, (0.0, 0.25), (0.7, 1.0), 0.0),
+    "tinted": _Look(140.0, True, (0.3, 1.0), (0.6, 1.0), 0.4),
+}
+MOSAIC_STYLES = tuple(_LOOKS)
 
 
 @dataclass(frozen=True)
@@ -100,13 +118,10 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), _SPLITS[split][2], int(index)])
 
 
-def _background(rng: np.random.Generator, h: int, w: int, noise: float, style: str) -> np.ndarray:
-    """A linear gradient between two colours plus Gaussian noise: plain but not trivially flat. ``tinted``: two
-    dark-to-mid colours; ``dark``: two near-black greys, as behind a Fashion-MNIST garment."""
-    if style == "tinted":
-        c1, c2 = rng.uniform(0, 140, size=3), rng.uniform(0, 140, size=3)
-    else:
-        c1, c2 = np.full(3, rng.uniform(0, 40)), np.full(3, rng.uniform(0, 40))
+def _background(rng: np.random.Generator, h: int, w: int, noise: float, look: _Look) -> np.ndarray:
+    """A linear gradient between two colours (or greys) plus Gaussian noise: plain but not trivially flat."""
+    size = 3 if look.coloured_background else None
+    c1, c2 = (np.broadcast_to(rng.uniform(0, look.background_max, size=size), (3,)) for _ in range(2))
     angle = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     t = xx * np.cos(angle) + yy * np.sin(angle)
@@ -128,7 +143,8 @@ def _tint(rng: np.random.Generator, saturation: tuple[float, float], value: tupl
 def render_scene(garments: np.ndarray, labels: np.ndarray, rng: np.random.Generator, cfg: MosaicConfig) -> Scene:
     """Draw one scene from the pool ``garments`` (N, 28, 28 uint8) with ``labels`` (N,), using ``rng`` only."""
     h, w = cfg.image_size
-    canvas = _background(rng, h, w, cfg.noise, cfg.style)
+    look = _LOOKS[cfg.style]
+    canvas = _background(rng, h, w, cfg.noise, look)
     count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     visible: list[np.ndarray] = []
     full_area: list[int] = []
@@ -154,11 +170,8 @@ def render_scene(garments: np.ndarray, labels: np.ndarray, rng: np.random.Genera
             ]
             if not all(keep):
                 continue
-            intensity = patch.astype(np.float64) / 255.0
-            if cfg.style == "tinted":
-                tint, shade = _tint(rng, (0.3, 1.0), (0.6, 1.0)), 0.4 + 0.6 * intensity
-            else:
-                tint, shade = _tint(rng, (0.0, 0.25), (0.7, 1.0)), intensity
+            tint = _tint(rng, look.saturation, look.value)
+            shade = look.shade_floor + (1 - look.shade_floor) * patch.astype(np.float64) / 255.0
             region = canvas[top : top + gh, left : left + gw]
             region[local] = (shade[..., None] * tint[None, None])[local]
             visible = [vis & ~mask for vis in visible]
@@ -245,16 +258,7 @@ def build_mosaic(
     from rapidnet.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 
     size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
-    cfg = MosaicConfig(
-        size,  # type: ignore[arg-type]
-        min_objects,
-        max_objects,
-        min_scale,
-        max_scale,
-        mask_threshold,
-        max_occlusion,
-        style=style,
-    )
+    cfg = MosaicConfig(size, min_objects, max_objects, min_scale, max_scale, mask_threshold, max_occlusion, style=style)  # type: ignore[arg-type]
     cfg.check()
     counts = {"train": int(num_train), "val": int(num_val)}
     if counts["train"] < 0 or counts["val"] < 0 or counts["train"] + counts["val"] == 0:
