@@ -119,6 +119,7 @@ def test_data_mosaic_writes_both_formats_and_refuses_bad_output(capsys, mosaic, 
     args = ("data", "mosaic", "--out", out, "--fashion-mnist", fm_root, "--num-train", "2", "--num-val", "1",
             "--image-size", "32", "--no-progress")  # fmt: skip
     assert _run(capsys, *args)[0] == 0
+    assert json.loads((out / "meta.json").read_text())["config"]["style"] == "black"  # the default
     code, _, err = _run(capsys, *args)
     assert code == 2 and "overwrite" in _one_line_error(err, "data")
     code, out_text, _ = _run(capsys, *args, "--overwrite", "--style", "tinted")
@@ -248,3 +249,42 @@ def test_shipped_dense_configs_validate(path):
 
 def test_dense_configs_are_found():
     assert len(DENSE_CONFIGS) == 8
+
+
+def test_backbone_lr_scale_sets_the_body_apart_through_the_schedule():
+    """``task.backbone_lr_scale`` trains the pretrained body at that fraction of the heads' rate, at every step of
+    timm's schedule; weight decay still skips norms and biases; a non-positive factor is a one-line error."""
+    import yaml
+    from timm.scheduler import PolyLRScheduler
+
+    from rapidnet.config import config_from_dict
+    from rapidnet.errors import ConfigError
+    from rapidnet.segmentation import semantic_fpn
+    from rapidnet.tasks.dense_tasks import SegmentationTask
+
+    tree = yaml.safe_load(SEG_CONFIG)
+    tree["task"]["backbone_lr_scale"] = 0.1
+    task = SegmentationTask(config_from_dict(tree))
+    model = semantic_fpn(backbone="rapidnet_ti", num_classes=11, fpn_channels=32, head_channels=32)
+    optimizer = task.build_optimizer(model, lr=1e-3)
+    body = {id(p) for p in model.backbone.body.parameters()}
+    seen = set()
+    for group in optimizer.param_groups:
+        in_body = {id(p) in body for p in group["params"]}
+        assert len(in_body) == 1  # a group is all body or all heads
+        assert group["lr_scale"] == (0.1 if in_body.pop() else 1.0)
+        assert (group["weight_decay"] > 0) == all(p.ndim > 1 for p in group["params"])
+        seen.update(id(p) for p in group["params"])
+    assert seen == {id(p) for p in model.parameters() if p.requires_grad}
+    assert optimizer.param_groups[0]["lr_scale"] == 1.0  # the logged lr is the heads'
+    scheduler = PolyLRScheduler(optimizer, t_initial=10, power=0.9, t_in_epochs=False)
+    scheduler.step_update(5)
+    rates = {g["lr_scale"]: g["lr"] for g in optimizer.param_groups}
+    assert 0 < rates[1.0] < 1e-3 and rates[0.1] == pytest.approx(0.1 * rates[1.0])
+
+    tree["task"]["backbone_lr_scale"] = 1.0
+    plain = SegmentationTask(config_from_dict(tree))
+    assert plain.param_groups(model, 1e-3) is None
+    tree["task"]["backbone_lr_scale"] = 0.0
+    with pytest.raises(ConfigError, match="backbone_lr_scale"):
+        SegmentationTask(config_from_dict(tree)).build_optimizer(model, lr=1e-3)

@@ -95,11 +95,12 @@ def test_mosaic_layout_and_same_bytes_for_same_seed(mosaic, fm_root, tmp_path):
 
 
 def test_mosaic_styles_look_as_documented(fm_root):
-    """``dark``: grey-ish light garments with their full texture on a near-black grey background, as Fashion-MNIST
-    shows them; ``tinted``: colourful backgrounds. Both keep masks, classes and semantic map consistent."""
+    """``black`` (default): grey-ish light garments with their full texture on black, as Fashion-MNIST shows them;
+    ``dark``: the same on dark grey; ``tinted``: colourful backgrounds. All keep masks, classes and semantic map
+    consistent."""
     pool = _pool(fm_root, "train")
     stats = {}
-    for style in ("dark", "tinted"):
+    for style in ("black", "dark", "tinted"):
         bg_level, bg_spread, fg_level, fg_range = [], [], [], []
         for index in range(8):
             scene = render_scene(pool.images, pool.labels, scene_rng(SEED, "train", index), MosaicConfig(style=style))
@@ -114,10 +115,12 @@ def test_mosaic_styles_look_as_documented(fm_root):
                 fg_range.append(np.percentile(luminance, 95) / max(np.percentile(luminance, 5), 1.0))
         stats[style] = {k: float(np.mean(v)) for k, v in
                         dict(bg=bg_level, spread=bg_spread, fg=fg_level, texture=fg_range).items()}  # fmt: skip
-    dark, tinted = stats["dark"], stats["tinted"]
-    assert dark["bg"] < 45 and dark["spread"] < 3 and dark["fg"] > 3 * dark["bg"]
+    black, dark, tinted = stats["black"], stats["dark"], stats["tinted"]
+    assert MosaicConfig().style == "black"
+    assert black["bg"] < 10 and black["spread"] < 3 and black["fg"] > 10 * max(black["bg"], 1.0)
+    assert 10 < dark["bg"] < 45 and dark["spread"] < 3 and dark["fg"] > 3 * dark["bg"]
     assert tinted["spread"] > 10 and tinted["bg"] > dark["bg"]
-    assert dark["texture"] > tinted["texture"]  # the dark style keeps the garment's full intensity range
+    assert min(black["texture"], dark["texture"]) > tinted["texture"]  # both keep the garment's full intensity range
     with pytest.raises(ConfigError) as info:
         MosaicConfig(style="neon").check()
     assert "neon" in _one_line_error(info) and "dark" in str(info.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import numpy as np
@@ -13,6 +14,7 @@ from rapidnet.config import load_config
 from rapidnet.engine import JsonlLog, SeededDataset, SeededSampler, read_jsonl
 from rapidnet.engine.checkpoint import capture_rng, restore_rng
 from rapidnet.engine.seeding import subset_indices
+from rapidnet.errors import ConfigError
 from rapidnet.tasks.classification import ClassificationTask, TensorBatches
 
 
@@ -96,6 +98,27 @@ def test_no_weight_decay_on_norms_biases_and_layer_scales():
     skipped = [names[id(p)] for p in model.parameters() if id(p) not in decay]
     assert any("gamma" in n for n in skipped) and any(n.endswith("bn.weight") for n in skipped)
     assert any(n.endswith("conv.bias") for n in skipped)
+
+
+def test_fused_optimizer_takes_the_same_steps_and_refuses_optimizers_without_one():
+    """``optim.fused`` gives torch's fused kernel: the same update as the default loop (to float rounding)."""
+    model = rapidnet.create_model(
+        "rapidnet_ti", num_classes=10, depths=((1, 0), (1, 0), (1, 1), (1, 1)), widths=(16, 24, 32, 48), head_dim=64
+    )
+    twin = copy.deepcopy(model)
+    fused = ClassificationTask(load_config(values={"optim.fused": True})).build_optimizer(model, lr=1e-3)
+    plain = ClassificationTask(load_config()).build_optimizer(twin, lr=1e-3)
+    assert fused.defaults["fused"] is True and not plain.defaults.get("fused")
+    x = torch.randn(2, 3, 32, 32)
+    for net, opt in ((model, fused), (twin, plain)):
+        for _ in range(3):
+            opt.zero_grad()
+            net.eval()(x).logsumexp(1).mean().backward()  # eval: one head, no drop-path draws
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"optim\.fused"):
+        ClassificationTask(load_config(values={"optim.fused": True, "optim.opt": "lamb"})).build_optimizer(model, 1e-3)
 
 
 def test_tensor_batches_augment_reproducibly():

@@ -10,7 +10,7 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from rapidnet.data.mosaic import MOSAIC_STYLES
+    from rapidnet.data.mosaic import DEFAULT_MOSAIC_STYLE, MOSAIC_STYLES
 
     p = sub.add_parser("data", help="build data sets (the Fashion-MNIST mosaic for detection/segmentation)",
                        description=__doc__)  # fmt: skip
@@ -23,9 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     m.add_argument("--image-size", type=int, default=128, metavar="PX")
     m.add_argument("--min-objects", type=int, default=2)
     m.add_argument("--max-objects", type=int, default=6)
-    m.add_argument("--style", choices=MOSAIC_STYLES, default="dark",
-                   help="dark: light garments on a dark background, as in Fashion-MNIST (default); "
-                        "tinted: coloured garments on coloured backgrounds (a domain gap)")  # fmt: skip
+    m.add_argument("--style", choices=MOSAIC_STYLES, default=DEFAULT_MOSAIC_STYLE,
+                   help="black: light garments on black, as in Fashion-MNIST (default); dark: on dark grey (a mild "
+                        "domain gap); tinted: coloured garments on coloured backgrounds (a larger gap)")  # fmt: skip
     m.add_argument("--fashion-mnist", metavar="DIR", help="folder with the Fashion-MNIST IDX files (default: system)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing mosaic in --out")
     m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)

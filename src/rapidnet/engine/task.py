@@ -20,6 +20,10 @@ from torch import nn
 
 from rapidnet.config import Config
 from rapidnet.engine.distributed import DistInfo
+from rapidnet.errors import ConfigError
+
+#: timm optimizer names whose torch class has a fused (single-kernel) step on CPU and CUDA
+FUSED_OPTIMIZERS = ("adam", "adamw", "sgd")
 
 __all__ = ["RunContext", "StepOutput", "Task"]
 
@@ -102,21 +106,36 @@ class Task(ABC):
         """Samples per step on this process (the engine scales the learning rate by the global batch)."""
 
     def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        """timm's optimizer factory from ``cfg.optim``; 1-D parameters (norms, biases, layer scales) get no decay."""
+        """timm's optimizer factory from ``cfg.optim``; 1-D parameters (norms, biases, layer scales) get no decay.
+
+        A task that trains parts of the model at different rates returns groups from ``param_groups``.
+        """
         from timm.optim import create_optimizer_v2
 
         o = self.cfg.optim
         kwargs: dict[str, Any] = {"eps": o.eps} if o.opt.lower() in ("adamw", "adam", "lamb", "nadamw") else {}
         if o.betas is not None:
             kwargs["betas"] = tuple(o.betas)
+        if o.fused:
+            if o.opt.lower() not in FUSED_OPTIMIZERS:
+                raise ConfigError(f"optim.fused needs one of {', '.join(FUSED_OPTIMIZERS)}, not {o.opt!r}: drop fused")
+            kwargs["fused"] = True
+        groups = self.param_groups(model, lr)
+        if groups is not None:
+            kwargs["param_group_fn"] = lambda _: groups
         try:
             return create_optimizer_v2(
                 model, opt=o.opt, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum, **kwargs
             )
         except (ValueError, AssertionError, KeyError) as e:
-            from rapidnet.errors import ConfigError
-
             raise ConfigError(f"cannot build optimizer {o.opt!r} ({e}): see timm.optim.list_optimizers()") from None
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups, or None for timm's default (one rate, no decay on 1-D parameters).
+
+        A group's ``lr_scale`` multiplies the scheduled learning rate (timm's schedulers apply it every update).
+        """
+        return None
 
     # ---- running ------------------------------------------------------------------------------------------------
 

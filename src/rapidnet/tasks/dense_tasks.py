@@ -44,6 +44,7 @@ DETECTION_DEFAULTS: dict[str, Any] = {
     "backbone_checkpoint": None,  # classification checkpoint for the backbone (transfer); default model.checkpoint
     "frozen_bn": True,
     "trainable_stages": 5,
+    "backbone_lr_scale": 1.0,  # the pretrained backbone's learning rate over the heads' (fine-tuning)
     "min_size": 800,
     "max_size": 1333,
     "hflip": 0.5,
@@ -59,6 +60,7 @@ SEGMENTATION_DEFAULTS: dict[str, Any] = {
     "backbone_checkpoint": None,
     "frozen_bn": False,
     "trainable_stages": 5,
+    "backbone_lr_scale": 1.0,  # the pretrained backbone's learning rate over the heads' (fine-tuning)
     "scale": [2048, 512],
     "ratio_range": [0.5, 2.0],
     "crop_size": [512, 512],
@@ -185,6 +187,26 @@ class _DenseTask(Task):
 
     def _backbone_checkpoint(self) -> str | None:
         return self.opts["backbone_checkpoint"] or self.cfg.model.checkpoint
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
+        """With ``backbone_lr_scale`` != 1: the pretrained body learns at that fraction of the heads' (and FPN's) rate,
+        the usual fine-tuning knob for a backbone that should keep more of what it learnt."""
+        scale = float(self.opts["backbone_lr_scale"])
+        if not scale > 0:
+            raise ConfigError(f"task.backbone_lr_scale={scale}: use a positive factor (1.0 trains all parts alike)")
+        if scale == 1.0:
+            return None
+        body = {id(p) for p in _unwrap(model).backbone.body.parameters()}
+        groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                decay = p.ndim > 1 and not name.endswith(".bias")  # timm's rule: no decay on norms and biases
+                groups.setdefault((scale if id(p) in body else 1.0, decay), []).append(p)
+        wd = self.cfg.optim.weight_decay
+        return [
+            {"params": params, "lr": lr, "lr_scale": s, "weight_decay": wd if decay else 0.0}  # the schedule scales
+            for (s, decay), params in sorted(groups.items(), key=lambda kv: kv[0][0] != 1.0)  # heads first: logged lr
+        ]
 
     def _build_loaders(self) -> None:
         d, info = self.cfg.data, self.context.dist
