@@ -85,6 +85,10 @@ def _task_options(cfg: Config, defaults: dict[str, Any]) -> dict[str, Any]:
         )
     if not isinstance(opts["model_kwargs"], dict):
         raise ConfigError(f"task.model_kwargs must be a mapping, not {opts['model_kwargs']!r}")
+    if not float(opts["backbone_lr_scale"]) > 0:
+        raise ConfigError(
+            f"task.backbone_lr_scale={opts['backbone_lr_scale']}: use a positive factor (1.0 trains all parts alike)"
+        )
     return opts
 
 
@@ -192,8 +196,6 @@ class _DenseTask(Task):
         """With ``backbone_lr_scale`` != 1: the pretrained body learns at that fraction of the heads' (and FPN's) rate,
         the usual fine-tuning knob for a backbone that should keep more of what it learnt."""
         scale = float(self.opts["backbone_lr_scale"])
-        if not scale > 0:
-            raise ConfigError(f"task.backbone_lr_scale={scale}: use a positive factor (1.0 trains all parts alike)")
         if scale == 1.0:
             return None
         body = {id(p) for p in _unwrap(model).backbone.body.parameters()}
