@@ -1,11 +1,12 @@
 """Training-step speed of the mosaic dense models on CPU: fp32 against bfloat16 autocast, and AdamW's step variants.
 
-    python benchmarks/dense_step_speed.py [--backbone rapidnet_ti] [--rounds 6] [--threads 2]
+    python benchmarks/dense_step_speed.py [--backbone rapidnet_ti] [--rounds 6] [--threads 2] [--fpn-widths 256 128]
 
 Semantic FPN (batch 8, channels_last) and Mask R-CNN (batch 4, the mosaic config's RPN/RoI settings) train on
 128x128 inputs; fp32 and bf16 steps are interleaved round by round and the medians printed, with their ratio.
 Then one AdamW step over Mask R-CNN's trained parameters: torch's default (for-loop), ``foreach`` and ``fused``.
-One JSON line per measurement.
+With ``--fpn-widths``, Semantic FPN's bf16 steps are also timed at each FPN width (interleaved). One JSON line per
+measurement.
 """
 
 from __future__ import annotations
@@ -58,22 +59,35 @@ def main() -> None:
     p.add_argument("--backbone", default="rapidnet_ti")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fpn-widths", type=int, nargs="*", default=[], help="also time Semantic FPN at these widths")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    seg = semantic_fpn(backbone=args.backbone, num_classes=11).train().to(memory_format=torch.channels_last)
-    seg_opt = torch.optim.AdamW(seg.parameters(), 1e-4, fused=True)
     x = torch.randn(8, 3, 128, 128).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 11, (8, 128, 128))
 
-    def seg_step(amp: bool) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            logits = F.interpolate(seg(x), size=y.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits.float(), y)
-        seg_opt.zero_grad()
-        loss.backward()
-        seg_opt.step()
+    def seg_stepper(fpn_channels: int = 256) -> Callable[[bool], None]:
+        seg = semantic_fpn(backbone=args.backbone, num_classes=11, fpn_channels=fpn_channels)
+        seg = seg.train().to(memory_format=torch.channels_last)
+        seg_opt = torch.optim.AdamW(seg.parameters(), 1e-4, fused=True)
+
+        def seg_step(amp: bool) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                logits = F.interpolate(seg(x), size=y.shape[-2:], mode="bilinear", align_corners=False)
+                loss = F.cross_entropy(logits.float(), y)
+            seg_opt.zero_grad()
+            loss.backward()
+            seg_opt.step()
+
+        return seg_step
+
+    if args.fpn_widths:
+        steppers = {w: seg_stepper(w) for w in args.fpn_widths}
+        t = interleaved({str(w): lambda s=s: s(True) for w, s in steppers.items()}, args.rounds)
+        print(json.dumps({"model": "semantic_fpn_b8_bf16", "backbone": args.backbone, "threads": args.threads,
+                          **{f"fpn{w}_s": round(v, 3) for w, v in t.items()}}))  # fmt: skip
+    seg_step = seg_stepper()
 
     det = mask_rcnn(backbone=args.backbone, num_classes=10, min_size=128, max_size=128,
                     anchor_sizes=[16, 32, 64, 128, 256], rpn_pre_nms_top_n_train=1000,

@@ -241,6 +241,7 @@ def test_timm_backbone_and_its_checkpoint(tmp_path):
         dict(frozen_bn="sometimes"),
         dict(num_classes=0),
         dict(anchor_sizes=(8, 16)),
+        dict(roi_canonical_scale=0),
     ],
 )
 def test_bad_model_options_are_config_errors(kwargs):
@@ -263,3 +264,27 @@ def test_build_args_rebuild_the_same_network():
     rebuilt = semantic_fpn(**json.loads(json.dumps(seg.build_args)))
     rebuilt.load_state_dict(seg.state_dict())
     assert rebuilt.image_mean.flatten().tolist() == [0.5, 0.5, 0.5]
+
+
+def _roi_levels(model, boxes: torch.Tensor) -> list[int]:
+    """The FPN level (2 = P2 .. 5 = P5) the box RoI pooler reads each box from, on a 64x64 input."""
+    pool = model.roi_heads.box_roi_pool
+    feats = model.backbone(torch.zeros(1, 3, 64, 64))
+    pool(feats, [boxes], [(64, 64)])  # sets up the level mapper from the feature sizes
+    return (pool.map_levels([boxes]) + 2).tolist()
+
+
+def test_roi_canonical_scale_sends_pretraining_sized_boxes_to_p4():
+    boxes = torch.tensor([[0.0, 0, 16, 16], [0, 0, 32, 32], [0, 0, 64, 64]])
+    default = mask_rcnn("rapidnet_ti", num_classes=2, **TINY_DET).eval()
+    assert _roi_levels(default, boxes) == [2, 2, 2]  # 224 px to P4: every small box lands on P2
+    model = mask_rcnn("rapidnet_ti", num_classes=2, roi_canonical_scale=32, **TINY_DET).eval()
+    assert _roi_levels(model, boxes) == [3, 4, 5]
+    assert model.roi_heads.mask_roi_pool.output_size == (14, 14)
+    assert model.roi_heads.mask_roi_pool.canonical_scale == 32
+    rebuilt = mask_rcnn(**json.loads(json.dumps(model.build_args)))
+    assert rebuilt.roi_heads.box_roi_pool.canonical_scale == 32
+    rebuilt.load_state_dict(model.state_dict())
+    images, _ = _detection_batch()
+    with torch.no_grad():
+        assert len(model(images)) == 2

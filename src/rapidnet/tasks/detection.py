@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
 
 from rapidnet.errors import ConfigError
 from rapidnet.tasks.dense import (
@@ -54,6 +55,26 @@ def _anchor_generator(sizes: Sequence[int] | Sequence[Sequence[int]], ratios: Se
     return AnchorGenerator(levels, (tuple(float(r) for r in ratios),) * len(levels))
 
 
+def _roi_pools(canonical_scale: int) -> dict[str, MultiScaleRoIAlign]:
+    """torchvision's box (7x7) and mask (14x14) RoI poolers over P2..P5, with the FPN level mapper's canonical scale
+    (the box side that goes to P4) set to ``canonical_scale``.
+
+    Lin et al. map a 224-pixel box to P4 because ImageNet backbones learn objects at 224 pixels. A backbone pretrained
+    on smaller objects (Fashion-MNIST garments at 32 pixels) holds its class features at the same stride for objects
+    of *its* size, so the mapper should follow the pretraining object size.
+    """
+    if not isinstance(canonical_scale, int) or canonical_scale < 1:
+        raise ConfigError(
+            f"roi_canonical_scale={canonical_scale!r}: give the box side in pixels that maps to P4 "
+            "(224 for ImageNet backbones, the pretraining input size otherwise)"
+        )
+    names = ["0", "1", "2", "3"]
+    return {
+        "box_roi_pool": MultiScaleRoIAlign(names, 7, 2, canonical_scale=canonical_scale),
+        "mask_roi_pool": MultiScaleRoIAlign(names, 14, 2, canonical_scale=canonical_scale),
+    }
+
+
 def mask_rcnn(
     backbone: str = "rapidnet_m",
     num_classes: int = 80,
@@ -71,6 +92,7 @@ def mask_rcnn(
     backbone_out_indices: Sequence[int] | None = None,
     backbone_kwargs: Mapping[str, Any] | None = None,
     class_names: Sequence[str] | None = None,
+    roi_canonical_scale: int = 224,
     **kwargs: Any,
 ) -> RapidMaskRCNN:
     """Mask R-CNN + FPN (256 channels, 5 levels) over ``backbone``.
@@ -89,6 +111,8 @@ def mask_rcnn(
         anchor_sizes: one anchor size per FPN level (default 32, 64, 128, 256, 512); smaller for small images.
         image_mean, image_std: input normalisation; default the backbone's (ImageNet's).
         backbone_kwargs: extra arguments for the backbone (e.g. ``depths``/``widths`` of a custom RapidNet).
+        roi_canonical_scale: the box side (pixels) that the RoI heads pool from P4; smaller boxes go to finer
+            levels, one level per halving. 224 (Lin et al., torchvision) suits ImageNet backbones.
         kwargs: passed on to torchvision's ``MaskRCNN`` (``box_detections_per_img``, ``rpn_*``, ``box_*`` ...).
     """
     if not isinstance(num_classes, int) or num_classes < 1:
@@ -103,6 +127,8 @@ def mask_rcnn(
         kwargs["rpn_anchor_generator"] = _anchor_generator(anchor_sizes, aspect_ratios)
     elif tuple(aspect_ratios) != (0.5, 1.0, 2.0):
         kwargs["rpn_anchor_generator"] = _anchor_generator((32, 64, 128, 256, 512), aspect_ratios)
+    if roi_canonical_scale != 224:
+        kwargs.update(_roi_pools(roi_canonical_scale))
     mean, std = image_normalization(cfg, image_mean, image_std)
     model = RapidMaskRCNN(
         neck,
@@ -129,5 +155,6 @@ def mask_rcnn(
         image_std=std,
         backbone_out_indices=backbone_out_indices,
         backbone_kwargs=dict(backbone_kwargs or {}),
+        roi_canonical_scale=roi_canonical_scale,
         **{k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))},
     )
