@@ -1,11 +1,13 @@
 """Training-step speed of the mosaic dense models on CPU: fp32 against bfloat16 autocast, and AdamW's step variants.
 
-    python benchmarks/dense_step_speed.py [--backbone rapidnet_ti] [--rounds 6] [--threads 2] [--fpn-widths 256 128]
+    python benchmarks/dense_step_speed.py [--backbone rapidnet_ti] [--rounds 6] [--threads 2]
+                                          [--fpn-widths 256 128] [--roi-pools]
 
 Semantic FPN (batch 8, channels_last) and Mask R-CNN (batch 4, the mosaic config's RPN/RoI settings) train on
 128x128 inputs; fp32 and bf16 steps are interleaved round by round and the medians printed, with their ratio.
 Then one AdamW step over Mask R-CNN's trained parameters: torch's default (for-loop), ``foreach`` and ``fused``.
-With ``--fpn-widths``, Semantic FPN's bf16 steps are also timed at each FPN width (interleaved). One JSON line per
+With ``--fpn-widths``, Semantic FPN's bf16 steps are also timed at each FPN width (interleaved); with ``--roi-pools``,
+Mask R-CNN's bf16 steps with torchvision's RoIAlign against ours (``rapidnet.tasks.roi_pool``). One JSON line per
 measurement.
 """
 
@@ -19,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import MultiScaleRoIAlign
 
 from rapidnet.tasks.detection import mask_rcnn
 from rapidnet.tasks.segmentation import semantic_fpn
@@ -60,6 +63,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fpn-widths", type=int, nargs="*", default=[], help="also time Semantic FPN at these widths")
+    p.add_argument("--roi-pools", action="store_true", help="also time Mask R-CNN with torchvision's RoIAlign")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -89,19 +93,35 @@ def main() -> None:
                           **{f"fpn{w}_s": round(v, 3) for w, v in t.items()}}))  # fmt: skip
     seg_step = seg_stepper()
 
-    det = mask_rcnn(backbone=args.backbone, num_classes=10, min_size=128, max_size=128,
-                    anchor_sizes=[16, 32, 64, 128, 256], rpn_pre_nms_top_n_train=1000,
-                    rpn_post_nms_top_n_train=200, box_batch_size_per_image=32).train()  # fmt: skip
-    trained = [q for q in det.parameters() if q.requires_grad]
-    det_opt = torch.optim.AdamW(trained, 1e-4, fused=True)
     images, targets = detection_batch()
 
-    def det_step(amp: bool) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = sum(det(images, targets).values())
-        det_opt.zero_grad()
-        loss.backward()
-        det_opt.step()
+    def det_stepper(**pools: MultiScaleRoIAlign) -> tuple[Callable[[bool], None], list[torch.Tensor]]:
+        torch.manual_seed(0)
+        det = mask_rcnn(backbone=args.backbone, num_classes=10, min_size=128, max_size=128,
+                        anchor_sizes=[16, 32, 64, 128, 256], rpn_pre_nms_top_n_train=1000,
+                        rpn_post_nms_top_n_train=200, box_batch_size_per_image=32, **pools).train()  # fmt: skip
+        trained = [q for q in det.parameters() if q.requires_grad]
+        det_opt = torch.optim.AdamW(trained, 1e-4, fused=True)
+
+        def det_step(amp: bool) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = sum(det(images, targets).values())
+            det_opt.zero_grad()
+            loss.backward()
+            det_opt.step()
+
+        return det_step, trained
+
+    if args.roi_pools:
+        names = ["0", "1", "2", "3"]
+        torchvision_pools = {"box_roi_pool": MultiScaleRoIAlign(names, 7, 2),
+                             "mask_roi_pool": MultiScaleRoIAlign(names, 14, 2)}  # fmt: skip
+        steppers = {"torchvision": det_stepper(**torchvision_pools)[0], "rapidnet": det_stepper()[0]}
+        t = interleaved({k: lambda s=s: s(True) for k, s in steppers.items()}, args.rounds)
+        print(json.dumps({"model": "mask_rcnn_b4_bf16_roi_align", "backbone": args.backbone, "threads": args.threads,
+                          **{f"{k}_s": round(v, 3) for k, v in t.items()},
+                          "speedup": round(t["torchvision"] / t["rapidnet"], 2)}))  # fmt: skip
+    det_step, trained = det_stepper()
 
     for name, step in (("semantic_fpn_b8", seg_step), ("mask_rcnn_b4", det_step)):
         t = interleaved({"fp32": lambda s=step: s(False), "bf16": lambda s=step: s(True)}, args.rounds)

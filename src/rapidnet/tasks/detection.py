@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import MultiScaleRoIAlign
 
 from rapidnet.errors import ConfigError
 from rapidnet.tasks.dense import (
@@ -30,6 +29,7 @@ from rapidnet.tasks.dense import (
     image_normalization,
     resolve_bn_mode,
 )
+from rapidnet.tasks.roi_pool import MatmulRoIAlign
 
 __all__ = ["RapidMaskRCNN", "mask_rcnn"]
 
@@ -55,9 +55,10 @@ def _anchor_generator(sizes: Sequence[int] | Sequence[Sequence[int]], ratios: Se
     return AnchorGenerator(levels, (tuple(float(r) for r in ratios),) * len(levels))
 
 
-def _roi_pools(canonical_scale: int) -> dict[str, MultiScaleRoIAlign]:
-    """torchvision's box (7x7) and mask (14x14) RoI poolers over P2..P5, with the FPN level mapper's canonical scale
-    (the box side that goes to P4) set to ``canonical_scale``.
+def _roi_pools(canonical_scale: int) -> dict[str, MatmulRoIAlign]:
+    """torchvision's box (7x7) and mask (14x14) RoI poolers over P2..P5 (with the faster CPU RoIAlign of
+    :mod:`rapidnet.tasks.roi_pool` on small maps), with the FPN level mapper's canonical scale (the box side that goes
+    to P4) set to ``canonical_scale``.
 
     Lin et al. map a 224-pixel box to P4 because ImageNet backbones learn objects at 224 pixels. A backbone pretrained
     on smaller objects (Fashion-MNIST garments at 32 pixels) holds its class features at the same stride for objects
@@ -70,8 +71,8 @@ def _roi_pools(canonical_scale: int) -> dict[str, MultiScaleRoIAlign]:
         )
     names = ["0", "1", "2", "3"]
     return {
-        "box_roi_pool": MultiScaleRoIAlign(names, 7, 2, canonical_scale=canonical_scale),
-        "mask_roi_pool": MultiScaleRoIAlign(names, 14, 2, canonical_scale=canonical_scale),
+        "box_roi_pool": MatmulRoIAlign(names, 7, 2, canonical_scale=canonical_scale),
+        "mask_roi_pool": MatmulRoIAlign(names, 14, 2, canonical_scale=canonical_scale),
     }
 
 
@@ -127,8 +128,8 @@ def mask_rcnn(
         kwargs["rpn_anchor_generator"] = _anchor_generator(anchor_sizes, aspect_ratios)
     elif tuple(aspect_ratios) != (0.5, 1.0, 2.0):
         kwargs["rpn_anchor_generator"] = _anchor_generator((32, 64, 128, 256, 512), aspect_ratios)
-    if roi_canonical_scale != 224:
-        kwargs.update(_roi_pools(roi_canonical_scale))
+    for name, pool in _roi_pools(roi_canonical_scale).items():
+        kwargs.setdefault(name, pool)
     mean, std = image_normalization(cfg, image_mean, image_std)
     model = RapidMaskRCNN(
         neck,
