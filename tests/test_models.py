@@ -199,6 +199,25 @@ def test_fused_cpu_inference_runs_conv_and_gelu_as_one_onednn_call(micro_model, 
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_fused_cpu_model_runs_channels_last_inside_and_answers_in_the_callers_layout(micro_model, tmp_path):
+    fused = rapidnet.reparameterize(micro_model)
+    convs = [m for m in fused.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    x = torch.randn(2, 3, 64, 96)  # NCHW
+    with torch.inference_mode():
+        assert fused._runs_onednn_channels_last(x)
+        assert not fused._runs_onednn_channels_last(x.contiguous(memory_format=torch.channels_last))
+        assert not micro_model._runs_onednn_channels_last(x)  # unfused: no oneDNN units, no detour
+        features = fused.forward_features(x)
+        reference = micro_model.forward_features(x)
+    assert features.is_contiguous()  # NCHW in, NCHW out
+    assert torch.allclose(features, reference, rtol=1e-4, atol=1e-4)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(rapidnet.save_weights(fused, tmp_path / "fused.safetensors")))  # channels_last weights save
+    assert all(torch.equal(saved[k], v) for k, v in fused.state_dict().items())
+
+
 def test_bad_constructor_arguments():
     with pytest.raises(rapidnet.ConfigError, match="unknown model"):
         rapidnet.create_model("rapidnet_xl")

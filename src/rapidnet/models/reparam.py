@@ -12,15 +12,23 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 
 def reparameterize_(model: nn.Module) -> nn.Module:
     """Fold ``model`` in place (eval mode); works on classifiers and ``features_only`` wrappers alike."""
+    from rapidnet.models.rapidnet import RapidNet
+
     model.eval()
     for module in list(model.modules()):
         if module is not model and hasattr(module, "reparameterize"):
             module.reparameterize()
+    for module in model.modules():
+        if isinstance(module, RapidNet) and all(p.device.type == "cpu" for p in module.parameters()):
+            # oneDNN's kernels want channels_last weights: without them every conv reorders its weight per call
+            # (fused RapidNet-Ti on NCHW input: 21.5 -> 18.9 ms, docs/performance.md). Values are unchanged.
+            module.to(memory_format=torch.channels_last)
     return model
 
 

@@ -11,9 +11,9 @@ of shape ``(PW, W)``: one matrix product per image for the rows of all its boxes
 the columns, and the backward passes are matrix products too (parallel, vectorised). The result equals
 torchvision's to float rounding, gradients included (tested).
 
-This costs about ``PH*C*H*W`` multiply-adds per box, which beats the direct loop only while maps are small, so it runs on
-CPU for maps of at most ``MAX_PIXELS`` pixels (the 128-pixel mosaic's P2 has 1,024). Larger maps, other devices,
-an adaptive sampling ratio, tracing and scripting use torchvision's op.
+This costs about ``PH*C*H*W`` multiply-adds per box, which beats the direct loop only while maps are small, so it
+runs on CPU for maps of at most ``MAX_PIXELS`` pixels (the 128-pixel mosaic's P2 has 1,024). Larger maps, other
+devices, an adaptive sampling ratio, tracing and scripting use torchvision's op.
 """
 
 from __future__ import annotations
