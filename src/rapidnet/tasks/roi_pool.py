@@ -60,7 +60,7 @@ def roi_align_matmul(
     if rois.shape[0] == 0:
         return result
     with torch.autocast(features.device.type, enabled=False):
-        boxes = rois[:, 1:].float() * spatial_scale
+        boxes = rois[:, 1:].detach().float() * spatial_scale  # no gradient to the boxes, as in torchvision
         wy = _axis_weights(boxes[:, 1], boxes[:, 3], ph, sampling_ratio, h)  # (K, PH, H)
         wx = _axis_weights(boxes[:, 0], boxes[:, 2], pw, sampling_ratio, w)  # (K, PW, W)
         batch = rois[:, 0].long()
