@@ -15,11 +15,11 @@ import copy
 import torch
 from torch import nn
 
+from rapidnet.models.rapidnet import RapidNet
+
 
 def reparameterize_(model: nn.Module) -> nn.Module:
     """Fold ``model`` in place (eval mode); works on classifiers and ``features_only`` wrappers alike."""
-    from rapidnet.models.rapidnet import RapidNet
-
     model.eval()
     for module in list(model.modules()):
         if module is not model and hasattr(module, "reparameterize"):

@@ -56,18 +56,14 @@ def _anchor_generator(sizes: Sequence[int] | Sequence[Sequence[int]], ratios: Se
 
 
 def _roi_pools(canonical_scale: int) -> dict[str, MatmulRoIAlign]:
-    """torchvision's box (7x7) and mask (14x14) RoI poolers over P2..P5 (with the faster CPU RoIAlign of
-    :mod:`rapidnet.tasks.roi_pool` on small maps), with the FPN level mapper's canonical scale (the box side that goes
-    to P4) set to ``canonical_scale``.
-
-    Lin et al. map a 224-pixel box to P4 because ImageNet backbones learn objects at 224 pixels. A backbone pretrained
-    on smaller objects (Fashion-MNIST garments at 32 pixels) holds its class features at the same stride for objects
-    of *its* size, so the mapper should follow the pretraining object size.
-    """
+    """torchvision's box (7x7) and mask (14x14) RoI poolers over P2..P5, with the faster CPU RoIAlign of
+    :mod:`rapidnet.tasks.roi_pool` on small maps and the FPN level mapper's canonical scale (the box side pooled from
+    P4) set to ``canonical_scale``. On the mosaic, 32 (the garments' pretraining size) did worse than 224
+    (``docs/results.md``), so 224 stays the default."""
     if not isinstance(canonical_scale, int) or canonical_scale < 1:
         raise ConfigError(
             f"roi_canonical_scale={canonical_scale!r}: give the box side in pixels that maps to P4 "
-            "(224 for ImageNet backbones, the pretraining input size otherwise)"
+            "(torchvision's default is 224)"
         )
     names = ["0", "1", "2", "3"]
     return {

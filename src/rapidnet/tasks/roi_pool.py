@@ -94,7 +94,7 @@ class MatmulRoIAlign(MultiScaleRoIAlign):
                 features, image_shapes, self.canonical_scale, self.canonical_level
             )
         rois = _convert_to_roi_format(boxes)
-        levels = self.map_levels(boxes) if len(features) > 1 else torch.zeros(len(rois), dtype=torch.int64)
+        levels = self.map_levels(boxes)  # all zeros when there is one level
         result = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
         for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
             index = torch.where(levels == level)[0]
