@@ -1,14 +1,15 @@
 """Training-step speed of the mosaic dense models on CPU: fp32 against bfloat16 autocast, and AdamW's step variants.
 
     python benchmarks/dense_step_speed.py [--backbone rapidnet_ti] [--rounds 6] [--threads 2]
-                                          [--fpn-widths 256 128] [--roi-pools]
+                                          [--fpn-widths 256 128] [--roi-pools] [--det-channels-last]
 
 Semantic FPN (batch 8, channels_last) and Mask R-CNN (batch 4, the mosaic config's RPN/RoI settings) train on
 128x128 inputs; fp32 and bf16 steps are interleaved round by round and the medians printed, with their ratio.
 Then one AdamW step over Mask R-CNN's trained parameters: torch's default (for-loop), ``foreach`` and ``fused``.
 With ``--fpn-widths``, Semantic FPN's bf16 steps are also timed at each FPN width (interleaved); with ``--roi-pools``,
-Mask R-CNN's bf16 steps with torchvision's RoIAlign against ours (``rapidnet.tasks.roi_pool``). One JSON line per
-measurement.
+Mask R-CNN's bf16 steps with torchvision's RoIAlign against ours (``rapidnet.tasks.roi_pool``); with
+``--det-channels-last``, Mask R-CNN's bf16 steps with NCHW against channels_last weights (``train.channels_last``).
+One JSON line per measurement.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fpn-widths", type=int, nargs="*", default=[], help="also time Semantic FPN at these widths")
     p.add_argument("--roi-pools", action="store_true", help="also time Mask R-CNN with torchvision's RoIAlign")
+    p.add_argument("--det-channels-last", action="store_true", help="also time Mask R-CNN with channels_last weights")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -95,11 +97,15 @@ def main() -> None:
 
     images, targets = detection_batch()
 
-    def det_stepper(**pools: MultiScaleRoIAlign) -> tuple[Callable[[bool], None], list[torch.Tensor]]:
+    def det_stepper(
+        channels_last: bool = False, **pools: MultiScaleRoIAlign
+    ) -> tuple[Callable[[bool], None], list[torch.Tensor]]:
         torch.manual_seed(0)
         det = mask_rcnn(backbone=args.backbone, num_classes=10, min_size=128, max_size=128,
                         anchor_sizes=[16, 32, 64, 128, 256], rpn_pre_nms_top_n_train=1000,
                         rpn_post_nms_top_n_train=200, box_batch_size_per_image=32, **pools).train()  # fmt: skip
+        if channels_last:
+            det = det.to(memory_format=torch.channels_last)
         trained = [q for q in det.parameters() if q.requires_grad]
         det_opt = torch.optim.AdamW(trained, 1e-4, fused=True)
 
@@ -121,6 +127,12 @@ def main() -> None:
         print(json.dumps({"model": "mask_rcnn_b4_bf16_roi_align", "backbone": args.backbone, "threads": args.threads,
                           **{f"{k}_s": round(v, 3) for k, v in t.items()},
                           "speedup": round(t["torchvision"] / t["rapidnet"], 2)}))  # fmt: skip
+    if args.det_channels_last:
+        steppers = {"nchw": det_stepper()[0], "channels_last": det_stepper(channels_last=True)[0]}
+        t = interleaved({k: lambda s=s: s(True) for k, s in steppers.items()}, args.rounds)
+        print(json.dumps({"model": "mask_rcnn_b4_bf16_layout", "backbone": args.backbone, "threads": args.threads,
+                          **{f"{k}_s": round(v, 3) for k, v in t.items()},
+                          "speedup": round(t["nchw"] / t["channels_last"], 2)}))  # fmt: skip
     det_step, trained = det_stepper()
 
     for name, step in (("semantic_fpn_b8", seg_step), ("mask_rcnn_b4", det_step)):

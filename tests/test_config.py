@@ -51,14 +51,22 @@ def test_mosaic_backbone_comparison_uses_one_recipe(task):
         for model in ("rapidnet_ti", "mobilenetv2_140")
     )
     assert sorted(k for k, _, _ in config_diff(ti, mnv2)) == ["model.name", "task.backbone_checkpoint", "train.output"]
-    # ... and each backbone checkpoint is the output of one Fashion-MNIST classification recipe, again same but names
+    # ... and each backbone checkpoint is the end of one two-stage Fashion-MNIST recipe, again same but names:
+    # the demo classifier (32 px), then the zoom stage (garments at 32-80 px) fine-tuned from it
     pretraining = [
         config_to_dict(load_config(CONFIGS / name))
         for name in ("fashion_mnist_rapidnet_ti.yaml", "fashion_mnist_mobilenetv2_140_demo.yaml")
     ]
+    zoom = [
+        config_to_dict(load_config(CONFIGS / name))
+        for name in ("fashion_mnist_rapidnet_ti_zoom.yaml", "fashion_mnist_mobilenetv2_140_zoom.yaml")
+    ]
     assert sorted(k for k, _, _ in config_diff(*pretraining)) == ["model.name", "train.output"]
-    for dense, pre in zip((ti, mnv2), pretraining, strict=True):
-        assert dense["task"]["backbone_checkpoint"] == f"{pre['train']['output']}/model_best.safetensors"
+    assert sorted(k for k, _, _ in config_diff(*zoom)) == ["model.checkpoint", "model.name", "train.output"]
+    for dense, pre, second in zip((ti, mnv2), pretraining, zoom, strict=True):
+        assert second["model"]["checkpoint"] == f"{pre['train']['output']}/model_best.safetensors"
+        assert second["aug"]["zoom"] and second["model"]["name"] == pre["model"]["name"]
+        assert dense["task"]["backbone_checkpoint"] == f"{second['train']['output']}/last.pt"
 
 
 def test_inheritance_overrides_and_flags_apply_in_order(tmp_path):

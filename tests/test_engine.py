@@ -134,6 +134,38 @@ def test_tensor_batches_augment_reproducibly():
     assert x.min() >= (0 - 0.5) / 0.25 and x.max() <= (1 - 0.5) / 0.25
 
 
+def test_tensor_batches_zoom_draws_one_size_per_batch_and_places_each_image_at_random():
+    images = torch.full((16, 32, 32), 255, dtype=torch.uint8)  # white tiles: the placed patch is its own mask
+    sampler = SeededSampler(16, batch_size=8, seed=0)
+    tb = TensorBatches(images, torch.arange(16), sampler, mean=(0.0,) * 3, std=(1.0,) * 3, hflip=0.5, zoom=(20, 60))
+    sizes, places = set(), set()
+    for epoch in range(4):
+        for x, _, _ in tb.batches(epoch, 0):
+            assert x.shape[-1] == x.shape[-2] and x.min() >= 0 and x.max() <= 1
+            on = x[:, 0] > 0.99
+            rows, cols = on.any(2), on.any(1)
+            heights, widths = rows.sum(1), cols.sum(1)
+            assert len(set(heights.tolist())) == 1 and len(set(widths.tolist())) == 1  # one size per batch
+            side = max(heights[0], widths[0]).item()
+            assert 20 * (3 / 4) ** 0.5 - 1 <= side <= 60 * (4 / 3) ** 0.5 + 1
+            assert side <= x.shape[-1] <= round(side * 1.25) + 1  # a canvas up to a quarter larger
+            assert on.sum((1, 2)).tolist() == (heights * widths).tolist()  # a filled rectangle each
+            sizes.add(x.shape[-1])
+            places.update(zip(rows.float().argmax(1).tolist(), cols.float().argmax(1).tolist(), strict=True))
+    assert len(sizes) > 2 and len(places) > 8
+    again = next(iter(tb.batches(3, 0)))[0]
+    assert torch.equal(again, next(iter(tb.batches(3, 0)))[0])  # reproducible per (seed, epoch, batch)
+    noisy = TensorBatches(images // 2, torch.arange(16), sampler, mean=(0.0,) * 3, std=(1.0,) * 3, noise=8.0)
+    x = next(iter(noisy.batches(0, 0)))[0]
+    assert x.std() > 0 and x.min() >= 0 and x.max() <= 1
+
+
+@pytest.mark.parametrize("zoom", [[1, 8], [40, 20], [32]])
+def test_zoom_config_is_checked(zoom):
+    with pytest.raises(ConfigError, match=r"aug\.zoom"):
+        load_config(values={"aug.zoom": zoom})
+
+
 def test_jsonl_log_survives_a_torn_line_and_truncates(tmp_path):
     log = JsonlLog(tmp_path / "log.jsonl")
     for epoch in (1, 2, 3):

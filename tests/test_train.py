@@ -145,6 +145,17 @@ def test_short_run_writes_checkpoints_logs_and_weights_that_eval_reproduces(shor
     assert fused["reparameterized"] and abs(fused["top1"] - best) <= 100 / N_VAL + 1e-9  # at most one image flips
 
 
+def test_eval_interval_skips_evaluation_but_not_the_last_epoch(fm, tiny_config, tmp_path, capsys):
+    out = tmp_path / "sparse"
+    assert train_on(tiny_config, fm, out, "--epochs", "3", "--eval-interval", "2", "--limit-train", "48") == 0
+    records = read_jsonl(out / "log.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [r.get("val_top1") is not None for r in records] == [False, True, True]
+    assert [r["best_epoch"] for r in records] == [None, 2, records[2]["best_epoch"]]
+    assert "evaluated every 2 epochs" in capsys.readouterr().out
+    assert (out / "model_best.safetensors").is_file() and (out / "last.pt").is_file()
+
+
 def test_plot_writes_png(short_run, tmp_path, capsys):
     out = tmp_path / "curves.png"
     assert main(["plot", str(short_run), "-o", str(out)]) == 0

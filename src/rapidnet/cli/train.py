@@ -37,6 +37,7 @@ FLAG_KEYS: dict[str, str] = {
     "ema": "ema.enabled",
     "pipeline": "data.pipeline",
     "log_interval": "train.log_interval",
+    "eval_interval": "train.eval_interval",
 }
 
 
@@ -85,6 +86,7 @@ def add_train_options(
     p.add_argument("--limit-val", type=int, metavar="N", help="validate on a fixed random subset of N images")
     p.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")
     p.add_argument("--log-interval", type=int, metavar="STEPS", help="steps between steps.jsonl records")
+    p.add_argument("--eval-interval", type=int, metavar="EPOCHS", help="evaluate every N epochs and after the last")
     p.add_argument(
         "--set",
         dest="overrides",

@@ -520,7 +520,8 @@ class Trainer:
             return "?"
 
     def _end_epoch(self) -> dict[str, Any]:
-        """Schedule, evaluate (model and EMA), save ``last``/``best``/exported weights, log; return the record."""
+        """Schedule, evaluate (model and EMA; every ``train.eval_interval`` epochs and after the last), save
+        ``last``/``best``/exported weights, log; return the record."""
         cfg, task = self.cfg, self.task
         epoch = self.epoch
         lr = self.optimizer.param_groups[0]["lr"]  # the last step's, before the schedule moves on
@@ -534,8 +535,11 @@ class Trainer:
             if self.ema is not None:
                 distribute_bn(self.ema.module, self.info.world_size, reduce=True)
         t0 = time.perf_counter()
-        metrics = task.evaluate(self.model)
-        ema_metrics = task.evaluate(self.ema.module) if self.ema is not None and cfg.ema.evaluate else None
+        metrics: dict[str, float] = {}
+        ema_metrics = None
+        if (epoch + 1) % cfg.train.eval_interval == 0 or epoch + 1 >= cfg.train.epochs:
+            metrics = task.evaluate(self.model)
+            ema_metrics = task.evaluate(self.ema.module) if self.ema is not None and cfg.ema.evaluate else None
         eval_time = time.perf_counter() - t0
 
         key = task.primary_metric
@@ -578,7 +582,7 @@ class Trainer:
     ) -> str:
         fmt = self.task.format_metrics
         text = f"epoch {record['epoch']}/{self.cfg.train.epochs}  train loss {record['train_loss']:.4f}"
-        text += f"  val {fmt(metrics)}"
+        text += f"  val {fmt(metrics)}" if metrics else f"  (evaluated every {self.cfg.train.eval_interval} epochs)"
         if ema is not None:
             text += f"  | ema {fmt(ema)}"
         text += f"  lr {record['lr']:.2e}  {record['img_per_s']:.0f} img/s  {record['epoch_time']:.1f} s"

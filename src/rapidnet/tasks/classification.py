@@ -376,9 +376,11 @@ def evaluate_classifier(
 class TensorBatches:
     """Whole-batch augmentation of in-memory images (pre-resized uint8), yielding ``(images, targets, [])``.
 
-    Per batch: random crop of the zero-padded image (``padding`` pixels each side), horizontal flip, conversion to
-    float and normalisation, then timm random erasing. Grayscale images become 3 identical channels, as the PIL
-    path's ``convert("RGB")`` makes them. Each batch's draws depend only on ``(seed, epoch, batch, rank)``.
+    Per batch: random crop of the zero-padded image (``padding`` pixels each side), optionally a zoom (resize to a
+    side drawn from ``zoom`` with an aspect from ``ratio``, each image placed at random on a black canvas up to a
+    quarter larger), horizontal flip, optional Gaussian noise, conversion to float and normalisation, then timm
+    random erasing. Grayscale images become 3 identical channels, as the PIL path's ``convert("RGB")`` makes them.
+    Each batch's draws depend only on ``(seed, epoch, batch, rank)``.
     """
 
     def __init__(
@@ -391,6 +393,9 @@ class TensorBatches:
         hflip: float = 0.5,
         padding: int = 0,
         erasing: Any = None,
+        zoom: Sequence[int] | None = None,
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        noise: float = 0.0,
     ) -> None:
         self.images = images if images.ndim == 4 else images[:, None]
         self.targets = targets
@@ -400,6 +405,9 @@ class TensorBatches:
         self.hflip = hflip
         self.padding = padding
         self.erasing = erasing
+        self.zoom = tuple(zoom) if zoom else None
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.noise = noise
 
     def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         s = self.sampler
@@ -420,10 +428,15 @@ class TensorBatches:
             rows = (oy[:, None] + torch.arange(h))[:, :, None]
             cols = (ox[:, None] + torch.arange(w))[:, None, :]
             x = padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+        x = x.float()
+        if self.zoom is not None:
+            x = self._zoom(x)
         if self.hflip > 0:
             flip = torch.rand(n) < self.hflip
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        x = x.float().div_(255)
+        if self.noise > 0:
+            x = (x + torch.randn_like(x) * float(torch.empty(()).uniform_(0, self.noise))).clamp_(0, 255)
+        x = x.div_(255)
         channels = self.mean.shape[1]
         if x.shape[1] != channels:
             x = x.expand(-1, channels, -1, -1)
@@ -431,6 +444,21 @@ class TensorBatches:
         if self.erasing is not None:
             x = self.erasing(x)
         return x.contiguous()
+
+    def _zoom(self, x: torch.Tensor) -> torch.Tensor:
+        """Resize the batch to one drawn size and aspect; place each image at random on a black square canvas."""
+        n, c = x.shape[:2]
+        side = int(torch.randint(self.zoom[0], self.zoom[1] + 1, ()))
+        aspect = math.exp(float(torch.empty(()).uniform_(*self.log_ratio)))
+        gh, gw = max(1, round(side * math.sqrt(aspect))), max(1, round(side / math.sqrt(aspect)))
+        x = F.interpolate(x, size=(gh, gw), mode="bilinear", align_corners=False, antialias=True).clamp_(0, 255)
+        canvas = round(max(gh, gw) * float(torch.empty(()).uniform_(1.0, 1.25)))
+        out = x.new_zeros(n, c, canvas, canvas)
+        tops = torch.randint(0, canvas - gh + 1, (n,)).tolist()
+        lefts = torch.randint(0, canvas - gw + 1, (n,)).tolist()
+        for i, (top, left) in enumerate(zip(tops, lefts, strict=True)):
+            out[i, :, top : top + gh, left : left + gw] = x[i]
+        return out
 
 
 def _resize_in_memory(dataset: Any, indices: Sequence[int], data_config: dict[str, Any]) -> torch.Tensor:
@@ -481,6 +509,8 @@ class ClassificationTask(Task):
         self.mixup_active = (a.mixup > 0 or a.cutmix > 0) and a.mixup_prob > 0
         if self.mixup_active and d.batch_size % 2:
             raise ConfigError(f"data.batch_size {d.batch_size} is odd: Mixup/CutMix pair images, use an even batch")
+        if d.pipeline != "tensor" and (a.zoom or a.noise > 0):
+            raise ConfigError("aug.zoom and aug.noise work in the tensor pipeline only: set data.pipeline tensor")
         if d.pipeline == "tensor" and not hasattr(self.train_set, "images"):
             raise ConfigError(
                 f"data.pipeline 'tensor' needs an in-memory data set such as Fashion-MNIST, not {d.path}: "
@@ -566,6 +596,9 @@ class ClassificationTask(Task):
                 hflip=a.hflip,
                 padding=a.crop_padding,
                 erasing=erasing,
+                zoom=a.zoom,
+                ratio=a.ratio,
+                noise=a.noise,
             )
         else:
             self.train_set.transform = build_train_transform(cfg, self.data_config)
@@ -644,6 +677,10 @@ class ClassificationTask(Task):
         lines.append(f"model {cfg.model.name}: {self.params / 1e6:.2f} M parameters, {head}")
         if d.pipeline == "tensor":
             aug = [f"random crop (pad {a.crop_padding})", f"flip {a.hflip}"]
+            if a.zoom:
+                aug.append(f"zoom to {a.zoom[0]}-{a.zoom[1]} px")
+            if a.noise > 0:
+                aug.append(f"noise std up to {a.noise:g}")
             ignored = [k for k in ("auto_augment", "color_jitter") if getattr(a, k)]
             if ignored:
                 aug.append(f"({', '.join(ignored)} not applied by the tensor pipeline)")
