@@ -425,9 +425,7 @@ class TensorBatches:
             padded = F.pad(x, (p, p, p, p))
             oy = torch.randint(0, 2 * p + 1, (n,))
             ox = torch.randint(0, 2 * p + 1, (n,))
-            rows = (oy[:, None] + torch.arange(h))[:, :, None]
-            cols = (ox[:, None] + torch.arange(w))[:, None, :]
-            x = padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+            x = _crop_each(padded, oy, ox, h, w)
         x = x.float()
         if self.zoom is not None:
             x = self._zoom(x)
@@ -447,18 +445,26 @@ class TensorBatches:
 
     def _zoom(self, x: torch.Tensor) -> torch.Tensor:
         """Resize the batch to one drawn size and aspect; place each image at random on a black square canvas."""
-        n, c = x.shape[:2]
+        n = len(x)
         side = int(torch.randint(self.zoom[0], self.zoom[1] + 1, ()))
         aspect = math.exp(float(torch.empty(()).uniform_(*self.log_ratio)))
         gh, gw = max(1, round(side * math.sqrt(aspect))), max(1, round(side / math.sqrt(aspect)))
         x = F.interpolate(x, size=(gh, gw), mode="bilinear", align_corners=False, antialias=True).clamp_(0, 255)
         canvas = round(max(gh, gw) * float(torch.empty(()).uniform_(1.0, 1.25)))
-        out = x.new_zeros(n, c, canvas, canvas)
-        tops = torch.randint(0, canvas - gh + 1, (n,)).tolist()
-        lefts = torch.randint(0, canvas - gw + 1, (n,)).tolist()
-        for i, (top, left) in enumerate(zip(tops, lefts, strict=True)):
-            out[i, :, top : top + gh, left : left + gw] = x[i]
-        return out
+        tops = torch.randint(0, canvas - gh + 1, (n,))
+        lefts = torch.randint(0, canvas - gw + 1, (n,))
+        # the image at (top, left) of the canvas is the canvas-sized crop at (free - top, free - left) of the image
+        # zero-padded by the free space on every side
+        free_y, free_x = canvas - gh, canvas - gw
+        padded = F.pad(x, (free_x, free_x, free_y, free_y))
+        return _crop_each(padded, free_y - tops, free_x - lefts, canvas, canvas)
+
+
+def _crop_each(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """One ``h x w`` crop per image of the batch ``x``, image ``i``'s at ``(top[i], left[i])``, in one gather."""
+    rows = (top[:, None] + torch.arange(h))[:, :, None]
+    cols = (left[:, None] + torch.arange(w))[:, None, :]
+    return x[torch.arange(len(x))[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
 
 
 def _resize_in_memory(dataset: Any, indices: Sequence[int], data_config: dict[str, Any]) -> torch.Tensor:
