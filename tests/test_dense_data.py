@@ -397,3 +397,21 @@ def test_ade20k_bad_input_errors(tmp_path):
 
     with pytest.raises(DataError):
         ADE20KSegmentation(root, "testing")
+
+
+def test_crop_box_retries_for_mixed_crops_and_skips_single_placements():
+    from rapidnet.data.ade20k import SegTrainTransform
+
+    label = torch.zeros(64, 64, dtype=torch.long)
+    label[:, 32:] = torch.arange(32).repeat(64, 1) % 3 + 1  # classes only in the right half
+    transform = SegTrainTransform(scale=None, ratio_range=None, crop_size=(32, 32), cat_max_ratio=0.75)
+    torch.manual_seed(0)
+    for _ in range(20):
+        top, left, ch, cw = transform._crop_box(label)
+        patch = label[top : top + ch, left : left + cw]
+        counts = torch.bincount(patch.flatten())
+        assert counts.max() / counts.sum() < 0.75  # a background-only crop is redrawn
+    small = label[:24, 20:44]  # smaller than the crop: the whole map is the only box
+    state = torch.get_rng_state()
+    assert transform._crop_box(small) == (0, 0, 24, 24)
+    assert torch.equal(torch.get_rng_state(), state)  # no draws spent on it

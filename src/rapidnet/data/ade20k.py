@@ -121,6 +121,8 @@ class SegTrainTransform:
         h, w = label.shape[-2:]
         ch, cw = min(self.crop_size[0], h), min(self.crop_size[1], w)
         box = (0, 0, ch, cw)
+        if (ch, cw) == (h, w):  # one placement only: nothing to draw or retry (mosaic scenes scaled down)
+            return box
         for _ in range(10):
             top = int(torch.randint(0, h - ch + 1, ()).item())
             left = int(torch.randint(0, w - cw + 1, ()).item())
