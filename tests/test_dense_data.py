@@ -400,8 +400,6 @@ def test_ade20k_bad_input_errors(tmp_path):
 
 
 def test_crop_box_retries_for_mixed_crops_and_skips_single_placements():
-    from rapidnet.data.ade20k import SegTrainTransform
-
     label = torch.zeros(64, 64, dtype=torch.long)
     label[:, 32:] = torch.arange(32).repeat(64, 1) % 3 + 1  # classes only in the right half
     transform = SegTrainTransform(scale=None, ratio_range=None, crop_size=(32, 32), cat_max_ratio=0.75)
