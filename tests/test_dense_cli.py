@@ -226,6 +226,41 @@ def test_seg_train_eval_and_predict(capsys, seg_run, mosaic, tmp_path):
     assert overlay.size[0] >= 256
 
 
+def test_seg_test_scale_resizes_evaluation_only_and_eval_scale_overrides_it(capsys, seg_run, mosaic, monkeypatch):
+    """``task.test_scale`` sets the evaluation resize (stored with the weights) and leaves training's rescale alone;
+    without it evaluation uses ``scale``; ``seg eval --scale`` replaces the stored one; a bad scale is one line."""
+    import yaml
+
+    import rapidnet.tasks.dense_tasks as dense_tasks
+    from rapidnet.config import config_from_dict
+    from rapidnet.tasks.dense_tasks import SegmentationTask, load_dense_model
+
+    tree = yaml.safe_load(SEG_CONFIG)
+    tree["data"]["path"] = str(mosaic)
+    plain = SegmentationTask(config_from_dict(tree))
+    train, val = plain._open_data()
+    assert train.transforms.scale == val.transforms.scale == (64, 64)
+    tree["task"]["test_scale"] = [96, 80]
+    task = SegmentationTask(config_from_dict(tree))
+    train, val = task._open_data()
+    assert train.transforms.scale == (64, 64) and val.transforms.scale == (96, 80)
+    image, target = val[0]
+    assert image.shape[-2:] == (80, 80) and target["sem_seg"].shape[-2:] == (64, 64)  # fits 96x80; label unresized
+    task.classes = list(train.classes)
+    assert task.eval_args()["scale"] == [96, 80]
+    assert load_dense_model(seg_run / "model_best.safetensors", "segmentation")[1]["eval_args"]["scale"] == [64, 64]
+
+    seen: list = []
+    real = dense_tasks.build_dense_eval_dataset
+    monkeypatch.setattr(dense_tasks, "build_dense_eval_dataset", lambda *a: seen.append(a[2]["scale"]) or real(*a))
+    code, out, _ = _run(capsys, "seg", "eval", "--checkpoint", seg_run / "last.pt", "--data", mosaic, "--scale", 96,
+                        96, "--json")  # fmt: skip
+    assert code == 0 and seen == [[96, 96]] and 0 < json.loads(out)["aAcc"] <= 100
+    code, _, err = _run(capsys, "seg", "eval", "--checkpoint", seg_run / "last.pt", "--data", mosaic, "--scale", 0,
+                        96)  # fmt: skip
+    assert code == 2 and "--scale" in _one_line_error(err, "seg")
+
+
 # ---- configs -------------------------------------------------------------------------------------------------------
 
 DENSE_CONFIGS = sorted(

@@ -43,6 +43,11 @@ def add_dense_parser(sub: argparse._SubParsersAction, kind: str, doc: str) -> ar
     e.add_argument("--limit", type=int, metavar="N", help="a fixed random subset of N images (as --limit-val)")
     e.add_argument("--raw-weights", action="store_true", help="the raw weights, not the EMA ones, when both exist")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    if kind == "segmentation":
+        e.add_argument(
+            "--scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
+            help="resize images to fit these sides instead of the run's test scale (e.g. to compare scales)",
+        )  # fmt: skip
 
     r = actions.add_parser("predict", help="PNG overlays of the model's predictions")
     r.add_argument("images", nargs="+", help="image files")
@@ -84,6 +89,10 @@ def _eval(args: argparse.Namespace, kind: str) -> int:
         raise DataError(f"data set folder {args.data} not found: pass the folder the model was trained on")
     device = resolve_device(args.device)
     model, meta = _load(args.checkpoint, kind, device, use_ema=not args.raw_weights)
+    if getattr(args, "scale", None) is not None:
+        if min(args.scale) < 1:
+            raise ConfigError(f"--scale {args.scale[0]} {args.scale[1]}: give two positive sides, e.g. --scale 160 160")
+        meta["eval_args"]["scale"] = list(args.scale)
     dataset = build_dense_eval_dataset(kind, args.data, meta["eval_args"])
     if list(dataset.classes) != list(meta["class_names"]):
         raise DataError(f"{args.data} has other classes than {args.checkpoint} was trained on: use the same data")

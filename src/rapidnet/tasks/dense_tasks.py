@@ -62,6 +62,7 @@ SEGMENTATION_DEFAULTS: dict[str, Any] = {
     "trainable_stages": 5,
     "backbone_lr_scale": 1.0,  # the pretrained backbone's learning rate over the heads' (fine-tuning)
     "scale": [2048, 512],
+    "test_scale": None,  # evaluation resize; default: scale (random rescaling enlarges on average, so more can fit)
     "ratio_range": [0.5, 2.0],
     "crop_size": [512, 512],
     "cat_max_ratio": 0.75,
@@ -373,7 +374,7 @@ class SegmentationTask(_DenseTask):
             photometric=bool(o["photometric"]),
             **common,
         )
-        val = build_dense_eval_dataset(self.kind, self.cfg.data.path, common)
+        val = build_dense_eval_dataset(self.kind, self.cfg.data.path, {**common, "scale": self._test_scale()})
         self.reduce_zero_label = train.reduce_zero_label
         self.ignore_index = train.ignore_index
         return train, val
@@ -403,9 +404,11 @@ class SegmentationTask(_DenseTask):
 
         return SegmentationMetrics(len(self.classes), self.ignore_index, self.classes)
 
+    def _test_scale(self) -> Any:
+        return self.opts["test_scale"] if self.opts["test_scale"] is not None else self.opts["scale"]
+
     def eval_args(self) -> dict[str, Any]:
-        o = self.opts
-        return {"num_classes": len(self.classes), "reduce_zero_label": self.reduce_zero_label, "scale": o["scale"]}
+        return {"num_classes": len(self.classes), "reduce_zero_label": self.reduce_zero_label, "scale": self._test_scale()}
 
     def format_metrics(self, metrics: dict[str, float]) -> str:
         return f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}"
