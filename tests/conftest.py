@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -88,3 +91,20 @@ def fm_root(tmp_path_factory) -> Path:
         write_idx(root / FASHION_MNIST_FILES[f"{split}-images"], images)
         write_idx(root / FASHION_MNIST_FILES[f"{split}-labels"], rng.integers(0, 10, n).astype(np.uint8))
     return root
+
+
+@pytest.fixture
+def torchrun() -> Callable[..., subprocess.CompletedProcess]:
+    """``torchrun(*rapidnet_args)``: the ``rapidnet`` CLI in 2 CPU processes (gloo, one thread each, a free port)."""
+
+    def run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        src = Path(rapidnet.__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "rapidnet.cli.main", *map(str, args)]  # fmt: skip
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -261,6 +261,26 @@ def test_seg_test_scale_resizes_evaluation_only_and_eval_scale_overrides_it(caps
     assert code == 2 and "--scale" in _one_line_error(err, "seg")
 
 
+@pytest.mark.parametrize("kind, config, metric", [("seg", SEG_CONFIG, "mIoU"), ("det", DET_CONFIG, "bbox_AP")])
+def test_dense_train_under_torchrun_evaluates_each_image_once(kind, config, metric, mosaic, tmp_path, capsys, torchrun):
+    """``det|seg train`` in 2 processes (gloo): rank 0 alone writes the log, an epoch is the global batches once,
+    and the distributed evaluation (3 images: shares of 2 and 1, no padding) matches a 1-process ``eval``."""
+    (tmp_path / "config.yaml").write_text(config)
+    out = tmp_path / "run"
+    proc = torchrun(kind, "train", "--config", tmp_path / "config.yaml", "--data", mosaic, "--output", out,
+                    "--batch-size", 1, "--no-progress")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    (record,) = _records(out)
+    assert record["step"] == 6 // (1 * 2)  # 6 scenes, batch 1 per process
+    code, text, _ = _run(capsys, kind, "eval", "--checkpoint", out / "model_best.safetensors", "--data", mosaic,
+                         "--json")  # fmt: skip
+    metrics = json.loads(text)
+    assert code == 0 and metrics["images"] == 3
+    for key in [k for k in metrics if k != "images"]:
+        assert _same(metrics[key], record[f"val_{key}"]), key
+
+
 # ---- configs -------------------------------------------------------------------------------------------------------
 
 DENSE_CONFIGS = sorted(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -347,13 +346,7 @@ def test_ctrl_c_saves_and_exits_cleanly_then_resumes(fm, tiny_config, tmp_path):
 # ---- two processes ------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_ddp_matches_one_process(fm, tiny_config, tmp_path, capsys):
+def test_two_process_ddp_matches_one_process(fm, tiny_config, tmp_path, capsys, torchrun):
     """torchrun with 2 CPU processes (gloo), batch 8 each, against 1 process with batch 16.
 
     Both see the same global batches (the sampler splits each global batch across ranks) and the same augmentation
@@ -366,28 +359,7 @@ def test_two_process_ddp_matches_one_process(fm, tiny_config, tmp_path, capsys):
     one, two = tmp_path / "one", tmp_path / "two"
     common = ["--config", str(tiny_config), "--data", str(fm), "--epochs", "2"]
     assert train(*common, "--output", str(one), "--batch-size", "16") == 0
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "rapidnet.cli.main",
-        "train",
-        *common,
-        "--output",
-        str(two),
-        "--batch-size",
-        "8",
-        "--no-progress",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = torchrun("train", *common, "--output", two, "--batch-size", "8", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
 
