@@ -408,7 +408,8 @@ class SegmentationTask(_DenseTask):
         return self.opts["test_scale"] if self.opts["test_scale"] is not None else self.opts["scale"]
 
     def eval_args(self) -> dict[str, Any]:
-        return {"num_classes": len(self.classes), "reduce_zero_label": self.reduce_zero_label, "scale": self._test_scale()}
+        scale = self._test_scale()
+        return {"num_classes": len(self.classes), "reduce_zero_label": self.reduce_zero_label, "scale": scale}
 
     def format_metrics(self, metrics: dict[str, float]) -> str:
         return f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}"
