@@ -85,14 +85,15 @@ def _eval(args: argparse.Namespace, kind: str) -> int:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: use 1 or more")
+    scale = getattr(args, "scale", None)  # segmentation only
+    if scale is not None and min(scale) < 1:
+        raise ConfigError(f"--scale {scale[0]} {scale[1]}: give two positive sides, e.g. --scale 160 160")
     if not Path(args.data).expanduser().is_dir():
         raise DataError(f"data set folder {args.data} not found: pass the folder the model was trained on")
     device = resolve_device(args.device)
     model, meta = _load(args.checkpoint, kind, device, use_ema=not args.raw_weights)
-    if getattr(args, "scale", None) is not None:
-        if min(args.scale) < 1:
-            raise ConfigError(f"--scale {args.scale[0]} {args.scale[1]}: give two positive sides, e.g. --scale 160 160")
-        meta["eval_args"]["scale"] = list(args.scale)
+    if scale is not None:
+        meta["eval_args"]["scale"] = list(scale)
     dataset = build_dense_eval_dataset(kind, args.data, meta["eval_args"])
     if list(dataset.classes) != list(meta["class_names"]):
         raise DataError(f"{args.data} has other classes than {args.checkpoint} was trained on: use the same data")

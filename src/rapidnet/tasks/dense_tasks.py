@@ -62,7 +62,7 @@ SEGMENTATION_DEFAULTS: dict[str, Any] = {
     "trainable_stages": 5,
     "backbone_lr_scale": 1.0,  # the pretrained backbone's learning rate over the heads' (fine-tuning)
     "scale": [2048, 512],
-    "test_scale": None,  # evaluation resize; default: scale (random rescaling enlarges on average, so more can fit)
+    "test_scale": None,  # evaluation resize; default: scale (a larger one can suit a model trained on enlarged crops)
     "ratio_range": [0.5, 2.0],
     "crop_size": [512, 512],
     "cat_max_ratio": 0.75,
@@ -362,11 +362,12 @@ class SegmentationTask(_DenseTask):
         from rapidnet.data.ade20k import ADE20KSegmentation
 
         o = self.opts
-        common = dict(num_classes=o["num_classes"], reduce_zero_label=o["reduce_zero_label"], scale=o["scale"])
+        common = dict(num_classes=o["num_classes"], reduce_zero_label=o["reduce_zero_label"])
         train = ADE20KSegmentation(
             self.cfg.data.path,
             "training",
             train=True,
+            scale=o["scale"],
             ratio_range=o["ratio_range"],
             crop_size=o["crop_size"],
             cat_max_ratio=o["cat_max_ratio"],
