@@ -7,7 +7,7 @@ Semantic FPN (batch 8, channels_last) and Mask R-CNN (batch 4, the mosaic config
 128x128 inputs; fp32 and bf16 steps are interleaved round by round and the medians printed, with their ratio.
 Then one AdamW step over Mask R-CNN's trained parameters: torch's default (for-loop), ``foreach`` and ``fused``.
 With ``--fpn-widths``, Semantic FPN's bf16 steps are also timed at each FPN width (interleaved); with ``--roi-pools``,
-Mask R-CNN's bf16 steps with torchvision's RoIAlign against ours (``rapidnet.tasks.roi_pool``); with
+Mask R-CNN's bf16 steps with torchvision's RoIAlign against ours (``rapidnet.models.roi_align``); with
 ``--det-channels-last``, Mask R-CNN's bf16 steps with NCHW against channels_last weights (``train.channels_last``).
 One JSON line per measurement.
 """
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import MultiScaleRoIAlign
 
-from rapidnet.tasks.detection import mask_rcnn
-from rapidnet.tasks.segmentation import semantic_fpn
+from rapidnet.models.mask_rcnn import mask_rcnn
+from rapidnet.models.semantic_fpn import semantic_fpn
 
 
 def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, float]:

@@ -13,7 +13,8 @@ import torch
 import rapidnet
 from conftest import MICRO
 from rapidnet.errors import CheckpointError
-from rapidnet.models.checkpoint import convert_official, infer_arch, read_checkpoint
+from rapidnet.models.checkpoint import convert_official, infer_arch
+from rapidnet.utils import read_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -231,9 +231,10 @@ def test_seg_test_scale_resizes_evaluation_only_and_eval_scale_overrides_it(caps
     without it evaluation uses ``scale``; ``seg eval --scale`` replaces the stored one; a bad scale is one line."""
     import yaml
 
-    import rapidnet.tasks.dense_tasks as dense_tasks
+    import rapidnet.tasks._dense as dense_tasks
     from rapidnet.config import config_from_dict
-    from rapidnet.tasks.dense_tasks import SegmentationTask, load_dense_model
+    from rapidnet.tasks._dense import load_dense_model
+    from rapidnet.tasks.segmentation import SegmentationTask
 
     tree = yaml.safe_load(SEG_CONFIG)
     tree["data"]["path"] = str(mosaic)
@@ -293,7 +294,7 @@ DENSE_CONFIGS = sorted(
 @pytest.mark.parametrize("path", DENSE_CONFIGS, ids=lambda p: p.stem)
 def test_shipped_dense_configs_validate(path):
     from rapidnet.config import load_config
-    from rapidnet.tasks.dense_tasks import TASKS
+    from rapidnet.tasks import TASKS
 
     cfg = load_config(path)
     task = TASKS[cfg.task["name"]](cfg)  # checks the task: section
@@ -314,8 +315,8 @@ def test_backbone_lr_scale_sets_the_body_apart_through_the_schedule():
 
     from rapidnet.config import config_from_dict
     from rapidnet.errors import ConfigError
-    from rapidnet.segmentation import semantic_fpn
-    from rapidnet.tasks.dense_tasks import SegmentationTask
+    from rapidnet.models import semantic_fpn
+    from rapidnet.tasks.segmentation import SegmentationTask
 
     tree = yaml.safe_load(SEG_CONFIG)
     tree["task"]["backbone_lr_scale"] = 0.1

@@ -14,8 +14,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from rapidnet.data.coco import CocoInstances
-from rapidnet.tasks.metrics import CocoEvaluator, SegmentationMetrics
-from rapidnet.tasks.visualize import class_colors, draw_instances, draw_semantic, save_png
+from rapidnet.metrics import CocoEvaluator, SegmentationMetrics
+from rapidnet.visualize import class_colors, draw_instances, draw_semantic, save_png
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

@@ -13,9 +13,9 @@ import rapidnet
 from rapidnet.config import load_config
 from rapidnet.engine import JsonlLog, SeededDataset, SeededSampler, read_jsonl
 from rapidnet.engine.checkpoint import capture_rng, restore_rng
-from rapidnet.engine.seeding import subset_indices
 from rapidnet.errors import ConfigError
 from rapidnet.tasks.classification import ClassificationTask, TensorBatches
+from rapidnet.utils import subset_indices
 
 
 def _batches(sampler: SeededSampler) -> list[list[tuple[int, int]]]:

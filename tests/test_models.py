@@ -236,7 +236,6 @@ def test_reparameterize_folds_frozen_batchnorm(micro_model):
 
 
 def test_public_dense_entry_points():
-    from rapidnet.detection import mask_rcnn
-    from rapidnet.segmentation import semantic_fpn
+    from rapidnet.models import mask_rcnn, semantic_fpn
 
     assert callable(mask_rcnn) and callable(semantic_fpn)

@@ -14,7 +14,8 @@ from conftest import MICRO, randomize_
 from rapidnet.cli.main import main
 from rapidnet.data import FASHION_MNIST_CLASSES, write_idx
 from rapidnet.deploy import calibration_dataset, compare_accuracy, eval_transform, ort_session, run_ort
-from rapidnet.deploy.quantize import ImageCalibrationReader, ImageFiles, subset_indices
+from rapidnet.deploy.quantize import ImageCalibrationReader, ImageFiles
+from rapidnet.utils import subset_indices
 
 
 def _fake_fashion_mnist(root: Path, n_train: int = 48, n_test: int = 40) -> Path:

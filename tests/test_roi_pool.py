@@ -9,9 +9,9 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from conftest import MICRO
-from rapidnet.tasks import roi_pool
-from rapidnet.tasks.detection import mask_rcnn
-from rapidnet.tasks.roi_pool import MatmulRoIAlign, roi_align_matmul
+from rapidnet.models import roi_align as roi_pool
+from rapidnet.models.mask_rcnn import mask_rcnn
+from rapidnet.models.roi_align import MatmulRoIAlign, roi_align_matmul
 
 
 def _rois(image_count: int, count: int, extent: float, seed: int) -> torch.Tensor:

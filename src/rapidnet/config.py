@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from rapidnet.errors import ConfigError
+from rapidnet.utils import atomic_write
 
 __all__ = [
     "AugConfig",
@@ -453,8 +454,6 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
-    from rapidnet.models.checkpoint import atomic_write
-
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

@@ -67,7 +67,7 @@ def run_dense(args: argparse.Namespace, kind: str) -> int:
 def _train(args: argparse.Namespace, kind: str) -> int:
     from rapidnet.cli.train import load_run_config, run_training
     from rapidnet.errors import ConfigError
-    from rapidnet.tasks.dense_tasks import TASKS
+    from rapidnet.tasks import TASKS
 
     if args.config is None and args.resume is None:
         raise ConfigError(f"give --config (e.g. configs/mosaic_*_rapidnet_ti.yaml) or --resume for a {kind} run")
@@ -78,10 +78,10 @@ def _train(args: argparse.Namespace, kind: str) -> int:
 
 def _eval(args: argparse.Namespace, kind: str) -> int:
     from rapidnet.engine.distributed import resolve_device
-    from rapidnet.engine.seeding import subset_indices
     from rapidnet.errors import ConfigError, DataError
-    from rapidnet.tasks.dense_tasks import build_dense_eval_dataset, dense_eval_loader, evaluate_dense
-    from rapidnet.tasks.metrics import CocoEvaluator, SegmentationMetrics
+    from rapidnet.metrics import CocoEvaluator, SegmentationMetrics
+    from rapidnet.tasks._dense import build_dense_eval_dataset, dense_eval_loader, evaluate_dense
+    from rapidnet.utils import subset_indices
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: use 1 or more")
@@ -115,7 +115,7 @@ def _eval(args: argparse.Namespace, kind: str) -> int:
 
 
 def _load(path: str, kind: str, device: torch.device, use_ema: bool = True) -> tuple[Any, dict[str, Any]]:
-    from rapidnet.tasks.dense_tasks import load_dense_model
+    from rapidnet.tasks._dense import load_dense_model
 
     model, meta = load_dense_model(path, kind, use_ema=use_ema)
     return model.to(device), meta
@@ -140,7 +140,7 @@ def _predict(args: argparse.Namespace, kind: str) -> int:
     import torch.nn.functional as F
 
     from rapidnet.engine.distributed import resolve_device
-    from rapidnet.tasks.visualize import draw_instances, draw_semantic, save_png
+    from rapidnet.visualize import draw_instances, draw_semantic, save_png
 
     device = resolve_device(args.device)
     images = [(path, _read_image(path)) for path in args.images]  # every file is checked before the model loads

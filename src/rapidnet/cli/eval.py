@@ -46,7 +46,6 @@ def run(args: argparse.Namespace) -> int:
     from rapidnet.config import Config
     from rapidnet.data import build_dataset
     from rapidnet.engine.distributed import DistInfo, resolve_device
-    from rapidnet.engine.seeding import subset_indices
     from rapidnet.engine.task import RunContext
     from rapidnet.errors import ConfigError, DataError
     from rapidnet.models import RapidNet, reparameterize
@@ -58,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         evaluate_classifier,
         load_classifier,
     )
+    from rapidnet.utils import subset_indices
 
     for name in ("batch_size", "workers", "limit", "input_size"):
         value = getattr(args, name)

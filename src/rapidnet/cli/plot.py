@@ -22,7 +22,7 @@ def plot_run(log_path: Path, out: Path) -> Path:
 
     from rapidnet.engine.runlog import read_jsonl
     from rapidnet.errors import DataError
-    from rapidnet.models.checkpoint import atomic_write
+    from rapidnet.utils import atomic_write
 
     records = [r for r in read_jsonl(log_path) if "epoch" in r]
     if not records:

@@ -30,8 +30,10 @@ from rapidnet.data.folder import (
     CorruptSample,
     ImageFolderDataset,
     check_same_classes,
+    collate_dense,
     collate_skip_corrupt,
     load_rgb,
+    targets_to_device,
 )
 from rapidnet.errors import DataError
 
@@ -47,12 +49,14 @@ __all__ = [
     "ImageFolderDataset",
     "build_dataset",
     "check_same_classes",
+    "collate_dense",
     "collate_skip_corrupt",
     "find_fashion_mnist",
     "is_fashion_mnist_folder",
     "load_rgb",
     "locate_fashion_mnist_files",
     "read_idx",
+    "targets_to_device",
     "write_idx",
 ]
 

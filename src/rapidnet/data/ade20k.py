@@ -37,8 +37,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
+from rapidnet.data.folder import collate_dense
 from rapidnet.errors import ConfigError, DataError
-from rapidnet.tasks.dense import collate_dense
 
 __all__ = [
     "ADE20K_NUM_CLASSES",

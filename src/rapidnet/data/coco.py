@@ -29,8 +29,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from rapidnet.data.folder import collate_dense
 from rapidnet.errors import DataError
-from rapidnet.tasks.dense import collate_dense
 
 __all__ = ["IMAGE_EXTENSIONS", "CocoInstances", "coco_ground_truth", "collate_detection", "detection_transforms"]
 

@@ -8,7 +8,7 @@ re-raised traceback), and ``collate_skip_corrupt`` drops the markers and reports
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,10 @@ __all__ = [
     "CorruptSample",
     "ImageFolderDataset",
     "check_same_classes",
+    "collate_dense",
     "collate_skip_corrupt",
     "load_rgb",
+    "targets_to_device",
 ]
 
 IMG_EXTENSIONS: tuple[str, ...] = torchvision.datasets.folder.IMG_EXTENSIONS
@@ -183,3 +185,15 @@ def check_same_classes(train_ds: Any, val_ds: Any) -> list[str]:
     raise DataError(
         f"train and val have different classes ({'; '.join(parts)}): give both folders the same class sub-folders"
     )
+
+
+def collate_dense(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """DataLoader ``collate_fn`` for both dense tasks: ``(list of images, list of target dicts)``, sizes may differ."""
+    images = [item[0] for item in batch]
+    targets = [item[1] for item in batch]
+    return images, targets
+
+
+def targets_to_device(targets: Sequence[Mapping[str, Any]], device: torch.device | str) -> list[dict[str, Any]]:
+    """Move every tensor in a list of target dicts to ``device`` (other values, e.g. file names, are kept)."""
+    return [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]

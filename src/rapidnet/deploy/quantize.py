@@ -36,6 +36,7 @@ from rapidnet.deploy.export import (
     read_metadata,
 )
 from rapidnet.errors import CheckpointError, ConfigError, DataError
+from rapidnet.utils import atomic_write, subset_indices
 
 _logger = logging.getLogger("rapidnet")
 
@@ -108,15 +109,6 @@ def calibration_dataset(data: str | os.PathLike, transform: Any = None) -> Datas
             f"calibration data {path} is not a folder: pass a folder of images, a data set, or 'fashion-mnist'"
         )
     return ImageFiles(path, transform=transform)
-
-
-def subset_indices(total: int, size: int | None, seed: int = 0) -> list[int]:
-    """A seeded random subset of ``size`` indices (all of them, in order, for ``None``/0 or ``size >= total``)."""
-    if size is not None and size < 0:
-        raise ConfigError(f"subset size must be 0 (all) or positive, got {size}")
-    if not size or size >= total:
-        return list(range(total))
-    return sorted(np.random.default_rng(seed).permutation(total)[:size].tolist())
 
 
 def numpy_batches(
@@ -507,7 +499,6 @@ def quantize_model(
             evaluation=evaluation,
             seconds={k: round(v, 2) for k, v in timings.items()},
         )
-    from rapidnet.models.checkpoint import atomic_write
 
     atomic_write(report_path, lambda p: Path(p).write_text(json.dumps(report.to_dict(), indent=2) + "\n"))
     return report

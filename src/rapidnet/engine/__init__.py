@@ -8,7 +8,7 @@ checkpoints with exact resume, signal handling, NaN guards, JSONL logs and progr
 from rapidnet.engine.checkpoint import load_training_state, save_training_state
 from rapidnet.engine.distributed import DistInfo, all_reduce_sum, init_distributed, reduce_sums
 from rapidnet.engine.runlog import JsonlLog, read_jsonl
-from rapidnet.engine.seeding import SeededDataset, SeededSampler, mix_seed, seed_everything, subset_indices
+from rapidnet.engine.seeding import SeededDataset, SeededSampler, mix_seed, seed_everything
 from rapidnet.engine.task import RunContext, StepOutput, Task
 from rapidnet.engine.trainer import BEST, BEST_WEIGHTS, LAST, FitResult, NonFiniteLossError, Trainer
 
@@ -34,5 +34,4 @@ __all__ = [
     "reduce_sums",
     "save_training_state",
     "seed_everything",
-    "subset_indices",
 ]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from rapidnet.errors import CheckpointError
-from rapidnet.models.checkpoint import atomic_write, read_checkpoint
+from rapidnet.utils import atomic_write, read_checkpoint
 
 __all__ = [
     "TRAIN_STATE_FORMAT",

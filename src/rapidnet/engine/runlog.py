@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rapidnet.errors import DataError
-from rapidnet.models.checkpoint import atomic_write
+from rapidnet.utils import atomic_write
 
 __all__ = ["JsonlLog", "read_jsonl"]
 

@@ -32,7 +32,6 @@ __all__ = [
     "mix_seed",
     "seed_everything",
     "seed_step",
-    "subset_indices",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -67,17 +66,6 @@ def ignore_sigint(worker_id: int) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def subset_indices(length: int, limit: int | None) -> list[int]:
-    """A fixed random subset of ``limit`` indices (sorted), the same in training and in ``rapidnet eval``.
-
-    Random rather than the first ``limit`` because folder data sets are sorted by class.
-    """
-    if limit is None or limit >= length:
-        return list(range(length))
-    generator = torch.Generator().manual_seed(0)
-    return sorted(torch.randperm(length, generator=generator)[:limit].tolist())
 
 
 class SeededDataset(Dataset):

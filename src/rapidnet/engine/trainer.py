@@ -142,17 +142,6 @@ class _StopRequest:
             )
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers (what checkpoints and evaluation use)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
 class Trainer:
     """Runs a :class:`~rapidnet.engine.task.Task` with the engine sections of a :class:`~rapidnet.config.Config`.
 

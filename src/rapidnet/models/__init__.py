@@ -1,9 +1,12 @@
-"""RapidNet models: the network (``rapidnet.py``), checkpoints and reparameterization."""
+"""Every network: RapidNet (``rapidnet.py``), Mask R-CNN (``mask_rcnn.py``) and Semantic FPN (``semantic_fpn.py``) on
+its FPN backbone (``backbone.py``); checkpoints and reparameterization."""
 
 from rapidnet.models.checkpoint import checkpoint_filter_fn, load_model, load_state_dict_file, save_weights
 from rapidnet.models.factory import create_model, list_variants
+from rapidnet.models.mask_rcnn import mask_rcnn
 from rapidnet.models.rapidnet import VARIANTS, RapidNet
 from rapidnet.models.reparam import reparameterize, reparameterize_
+from rapidnet.models.semantic_fpn import semantic_fpn
 
 __all__ = [
     "VARIANTS",
@@ -13,7 +16,9 @@ __all__ = [
     "list_variants",
     "load_model",
     "load_state_dict_file",
+    "mask_rcnn",
     "reparameterize",
     "reparameterize_",
     "save_weights",
+    "semantic_fpn",
 ]

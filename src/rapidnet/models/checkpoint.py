@@ -7,11 +7,9 @@ refused. Problems surface as one-line :class:`~rapidnet.errors.CheckpointError` 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from rapidnet.errors import CheckpointError
+from rapidnet.utils import atomic_write, read_checkpoint
 
 _logger = logging.getLogger("rapidnet")
 
@@ -136,53 +135,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module | None 
 
 
 # ---- reading -------------------------------------------------------------------------------------------------------
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
-    """Load a checkpoint file safely; returns ``(object, safetensors_metadata)``."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}: check the path")
-    if path.is_dir():
-        raise CheckpointError(
-            f"checkpoint {path} is a folder: pass the file inside it (e.g. last.pt or model.safetensors)"
-        )
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the file was not written completely")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if path.suffix == ".safetensors" or (len(head) > 9 and head[8:9] == b"{"):
-        return _read_safetensors(path)
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise CheckpointError(
-                f"{path} holds Python objects that safe loading refuses (they could run code): "
-                "re-save just the state_dict with torch.save(model.state_dict(), ...)"
-            ) from None
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({detail}): is it truncated?") from None
-    except Exception as e:  # a cut file fails in many ways: zip, unpickler (KeyError), EOF, ...
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(
-            f"{path} is truncated or not a PyTorch checkpoint ({detail[:120]}): re-download or re-export it"
-        ) from None
-    return obj, {}
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except Exception as e:  # safetensors raises its own SafetensorError / OSError types
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is truncated or not a safetensors file ({detail[:120]})") from None
-    return tensors, metadata
 
 
 def unwrap_state_dict(obj: Any, use_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -411,22 +363,6 @@ def model_metadata(model: nn.Module) -> dict[str, str]:
         "in_chans": str(arch.in_chans),
         "reparameterized": str(arch.reparameterized).lower(),
     }
-
-
-def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file behind."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 temp files: give the usual permissions
-        os.replace(tmp, path)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path} ({e.strerror or e}): choose a writable output path") from None
-    return path
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:

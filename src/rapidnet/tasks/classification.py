@@ -35,10 +35,10 @@ from rapidnet.engine.seeding import (
     ignore_sigint,
     mix_seed,
     seed_everything,
-    subset_indices,
 )
 from rapidnet.engine.task import RunContext, StepOutput, Task
 from rapidnet.errors import CheckpointError, ConfigError, DataError
+from rapidnet.utils import subset_indices
 
 __all__ = [
     "ClassificationTask",
@@ -106,7 +106,8 @@ def create_classifier(model_cfg: ModelConfig, num_classes: int, distillation: bo
 
 
 def _load_timm_weights(model: nn.Module, path: str | os.PathLike[str], use_ema: bool = True) -> None:
-    from rapidnet.models.checkpoint import read_checkpoint, strip_prefix, unwrap_state_dict
+    from rapidnet.models.checkpoint import strip_prefix, unwrap_state_dict
+    from rapidnet.utils import read_checkpoint
 
     obj, _ = read_checkpoint(path)
     state_dict = strip_prefix(unwrap_state_dict(obj, use_ema=use_ema))
@@ -169,7 +170,7 @@ def build_teacher(distill: DistillConfig, num_classes: int) -> nn.Module:
     if ckpt is not None and (name is None or _is_rapidnet(name)):
         teacher, _ = load_classifier(ckpt)
     elif ckpt is not None:
-        from rapidnet.models.checkpoint import read_checkpoint
+        from rapidnet.utils import read_checkpoint
 
         obj, metadata = read_checkpoint(ckpt)
         if isinstance(obj, dict) and isinstance(obj.get("rapidnet"), dict):
@@ -737,7 +738,7 @@ class ClassificationTask(Task):
             return super().export(model, path)
         from safetensors.torch import save_file
 
-        from rapidnet.models.checkpoint import atomic_write
+        from rapidnet.utils import atomic_write
 
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         meta = self.metadata(model)

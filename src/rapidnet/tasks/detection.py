@@ -1,157 +1,87 @@
-"""Mask R-CNN (detection + instance segmentation) on a RapidNet backbone, built on torchvision's ``MaskRCNN``.
-
-The paper's COCO recipe (mmdetection 2.x there): Mask R-CNN with a 256-channel, 5-level FPN over the four stage
-outputs (strides 4..32) plus a max-pooled P6, BN statistics frozen in the backbone. torchvision supplies the RPN,
-RoI heads, losses and post-processing; this module supplies the backbone and its FPN (:mod:`rapidnet.tasks.dense`).
-
-Engine contract (torchvision detection style): ``model(images, targets)`` with ``images`` a list of ``(3, H, W)``
-float tensors in ``[0, 1]`` and ``targets`` a list of dicts (``boxes`` XYXY float, ``labels`` int64 in 1..K,
-``masks`` uint8 ``(N, H, W)``) returns a dict of losses in train mode; in eval mode it returns one dict per image
-(``boxes``, ``labels``, ``scores``, ``masks`` ``(N, 1, H, W)`` probabilities) in the input image's coordinates.
-"""
+"""Mask R-CNN detection and instance segmentation as an engine task (``rapidnet det train``): COCO-format data,
+box and mask AP, best weights by box AP."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-import torch
-from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torch import nn
 
-from rapidnet.errors import ConfigError
-from rapidnet.tasks.dense import (
-    BackboneWithFPN,
-    attach_build_info,
-    build_backbone,
-    freeze_stages,
-    image_normalization,
-    resolve_bn_mode,
-)
-from rapidnet.tasks.roi_pool import MatmulRoIAlign
+from rapidnet.errors import ConfigError, DataError
+from rapidnet.tasks._dense import _coco_split, _DenseTask
 
-__all__ = ["RapidMaskRCNN", "mask_rcnn"]
+__all__ = ["DETECTION_DEFAULTS", "DetectionTask"]
 
-
-class RapidMaskRCNN(MaskRCNN):
-    """torchvision's MaskRCNN, except that eval mode ignores targets, so an engine can always pass them.
-
-    (torchvision would otherwise resize the ground-truth masks of every evaluation batch for nothing.)
-    """
-
-    def forward(self, images: Sequence[torch.Tensor] | torch.Tensor, targets: Sequence[dict] | None = None) -> Any:
-        if not self.training:
-            targets = None
-        elif targets is None:
-            raise ValueError("Mask R-CNN in train mode needs targets (boxes, labels, masks): call model.eval() first")
-        return super().forward(list(images), None if targets is None else list(targets))
+#: ``task:`` keys of detection and their defaults (None: decided from the data or the model)
+DETECTION_DEFAULTS: dict[str, Any] = {
+    "name": "detection",
+    "num_classes": None,  # default: the data set's categories
+    "backbone_checkpoint": None,  # classification checkpoint for the backbone (transfer); default model.checkpoint
+    "frozen_bn": True,
+    "trainable_stages": 5,
+    "backbone_lr_scale": 1.0,  # the pretrained backbone's learning rate over the heads' (fine-tuning)
+    "min_size": 800,
+    "max_size": 1333,
+    "hflip": 0.5,
+    "train_split": None,  # default: train2017 when the COCO files exist, else train (the mosaic's)
+    "val_split": None,
+    "model_kwargs": {},  # more mask_rcnn() arguments: anchor_sizes, rpn_*, box_* ...
+}
 
 
-def _anchor_generator(sizes: Sequence[int] | Sequence[Sequence[int]], ratios: Sequence[float]) -> AnchorGenerator:
-    levels = tuple(tuple(int(x) for x in s) if isinstance(s, Sequence) else (int(s),) for s in sizes)
-    if len(levels) != 5:
-        raise ConfigError(f"anchor_sizes has {len(levels)} entries, the FPN has 5 levels: give one size per level")
-    return AnchorGenerator(levels, (tuple(float(r) for r in ratios),) * len(levels))
+class DetectionTask(_DenseTask):
+    """Mask R-CNN + FPN on a COCO-format data set; best weights by box AP."""
 
+    kind = "detection"
+    defaults = DETECTION_DEFAULTS
+    primary_metric = "bbox_AP"
+    higher_is_better = True
 
-def _roi_pools(canonical_scale: int) -> dict[str, MatmulRoIAlign]:
-    """torchvision's box (7x7) and mask (14x14) RoI poolers over P2..P5, with the faster CPU RoIAlign of
-    :mod:`rapidnet.tasks.roi_pool` on small maps and the FPN level mapper's canonical scale (the box side pooled from
-    P4) set to ``canonical_scale``. On the mosaic, 32 (the garments' pretraining size) did worse than 224
-    (``docs/results.md``), so 224 stays the default."""
-    if not isinstance(canonical_scale, int) or canonical_scale < 1:
-        raise ConfigError(
-            f"roi_canonical_scale={canonical_scale!r}: give the box side in pixels that maps to P4 "
-            "(torchvision's default is 224)"
+    def _open_data(self) -> tuple[Any, Any]:
+        from rapidnet.data.coco import CocoInstances
+
+        root = Path(self.cfg.data.path).expanduser()
+        o = self.opts
+        train_split = o["train_split"] or _coco_split(root, "train")
+        self.val_split = o["val_split"] or _coco_split(root, "val")
+        train = CocoInstances(root, train_split, train=True, hflip=float(o["hflip"]), remove_empty=True)
+        val = CocoInstances(root, self.val_split, train=False)
+        if list(train.classes) != list(val.classes):
+            raise DataError(f"{root}: the {train_split} and {self.val_split} splits have different categories")
+        n = o["num_classes"]
+        if n is not None and n != len(train.classes):
+            raise ConfigError(f"task.num_classes is {n} but {root} has {len(train.classes)} categories: leave it out")
+        return train, val
+
+    def build_model(self) -> nn.Module:
+        from rapidnet.models.mask_rcnn import mask_rcnn
+
+        o = self.opts
+        model = mask_rcnn(
+            backbone=self.cfg.model.name,
+            num_classes=len(self.classes),
+            backbone_checkpoint=self._backbone_checkpoint(),
+            frozen_bn=o["frozen_bn"],
+            trainable_stages=int(o["trainable_stages"]),
+            min_size=o["min_size"],
+            max_size=int(o["max_size"]),
+            backbone_kwargs=self.cfg.model.kwargs,
+            class_names=self.classes,
+            **o["model_kwargs"],
         )
-    names = ["0", "1", "2", "3"]
-    return {
-        "box_roi_pool": MatmulRoIAlign(names, 7, 2, canonical_scale=canonical_scale),
-        "mask_roi_pool": MatmulRoIAlign(names, 14, 2, canonical_scale=canonical_scale),
-    }
+        self.build_args = dict(model.build_args)
+        self.params = sum(p.numel() for p in model.parameters())
+        self._build_loaders()
+        return model
 
+    def make_evaluator(self) -> Any:
+        from rapidnet.metrics import CocoEvaluator
 
-def mask_rcnn(
-    backbone: str = "rapidnet_m",
-    num_classes: int = 80,
-    backbone_checkpoint: str | os.PathLike[str] | None = None,
-    frozen_bn: bool | str = True,
-    trainable_stages: int = 5,
-    min_size: int | Sequence[int] = 800,
-    max_size: int = 1333,
-    *,
-    fpn_channels: int = 256,
-    anchor_sizes: Sequence[int] | Sequence[Sequence[int]] | None = None,
-    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-    image_mean: Sequence[float] | None = None,
-    image_std: Sequence[float] | None = None,
-    backbone_out_indices: Sequence[int] | None = None,
-    backbone_kwargs: Mapping[str, Any] | None = None,
-    class_names: Sequence[str] | None = None,
-    roi_canonical_scale: int = 224,
-    **kwargs: Any,
-) -> RapidMaskRCNN:
-    """Mask R-CNN + FPN (256 channels, 5 levels) over ``backbone``.
+        return CocoEvaluator.from_dataset(self.val_set)
 
-    Args:
-        backbone: a RapidNet variant (``rapidnet_ti/s/m/b``) or a timm model name (e.g. ``mobilenetv2_140``).
-        num_classes: object classes, background *excluded* (torchvision's head gets ``num_classes + 1``).
-        backbone_checkpoint: weights for the backbone: any RapidNet checkpoint (authors' or ours, classification
-            ones included) or a timm classification checkpoint of the same model.
-        frozen_bn: True / ``"frozen"``: FrozenBatchNorm2d (statistics and affine fixed, the paper's "BN statistics
-            frozen"); ``"eval"``: BN kept in eval mode with a trained affine (mmdetection's ``norm_eval``);
-            False / ``"train"``: ordinary BN.
-        trainable_stages: how many of the five backbone units (stem, stage 0..3), counted from the top, are trained.
-        min_size, max_size: torchvision's resize (shorter side ``min_size``, a tuple means multi-scale training,
-            longer side at most ``max_size``); the 1x recipe is 800 / 1333.
-        anchor_sizes: one anchor size per FPN level (default 32, 64, 128, 256, 512); smaller for small images.
-        image_mean, image_std: input normalisation; default the backbone's (ImageNet's).
-        backbone_kwargs: extra arguments for the backbone (e.g. ``depths``/``widths`` of a custom RapidNet).
-        roi_canonical_scale: the box side (pixels) that the RoI heads pool from P4; smaller boxes go to finer
-            levels, one level per halving. 224 (Lin et al., torchvision) suits ImageNet backbones.
-        kwargs: passed on to torchvision's ``MaskRCNN`` (``box_detections_per_img``, ``rpn_*``, ``box_*`` ...).
-    """
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"num_classes={num_classes!r}: give the number of object classes (background excluded)")
-    bn_mode = resolve_bn_mode(frozen_bn)
-    body, channels, cfg = build_backbone(
-        backbone, backbone_checkpoint, backbone_out_indices, **dict(backbone_kwargs or {})
-    )
-    freeze_stages(body, trainable_stages)
-    neck = BackboneWithFPN(body, channels, fpn_channels, extra_pool=True, bn_mode=bn_mode)
-    if anchor_sizes is not None:
-        kwargs["rpn_anchor_generator"] = _anchor_generator(anchor_sizes, aspect_ratios)
-    elif tuple(aspect_ratios) != (0.5, 1.0, 2.0):
-        kwargs["rpn_anchor_generator"] = _anchor_generator((32, 64, 128, 256, 512), aspect_ratios)
-    for name, pool in _roi_pools(roi_canonical_scale).items():
-        kwargs.setdefault(name, pool)
-    mean, std = image_normalization(cfg, image_mean, image_std)
-    model = RapidMaskRCNN(
-        neck,
-        num_classes=num_classes + 1,
-        min_size=min_size,
-        max_size=max_size,
-        image_mean=mean,
-        image_std=std,
-        **kwargs,
-    )
-    return attach_build_info(
-        model,
-        class_names,
-        backbone=backbone,
-        num_classes=num_classes,
-        frozen_bn=bn_mode,
-        trainable_stages=trainable_stages,
-        min_size=min_size,
-        max_size=max_size,
-        fpn_channels=fpn_channels,
-        anchor_sizes=anchor_sizes,
-        aspect_ratios=aspect_ratios,
-        image_mean=mean,
-        image_std=std,
-        backbone_out_indices=backbone_out_indices,
-        backbone_kwargs=dict(backbone_kwargs or {}),
-        roi_canonical_scale=roi_canonical_scale,
-        **{k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))},
-    )
+    def eval_args(self) -> dict[str, Any]:
+        return {"val_split": self.val_split}
+
+    def format_metrics(self, metrics: dict[str, float]) -> str:
+        return f"box AP {metrics['bbox_AP']:.2f}  mask AP {metrics['segm_AP']:.2f}  box AP50 {metrics['bbox_AP50']:.2f}"

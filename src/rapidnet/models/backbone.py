@@ -14,7 +14,6 @@ from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from timm.layers import FrozenBatchNormAct2d, freeze_batch_norm_2d, unfreeze_batch_norm_2d
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
@@ -22,18 +21,16 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from rapidnet.errors import CheckpointError, ConfigError
+from rapidnet.utils import jsonable
 
 __all__ = [
     "BN_MODES",
     "BackboneWithFPN",
     "build_backbone",
-    "collate_dense",
     "freeze_stages",
-    "jsonable",
     "pad_images",
     "resolve_bn_mode",
     "stage_of_parameters",
-    "targets_to_device",
 ]
 
 #: ``frozen``: BN replaced by FrozenBatchNorm2d (statistics and affine fixed; torchvision/Detectron convention);
@@ -69,7 +66,8 @@ def _load_timm_checkpoint(body: nn.Module, path: str | os.PathLike[str], name: s
     ``stages_0``); both spellings are tried. Every backbone weight must be found: a partial load would silently
     train from random weights.
     """
-    from rapidnet.models.checkpoint import read_checkpoint, strip_prefix, unwrap_state_dict
+    from rapidnet.models.checkpoint import strip_prefix, unwrap_state_dict
+    from rapidnet.utils import read_checkpoint
 
     obj, _ = read_checkpoint(path)
     source = strip_prefix(unwrap_state_dict(obj))
@@ -246,28 +244,7 @@ def attach_build_info(model: nn.Module, class_names: Sequence[str] | None, **bui
     return model
 
 
-def jsonable(value: Any) -> Any:
-    """Tuples to lists, recursively: the form in which builder arguments are stored with weights (JSON/YAML)."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
-
-
 # ---- batches -------------------------------------------------------------------------------------------------------
-
-
-def collate_dense(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict]]:
-    """DataLoader ``collate_fn`` for both dense tasks: ``(list of images, list of target dicts)``, sizes may differ."""
-    images = [item[0] for item in batch]
-    targets = [item[1] for item in batch]
-    return images, targets
-
-
-def targets_to_device(targets: Sequence[Mapping[str, Any]], device: torch.device | str) -> list[dict[str, Any]]:
-    """Move every tensor in a list of target dicts to ``device`` (other values, e.g. file names, are kept)."""
-    return [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
 
 
 def pad_images(
@@ -301,10 +278,3 @@ def pad_labels(labels: Sequence[torch.Tensor], size: tuple[int, int], ignore_ind
     for i, lab in enumerate(labels):
         out[i, : lab.shape[-2], : lab.shape[-1]] = lab
     return out
-
-
-def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of ``(N, C, H, W)`` logits (no-op when the size already matches)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -188,6 +188,6 @@ def _with_legend(image: Image.Image, entries: list[tuple[str, tuple[int, ...]]])
 
 def save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:
     """Write ``image`` as PNG atomically (a crash never leaves a broken file), creating folders as needed."""
-    from rapidnet.models.checkpoint import atomic_write
+    from rapidnet.utils import atomic_write
 
     return atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))

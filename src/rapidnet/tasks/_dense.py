@@ -1,4 +1,4 @@
-"""Mask R-CNN detection and Semantic FPN segmentation as engine tasks (``rapidnet det|seg train``).
+"""What the Mask R-CNN and Semantic FPN tasks (``rapidnet det|seg train``) share.
 
 The backbone is ``model.name`` (with ``model.kwargs`` for custom RapidNet shapes); everything else dense-specific
 lives in the config's free-form ``task:`` section, checked here so a typo is a one-line :class:`ConfigError`.
@@ -21,56 +21,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rapidnet.config import Config
-from rapidnet.engine.seeding import SeededDataset, SeededSampler, ignore_sigint, subset_indices
+from rapidnet.data.folder import collate_dense, targets_to_device
+from rapidnet.engine.seeding import SeededDataset, SeededSampler, ignore_sigint
 from rapidnet.engine.task import RunContext, StepOutput, Task
 from rapidnet.errors import CheckpointError, ConfigError, DataError
-from rapidnet.tasks.dense import collate_dense, targets_to_device
+from rapidnet.utils import atomic_write, read_checkpoint, subset_indices, unwrap_model
 
 __all__ = [
-    "DETECTION_DEFAULTS",
-    "SEGMENTATION_DEFAULTS",
-    "DetectionTask",
-    "SegmentationTask",
     "build_dense_eval_dataset",
     "dense_eval_loader",
     "evaluate_dense",
     "load_dense_model",
 ]
-
-#: ``task:`` keys of detection and their defaults (None: decided from the data or the model)
-DETECTION_DEFAULTS: dict[str, Any] = {
-    "name": "detection",
-    "num_classes": None,  # default: the data set's categories
-    "backbone_checkpoint": None,  # classification checkpoint for the backbone (transfer); default model.checkpoint
-    "frozen_bn": True,
-    "trainable_stages": 5,
-    "backbone_lr_scale": 1.0,  # the pretrained backbone's learning rate over the heads' (fine-tuning)
-    "min_size": 800,
-    "max_size": 1333,
-    "hflip": 0.5,
-    "train_split": None,  # default: train2017 when the COCO files exist, else train (the mosaic's)
-    "val_split": None,
-    "model_kwargs": {},  # more mask_rcnn() arguments: anchor_sizes, rpn_*, box_* ...
-}
-
-#: ``task:`` keys of segmentation and their defaults
-SEGMENTATION_DEFAULTS: dict[str, Any] = {
-    "name": "segmentation",
-    "num_classes": None,
-    "backbone_checkpoint": None,
-    "frozen_bn": False,
-    "trainable_stages": 5,
-    "backbone_lr_scale": 1.0,  # the pretrained backbone's learning rate over the heads' (fine-tuning)
-    "scale": [2048, 512],
-    "test_scale": None,  # evaluation resize; default: scale (a larger one can suit a model trained on enlarged crops)
-    "ratio_range": [0.5, 2.0],
-    "crop_size": [512, 512],
-    "cat_max_ratio": 0.75,
-    "hflip": 0.5,
-    "photometric": True,
-    "reduce_zero_label": None,  # default: the data set's meta.json, else True (ADE20K)
-    "model_kwargs": {},  # more semantic_fpn() arguments: head_channels, head_norm, dropout ...
-}
 
 
 def _task_options(cfg: Config, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -91,12 +53,6 @@ def _task_options(cfg: Config, defaults: dict[str, Any]) -> dict[str, Any]:
             f"task.backbone_lr_scale={opts['backbone_lr_scale']}: use a positive factor (1.0 trains all parts alike)"
         )
     return opts
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 def dense_eval_loader(dataset: Any, indices: Sequence[int], batch_size: int, rank: int = 0, world: int = 1) -> Any:
@@ -199,7 +155,7 @@ class _DenseTask(Task):
         scale = float(self.opts["backbone_lr_scale"])
         if scale == 1.0:
             return None
-        body = {id(p) for p in _unwrap(model).backbone.body.parameters()}
+        body = {id(p) for p in unwrap_model(model).backbone.body.parameters()}
         groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -277,9 +233,7 @@ class _DenseTask(Task):
         """safetensors of the whole network plus the metadata that rebuilds it."""
         from safetensors.torch import save_file
 
-        from rapidnet.models.checkpoint import atomic_write
-
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in _unwrap(model).state_dict().items()}
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in unwrap_model(model).state_dict().items()}
         meta = self.metadata(model)
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
@@ -293,138 +247,12 @@ class _DenseTask(Task):
         ]
 
 
-class DetectionTask(_DenseTask):
-    """Mask R-CNN + FPN on a COCO-format data set; best weights by box AP."""
-
-    kind = "detection"
-    defaults = DETECTION_DEFAULTS
-    primary_metric = "bbox_AP"
-    higher_is_better = True
-
-    def _open_data(self) -> tuple[Any, Any]:
-        from rapidnet.data.coco import CocoInstances
-
-        root = Path(self.cfg.data.path).expanduser()
-        o = self.opts
-        train_split = o["train_split"] or _coco_split(root, "train")
-        self.val_split = o["val_split"] or _coco_split(root, "val")
-        train = CocoInstances(root, train_split, train=True, hflip=float(o["hflip"]), remove_empty=True)
-        val = CocoInstances(root, self.val_split, train=False)
-        if list(train.classes) != list(val.classes):
-            raise DataError(f"{root}: the {train_split} and {self.val_split} splits have different categories")
-        n = o["num_classes"]
-        if n is not None and n != len(train.classes):
-            raise ConfigError(f"task.num_classes is {n} but {root} has {len(train.classes)} categories: leave it out")
-        return train, val
-
-    def build_model(self) -> nn.Module:
-        from rapidnet.tasks.detection import mask_rcnn
-
-        o = self.opts
-        model = mask_rcnn(
-            backbone=self.cfg.model.name,
-            num_classes=len(self.classes),
-            backbone_checkpoint=self._backbone_checkpoint(),
-            frozen_bn=o["frozen_bn"],
-            trainable_stages=int(o["trainable_stages"]),
-            min_size=o["min_size"],
-            max_size=int(o["max_size"]),
-            backbone_kwargs=self.cfg.model.kwargs,
-            class_names=self.classes,
-            **o["model_kwargs"],
-        )
-        self.build_args = dict(model.build_args)
-        self.params = sum(p.numel() for p in model.parameters())
-        self._build_loaders()
-        return model
-
-    def make_evaluator(self) -> Any:
-        from rapidnet.tasks.metrics import CocoEvaluator
-
-        return CocoEvaluator.from_dataset(self.val_set)
-
-    def eval_args(self) -> dict[str, Any]:
-        return {"val_split": self.val_split}
-
-    def format_metrics(self, metrics: dict[str, float]) -> str:
-        return f"box AP {metrics['bbox_AP']:.2f}  mask AP {metrics['segm_AP']:.2f}  box AP50 {metrics['bbox_AP50']:.2f}"
-
-
-class SegmentationTask(_DenseTask):
-    """Semantic FPN on an ADE20K-layout data set; best weights by mIoU."""
-
-    kind = "segmentation"
-    defaults = SEGMENTATION_DEFAULTS
-    primary_metric = "mIoU"
-    higher_is_better = True
-
-    def _open_data(self) -> tuple[Any, Any]:
-        from rapidnet.data.ade20k import ADE20KSegmentation
-
-        o = self.opts
-        common = dict(num_classes=o["num_classes"], reduce_zero_label=o["reduce_zero_label"])
-        train = ADE20KSegmentation(
-            self.cfg.data.path,
-            "training",
-            train=True,
-            scale=o["scale"],
-            ratio_range=o["ratio_range"],
-            crop_size=o["crop_size"],
-            cat_max_ratio=o["cat_max_ratio"],
-            hflip=float(o["hflip"]),
-            photometric=bool(o["photometric"]),
-            **common,
-        )
-        val = build_dense_eval_dataset(self.kind, self.cfg.data.path, {**common, "scale": self._test_scale()})
-        self.reduce_zero_label = train.reduce_zero_label
-        self.ignore_index = train.ignore_index
-        return train, val
-
-    def build_model(self) -> nn.Module:
-        from rapidnet.tasks.segmentation import semantic_fpn
-
-        o = self.opts
-        model = semantic_fpn(
-            backbone=self.cfg.model.name,
-            num_classes=len(self.classes),
-            backbone_checkpoint=self._backbone_checkpoint(),
-            frozen_bn=o["frozen_bn"],
-            trainable_stages=int(o["trainable_stages"]),
-            ignore_index=self.ignore_index,
-            backbone_kwargs=self.cfg.model.kwargs,
-            class_names=self.classes,
-            **o["model_kwargs"],
-        )
-        self.build_args = dict(model.build_args)
-        self.params = sum(p.numel() for p in model.parameters())
-        self._build_loaders()
-        return model
-
-    def make_evaluator(self) -> Any:
-        from rapidnet.tasks.metrics import SegmentationMetrics
-
-        return SegmentationMetrics(len(self.classes), self.ignore_index, self.classes)
-
-    def _test_scale(self) -> Any:
-        return self.opts["test_scale"] if self.opts["test_scale"] is not None else self.opts["scale"]
-
-    def eval_args(self) -> dict[str, Any]:
-        scale = self._test_scale()
-        return {"num_classes": len(self.classes), "reduce_zero_label": self.reduce_zero_label, "scale": scale}
-
-    def format_metrics(self, metrics: dict[str, float]) -> str:
-        return f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}"
-
-
-TASKS: dict[str, type[_DenseTask]] = {"detection": DetectionTask, "segmentation": SegmentationTask}
-
-
 def load_dense_model(path: str | os.PathLike[str], kind: str, use_ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network a dense checkpoint (``model_best.safetensors``, ``last.pt``, ``best.pt``) describes.
 
     Returns ``(model in eval mode, metadata)`` with ``build_args``/``class_names``/``eval_args`` decoded.
     """
-    from rapidnet.models.checkpoint import read_checkpoint, strip_prefix, unwrap_state_dict
+    from rapidnet.models.checkpoint import strip_prefix, unwrap_state_dict
 
     obj, meta = read_checkpoint(path)
     if isinstance(obj, dict) and isinstance(obj.get("rapidnet"), dict):
@@ -439,9 +267,9 @@ def load_dense_model(path: str | os.PathLike[str], kind: str, use_ema: bool = Tr
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} has incomplete dense metadata ({e}): re-export it") from None
     if kind == "detection":
-        from rapidnet.tasks.detection import mask_rcnn as builder
+        from rapidnet.models.mask_rcnn import mask_rcnn as builder
     else:
-        from rapidnet.tasks.segmentation import semantic_fpn as builder
+        from rapidnet.models.semantic_fpn import semantic_fpn as builder
     model = builder(**decoded["build_args"])
     state = strip_prefix(unwrap_state_dict(obj, use_ema=use_ema))
     result = model.load_state_dict(state, strict=False)

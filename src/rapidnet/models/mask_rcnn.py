@@ -1,0 +1,157 @@
+"""Mask R-CNN (detection + instance segmentation) on a RapidNet backbone, built on torchvision's ``MaskRCNN``.
+
+The paper's COCO recipe (mmdetection 2.x there): Mask R-CNN with a 256-channel, 5-level FPN over the four stage
+outputs (strides 4..32) plus a max-pooled P6, BN statistics frozen in the backbone. torchvision supplies the RPN,
+RoI heads, losses and post-processing; this module supplies the backbone and its FPN (:mod:`rapidnet.models.backbone`).
+
+Engine contract (torchvision detection style): ``model(images, targets)`` with ``images`` a list of ``(3, H, W)``
+float tensors in ``[0, 1]`` and ``targets`` a list of dicts (``boxes`` XYXY float, ``labels`` int64 in 1..K,
+``masks`` uint8 ``(N, H, W)``) returns a dict of losses in train mode; in eval mode it returns one dict per image
+(``boxes``, ``labels``, ``scores``, ``masks`` ``(N, 1, H, W)`` probabilities) in the input image's coordinates.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+from rapidnet.errors import ConfigError
+from rapidnet.models.backbone import (
+    BackboneWithFPN,
+    attach_build_info,
+    build_backbone,
+    freeze_stages,
+    image_normalization,
+    resolve_bn_mode,
+)
+from rapidnet.models.roi_align import MatmulRoIAlign
+
+__all__ = ["RapidMaskRCNN", "mask_rcnn"]
+
+
+class RapidMaskRCNN(MaskRCNN):
+    """torchvision's MaskRCNN, except that eval mode ignores targets, so an engine can always pass them.
+
+    (torchvision would otherwise resize the ground-truth masks of every evaluation batch for nothing.)
+    """
+
+    def forward(self, images: Sequence[torch.Tensor] | torch.Tensor, targets: Sequence[dict] | None = None) -> Any:
+        if not self.training:
+            targets = None
+        elif targets is None:
+            raise ValueError("Mask R-CNN in train mode needs targets (boxes, labels, masks): call model.eval() first")
+        return super().forward(list(images), None if targets is None else list(targets))
+
+
+def _anchor_generator(sizes: Sequence[int] | Sequence[Sequence[int]], ratios: Sequence[float]) -> AnchorGenerator:
+    levels = tuple(tuple(int(x) for x in s) if isinstance(s, Sequence) else (int(s),) for s in sizes)
+    if len(levels) != 5:
+        raise ConfigError(f"anchor_sizes has {len(levels)} entries, the FPN has 5 levels: give one size per level")
+    return AnchorGenerator(levels, (tuple(float(r) for r in ratios),) * len(levels))
+
+
+def _roi_pools(canonical_scale: int) -> dict[str, MatmulRoIAlign]:
+    """torchvision's box (7x7) and mask (14x14) RoI poolers over P2..P5, with the faster CPU RoIAlign of
+    :mod:`rapidnet.models.roi_align` on small maps and the FPN level mapper's canonical scale (the box side pooled from
+    P4) set to ``canonical_scale``. On the mosaic, 32 (the garments' pretraining size) did worse than 224
+    (``docs/results.md``), so 224 stays the default."""
+    if not isinstance(canonical_scale, int) or canonical_scale < 1:
+        raise ConfigError(
+            f"roi_canonical_scale={canonical_scale!r}: give the box side in pixels that maps to P4 "
+            "(torchvision's default is 224)"
+        )
+    names = ["0", "1", "2", "3"]
+    return {
+        "box_roi_pool": MatmulRoIAlign(names, 7, 2, canonical_scale=canonical_scale),
+        "mask_roi_pool": MatmulRoIAlign(names, 14, 2, canonical_scale=canonical_scale),
+    }
+
+
+def mask_rcnn(
+    backbone: str = "rapidnet_m",
+    num_classes: int = 80,
+    backbone_checkpoint: str | os.PathLike[str] | None = None,
+    frozen_bn: bool | str = True,
+    trainable_stages: int = 5,
+    min_size: int | Sequence[int] = 800,
+    max_size: int = 1333,
+    *,
+    fpn_channels: int = 256,
+    anchor_sizes: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    backbone_out_indices: Sequence[int] | None = None,
+    backbone_kwargs: Mapping[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
+    roi_canonical_scale: int = 224,
+    **kwargs: Any,
+) -> RapidMaskRCNN:
+    """Mask R-CNN + FPN (256 channels, 5 levels) over ``backbone``.
+
+    Args:
+        backbone: a RapidNet variant (``rapidnet_ti/s/m/b``) or a timm model name (e.g. ``mobilenetv2_140``).
+        num_classes: object classes, background *excluded* (torchvision's head gets ``num_classes + 1``).
+        backbone_checkpoint: weights for the backbone: any RapidNet checkpoint (authors' or ours, classification
+            ones included) or a timm classification checkpoint of the same model.
+        frozen_bn: True / ``"frozen"``: FrozenBatchNorm2d (statistics and affine fixed, the paper's "BN statistics
+            frozen"); ``"eval"``: BN kept in eval mode with a trained affine (mmdetection's ``norm_eval``);
+            False / ``"train"``: ordinary BN.
+        trainable_stages: how many of the five backbone units (stem, stage 0..3), counted from the top, are trained.
+        min_size, max_size: torchvision's resize (shorter side ``min_size``, a tuple means multi-scale training,
+            longer side at most ``max_size``); the 1x recipe is 800 / 1333.
+        anchor_sizes: one anchor size per FPN level (default 32, 64, 128, 256, 512); smaller for small images.
+        image_mean, image_std: input normalisation; default the backbone's (ImageNet's).
+        backbone_kwargs: extra arguments for the backbone (e.g. ``depths``/``widths`` of a custom RapidNet).
+        roi_canonical_scale: the box side (pixels) that the RoI heads pool from P4; smaller boxes go to finer
+            levels, one level per halving. 224 (Lin et al., torchvision) suits ImageNet backbones.
+        kwargs: passed on to torchvision's ``MaskRCNN`` (``box_detections_per_img``, ``rpn_*``, ``box_*`` ...).
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes={num_classes!r}: give the number of object classes (background excluded)")
+    bn_mode = resolve_bn_mode(frozen_bn)
+    body, channels, cfg = build_backbone(
+        backbone, backbone_checkpoint, backbone_out_indices, **dict(backbone_kwargs or {})
+    )
+    freeze_stages(body, trainable_stages)
+    neck = BackboneWithFPN(body, channels, fpn_channels, extra_pool=True, bn_mode=bn_mode)
+    if anchor_sizes is not None:
+        kwargs["rpn_anchor_generator"] = _anchor_generator(anchor_sizes, aspect_ratios)
+    elif tuple(aspect_ratios) != (0.5, 1.0, 2.0):
+        kwargs["rpn_anchor_generator"] = _anchor_generator((32, 64, 128, 256, 512), aspect_ratios)
+    for name, pool in _roi_pools(roi_canonical_scale).items():
+        kwargs.setdefault(name, pool)
+    mean, std = image_normalization(cfg, image_mean, image_std)
+    model = RapidMaskRCNN(
+        neck,
+        num_classes=num_classes + 1,
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=mean,
+        image_std=std,
+        **kwargs,
+    )
+    return attach_build_info(
+        model,
+        class_names,
+        backbone=backbone,
+        num_classes=num_classes,
+        frozen_bn=bn_mode,
+        trainable_stages=trainable_stages,
+        min_size=min_size,
+        max_size=max_size,
+        fpn_channels=fpn_channels,
+        anchor_sizes=anchor_sizes,
+        aspect_ratios=aspect_ratios,
+        image_mean=mean,
+        image_std=std,
+        backbone_out_indices=backbone_out_indices,
+        backbone_kwargs=dict(backbone_kwargs or {}),
+        roi_canonical_scale=roi_canonical_scale,
+        **{k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))},
+    )
