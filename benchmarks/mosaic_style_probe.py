@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from rapidnet.data.fashion_mnist import FashionMNIST
 from rapidnet.data.mosaic import MOSAIC_STYLES, MosaicConfig, render_scene
-from rapidnet.tasks.classification import load_classifier
+from rapidnet.models import load
 
 
 def garment_crop(image: np.ndarray, mask: np.ndarray, margin: float = 1.05) -> torch.Tensor:
@@ -49,7 +49,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, _ = load_classifier(args.checkpoint)
+    model, _ = load(args.checkpoint, task="classification")
     model.eval()
     cfg = model.pretrained_cfg
     size = int(cfg["input_size"][-1])

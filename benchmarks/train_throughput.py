@@ -22,7 +22,7 @@ import rapidnet
 
 
 def build(name: str) -> torch.nn.Module:
-    if name.split(".")[0] in rapidnet.VARIANTS:
+    if rapidnet.models.is_rapidnet(name):
         return rapidnet.create_model(name, distillation=False)
     return timm.create_model(name)
 

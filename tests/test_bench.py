@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+import rapidnet
 from rapidnet.cli.main import main
-from rapidnet.deploy import bench
+from rapidnet.deploy import bench, cpu, prepare_model
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +78,18 @@ def test_bad_input_is_one_line(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_eager_cpu_backends_run_the_cpu_pass_exporters_the_plain_graph():
+    plain = bench.build_inference_model("rapidnet_ti")
+    assert not cpu.is_optimized(plain) and all(p.is_contiguous() for p in plain.parameters())
+    for backend in ("torch", "torch-cl"):
+        runs = bench._copy_for(backend, plain)
+        assert type(runs) is cpu.CpuRapidNet and runs is not plain
+    assert bench._copy_for("ort-fp32", plain) is plain and not cpu.is_optimized(plain)
+    optimized = bench.build_inference_model("rapidnet_ti", cpu_optimized=True)
+    assert type(optimized) is cpu.CpuRapidNet
+    exported = prepare_model(optimized)  # what export_onnx (the ort backends), TorchScript and Core ML get
+    assert type(exported) is rapidnet.RapidNet and not cpu.is_optimized(exported)
+    assert all(p.is_contiguous() for p in exported.parameters())
+    assert cpu.is_optimized(optimized), "the model handed to the exporter stays as it was"

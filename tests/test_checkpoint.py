@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 
@@ -11,9 +12,9 @@ import timm
 import torch
 
 import rapidnet
-from conftest import MICRO
+from conftest import MICRO, randomize_
 from rapidnet.errors import CheckpointError
-from rapidnet.models.checkpoint import convert_official, infer_arch
+from rapidnet.models.checkpoint import convert_official, infer_arch, load_timm_weights, model_metadata, read_weights
 from rapidnet.utils import read_checkpoint
 
 
@@ -196,3 +197,183 @@ def test_load_model_features_only(micro_checkpoint, micro_expected):
         feats = backbone(micro_expected["input"])
     for ours, theirs in zip(feats, micro_expected["features"], strict=True):
         assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+# ---- rapidnet.load: one entry for every file ------------------------------------------------------------------------
+
+
+def _meta(names: list[str], size: int = 32) -> dict[str, str]:
+    """The class names and eval transform this project stores with weights."""
+    return {"class_names": json.dumps(names), "pretrained_cfg": json.dumps({"input_size": [3, size, size]})}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_load_authors_file_reads_architecture_and_returns_eval_model(micro_checkpoint, micro_expected):
+    model, meta = rapidnet.load(micro_checkpoint)
+    assert isinstance(model, rapidnet.RapidNet) and not model.training
+    assert meta == {"format": "rapidnet", "arch": "custom"}
+    assert model.pretrained_cfg["file"] == str(micro_checkpoint) and "state_dict" not in model.pretrained_cfg
+    assert _close(logits_of(model, micro_expected), micro_expected["logits"])
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_load_own_format_decodes_metadata_and_merges_the_eval_transform(tmp_path, micro_model, suffix):
+    path = rapidnet.save_weights(micro_model, tmp_path / f"m{suffix}", _meta([f"c{i}" for i in range(10)], 48))
+    model, meta = rapidnet.load(path)
+    assert meta["class_names"] == [f"c{i}" for i in range(10)]
+    assert meta["pretrained_cfg"] == {"input_size": [3, 48, 48]}
+    assert (meta["format"], meta["num_classes"], meta["distillation"]) == ("rapidnet", 10, True)
+    assert meta["depths"] == [list(d) for d in MICRO["depths"]]
+    assert model.pretrained_cfg["input_size"] == (3, 48, 48)  # stored transform over the variant's
+    assert model.pretrained_cfg["crop_pct"] == 0.9  # the rest stays the variant's
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert _close(model(x), micro_model(x))
+
+
+def test_load_training_state_ema_first_raw_on_request(tmp_path, micro_model):
+    from rapidnet.engine.checkpoint import save_training_state
+
+    raw = {k: v.clone() for k, v in micro_model.state_dict().items()}
+    ema = scaled(raw, 0.5)
+    meta = {**model_metadata(micro_model), **_meta([str(i) for i in range(10)])}
+    path = save_training_state(tmp_path / "last.pt", {"model": raw, "model_ema": ema, "rapidnet": meta, "epoch": 3})
+    ema_model, decoded = rapidnet.load(path)
+    raw_model, _ = rapidnet.load(path, use_ema=False)
+    assert decoded["class_names"] == [str(i) for i in range(10)]
+    for key in ("stem.0.conv.weight", "head.fc.weight"):
+        assert torch.equal(ema_model.state_dict()[key], ema[key])
+        assert torch.equal(raw_model.state_dict()[key], raw[key])
+
+
+def test_load_fused_file_builds_the_inference_structure(tmp_path, micro_model, monkeypatch):
+    """A reparameterized file is built with ``inference_mode=True`` (nothing built to be folded), loads strictly."""
+    from rapidnet.models.rapidnet import ConvNormAct
+
+    fused = rapidnet.reparameterize(micro_model)
+    path = rapidnet.save_weights(fused, tmp_path / "fused.safetensors")
+    monkeypatch.setattr(ConvNormAct, "reparameterize", lambda *_: pytest.fail("nothing may be built to be folded"))
+    model, meta = rapidnet.load(path)
+    assert meta["reparameterized"] is True
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert model.head.fc_dist is None and model.stages[2].blocks[-1].mixer.cpe.pe is None
+    assert set(model.state_dict()) == set(fused.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert _close(model(x), micro_model(x))
+
+
+def test_load_reads_the_file_once(micro_checkpoint, monkeypatch):
+    import rapidnet.models.checkpoint as ck
+
+    calls = []
+    real = ck.read_checkpoint
+    monkeypatch.setattr(ck, "read_checkpoint", lambda path: calls.append(path) or real(path))
+    rapidnet.load(micro_checkpoint)
+    rapidnet.load(micro_checkpoint, features_only=True)
+    assert calls == [micro_checkpoint, micro_checkpoint]
+
+
+def test_load_timm_peer_by_metadata_and_by_name(tmp_path):
+    source = randomize_(timm.create_model("resnet10t", num_classes=3)).eval()
+    named = rapidnet.save_weights(source, tmp_path / "r.safetensors", _meta(["a", "b", "c"]))
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "bare.pth")  # no metadata: needs its name
+    x = torch.randn(1, 3, 64, 64)
+    model, meta = rapidnet.load(named)
+    assert (meta["format"], meta["arch"], meta["num_classes"], meta["class_names"]) == (
+        "timm",
+        "resnet10t",
+        3,
+        list("abc"),
+    )
+    bare, bare_meta = rapidnet.load(tmp_path / "bare.pth", model="resnet10t")
+    assert bare_meta == {"format": "timm", "arch": "resnet10t"} and bare.num_classes == 3  # classifier rows
+    with torch.no_grad():
+        assert _close(model(x), source(x)) and _close(bare(x), source(x))
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32)
+
+
+def test_load_timm_peer_features_only_maps_flattened_keys(tmp_path):
+    source = randomize_(timm.create_model("convnext_atto", num_classes=3)).eval()
+    body, _ = rapidnet.load(rapidnet.save_weights(source, tmp_path / "c.safetensors"), features_only=True)
+    assert type(body).__name__ == "FeatureListNet"  # its keys: 'stages.0' became 'stages_0'
+    key = "stages.1.blocks.0.conv_dw.weight"
+    assert torch.equal(body.state_dict()[key.replace(".", "_", 1)], source.state_dict()[key])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        theirs = source.forward_intermediates(x, indices=4, intermediates_only=True)
+        for ours, ref in zip(body(x), theirs, strict=True):
+            assert _close(ours, ref)
+
+
+def test_load_dense_checkpoint_rebuilds_from_build_args(tmp_path):
+    from rapidnet.models import semantic_fpn
+
+    seg = semantic_fpn("rapidnet_ti", num_classes=3, class_names=["sky", "road", "car"], backbone_kwargs=MICRO)
+    seg = randomize_(seg).eval()
+    meta = {
+        "format": "rapidnet-segmentation",
+        "task": "segmentation",
+        "build_args": json.dumps(seg.build_args),
+        "class_names": json.dumps(["sky", "road", "car"]),
+        "eval_args": json.dumps({"scale": [64, 64]}),
+    }
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in seg.state_dict().items()}, str(tmp_path / "seg.safetensors"), meta)
+    model, decoded = rapidnet.load(tmp_path / "seg.safetensors")
+    assert type(model) is type(seg) and not model.training
+    assert decoded["eval_args"] == {"scale": [64, 64]} and decoded["class_names"] == ["sky", "road", "car"]
+    image = [torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        assert _close(model(image), seg(image))
+    with pytest.raises(CheckpointError, match="holds a segmentation model, not detection"):
+        rapidnet.load(tmp_path / "seg.safetensors", task="detection")
+
+
+def test_load_model_name_is_checked_and_unknown_names_fail_before_reading(tmp_path, micro_checkpoint):
+    with pytest.raises(CheckpointError, match=r"is a custom RapidNet .*not rapidnet_ti") as err:
+        rapidnet.load(micro_checkpoint, model="rapidnet_ti")
+    assert "\n" not in str(err.value)
+    with pytest.raises(rapidnet.ConfigError, match="unknown model 'no_such_net'"):
+        rapidnet.load(tmp_path / "not-even-there.pth", model="no_such_net")
+    own = rapidnet.save_weights(rapidnet.create_model("rapidnet_ti", **MICRO), tmp_path / "own.safetensors")
+    with pytest.raises(CheckpointError, match=r"holds a rapidnet model \(custom\), not resnet10t"):
+        rapidnet.load(own, model="resnet10t")
+    with pytest.raises(CheckpointError, match=r"does not fit resnet10t: \d+ of its weights are missing"):
+        rapidnet.load(micro_checkpoint, model="resnet10t")  # no metadata: the name says what it holds
+    with pytest.raises(CheckpointError, match="holds a classification model, not segmentation"):
+        rapidnet.load(micro_checkpoint, task="segmentation")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("class_names", "['cat', 'dog'", "Expecting value"),
+        ("pretrained_cfg", "[3, 32, 32]", "expected a dict"),
+        ("num_classes", "ten", "invalid literal"),
+        ("distillation", "maybe", "expected true or false"),
+    ],
+)
+def test_malformed_metadata_is_one_line_naming_file_and_key(tmp_path, micro_model, key, value, why):
+    path = rapidnet.save_weights(micro_model, tmp_path / "bad.safetensors", {key: value})
+    with pytest.raises(CheckpointError, match=rf"bad.safetensors has unreadable '{key}' metadata \(.*{why}") as err:
+        rapidnet.load(path)
+    assert "\n" not in str(err.value) and "re-export" in str(err.value)
+
+
+def test_timm_classifier_of_another_class_count_is_dropped_for_fine_tuning(tmp_path, caplog):
+    source = timm.create_model("resnet10t", num_classes=5)
+    torch.save({"model": source.state_dict()}, tmp_path / "five.pth")
+    target = timm.create_model("resnet10t", num_classes=3)
+    state_dict, _ = read_weights(tmp_path / "five.pth")
+    with caplog.at_level(logging.INFO, logger="rapidnet"):
+        load_timm_weights(target, state_dict, tmp_path / "five.pth")
+    assert torch.equal(target.conv1[0].weight, source.conv1[0].weight) and target.fc.out_features == 3
+    assert [r for r in caplog.records if "classifier dropped" in r.message]
+    other = timm.create_model("resnet14t", num_classes=3)
+    with pytest.raises(CheckpointError, match=r"does not fit resnet14t: .*: pass a checkpoint of resnet14t"):
+        load_timm_weights(other, state_dict, tmp_path / "five.pth")

@@ -102,3 +102,61 @@ def test_console_script_entry_point():
     proc = subprocess.run([*cmd, "info", "rapidnet_ti", "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)[0]["params"] == 6_627_840
+
+
+# ---- every command loads through rapidnet.load ----------------------------------------------------------------------
+
+
+def _sample_folder(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(SAMPLE, folder / "a.png")
+    return folder
+
+
+def test_convert_keeps_class_names_and_eval_transform(capsys, tmp_path):
+    names = ["cat", "dog", "bird"]
+    src = rapidnet.save_weights(
+        rapidnet.create_model("rapidnet_ti", num_classes=3, **MICRO),
+        tmp_path / "src.pt",
+        {"class_names": json.dumps(names), "pretrained_cfg": json.dumps({"input_size": [3, 40, 40]})},
+    )
+    dst = tmp_path / "dst.safetensors"
+    code, out, _ = run_cli(capsys, "convert", str(src), str(dst), "--reparameterize")
+    assert code == 0 and "reparameterized" in out
+    model, meta = rapidnet.load(dst)
+    assert meta["class_names"] == names and model.pretrained_cfg["input_size"] == (3, 40, 40)
+    code, out, _ = run_cli(capsys, "predict", str(_sample_folder(tmp_path)), "--checkpoint", str(dst), "--json")
+    assert code == 0 and {p["class"] for p in json.loads(out)[0]["top"]} == set(names)
+
+
+def test_predict_and_convert_a_timm_peer_checkpoint(capsys, tmp_path):
+    import timm
+
+    names = ["coat", "shirt"]
+    peer = timm.create_model("resnet10t", num_classes=2)
+    torch.save({"state_dict": peer.state_dict()}, tmp_path / "peer.pth")  # no metadata: --model names it
+    code, out, _ = run_cli(capsys, "convert", str(tmp_path / "peer.pth"), str(tmp_path / "p.safetensors"),
+                           "--model", "resnet10t")  # fmt: skip
+    assert code == 0 and "timm model resnet10t, 2 classes" in out
+    model, meta = rapidnet.load(tmp_path / "p.safetensors")
+    assert (meta["format"], meta["arch"]) == ("timm", "resnet10t")
+    assert torch.equal(model.fc.weight, peer.fc.weight)
+    rapidnet.save_weights(peer, tmp_path / "named.safetensors", {"class_names": json.dumps(names)})
+    code, out, _ = run_cli(capsys, "predict", str(SAMPLE), "--checkpoint", str(tmp_path / "named.safetensors"),
+                           "--json")  # fmt: skip
+    assert code == 0 and {p["class"] for p in json.loads(out)[0]["top"]} == set(names)
+
+
+def test_wrong_kind_or_malformed_checkpoint_is_one_line_and_exit_2(capsys, tmp_path):
+    from safetensors.torch import save_file
+
+    dense = {"format": "rapidnet-detection", "task": "detection", "build_args": "{}", "class_names": "[]"}
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "det.safetensors"), dense)
+    code, _, err = run_cli(capsys, "predict", str(SAMPLE), "--checkpoint", str(tmp_path / "det.safetensors"))
+    assert code == 2 and "holds a detection model, not classification" in err and err.count("\n") == 1
+    model = rapidnet.create_model("rapidnet_ti", num_classes=3, **MICRO)
+    bad = str(rapidnet.save_weights(model, tmp_path / "bad.safetensors", {"class_names": "['cat'"}))
+    for argv in (["predict", str(SAMPLE), "--checkpoint", bad], ["convert", bad, str(tmp_path / "o.safetensors")]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and "bad.safetensors has unreadable 'class_names' metadata" in err and err.count("\n") == 1

@@ -147,6 +147,67 @@ def test_det_train_writes_checkpoints_and_logs(det_run):
     assert len((det_run / "steps.jsonl").read_text().splitlines()) == 2
 
 
+MASK_RCNN_LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+
+
+def test_det_train_logs_the_five_mask_rcnn_losses(det_run):
+    """Each of torchvision's five terms beside the total: per step, as epoch means, and in TensorBoard's events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = [json.loads(line) for line in (det_run / "steps.jsonl").read_text().splitlines()]
+    for r in steps:
+        assert [k for k in r if k.startswith("loss_")] == list(MASK_RCNN_LOSSES)
+        assert r["loss"] == pytest.approx(sum(r[k] for k in MASK_RCNN_LOSSES), rel=1e-5)
+    (record,) = _records(det_run)
+    for key in MASK_RCNN_LOSSES:  # two steps of 2 images: the epoch mean is the mean of the two
+        assert record[f"train_{key}"] == pytest.approx((steps[0][key] + steps[1][key]) / 2, rel=1e-9)
+    assert record["train_loss"] == pytest.approx(sum(record[f"train_{k}"] for k in MASK_RCNN_LOSSES), rel=1e-5)
+    events = EventAccumulator(str(det_run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {f"train/{k}" for k in MASK_RCNN_LOSSES} | {"epoch/val_bbox_AP", "epoch/train_loss_mask"} <= tags
+    assert [e.step for e in events.Scalars("train/loss_mask")] == [1, 2]
+
+
+def test_plot_draws_the_named_losses(capsys, det_run, tmp_path):
+    """``rapidnet plot`` adds a panel of the named losses (per step, from steps.jsonl); a log without them keeps the
+    two panels."""
+    from rapidnet.cli.plot import loss_terms
+    from rapidnet.engine import read_jsonl
+
+    terms = loss_terms(read_jsonl(det_run / "log.jsonl"), read_jsonl(det_run / "steps.jsonl"))
+    assert list(terms["terms"]) == list(MASK_RCNN_LOSSES) and terms["x"] == [1, 2]
+    epoch_terms = loss_terms(read_jsonl(det_run / "log.jsonl"), [])
+    assert list(epoch_terms["terms"]) == list(MASK_RCNN_LOSSES) and epoch_terms["xlabel"] == "epoch"
+    code, out, _ = _run(capsys, "plot", det_run, "-o", tmp_path / "det.png")
+    assert code == 0 and "det.png" in out
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    lines = [json.dumps({k: v for k, v in r.items() if not k.startswith("train_loss_")}) for r in _records(det_run)]
+    (plain / "log.jsonl").write_text("\n".join(lines) + "\n")
+    assert _run(capsys, "plot", plain)[0] == 0
+    three, two = Image.open(tmp_path / "det.png"), Image.open(plain / "curves.png")
+    assert three.size[1] == two.size[1] and three.size[0] == pytest.approx(1.5 * two.size[0], abs=2)
+    assert np.asarray(three.convert("L"))[:, two.size[0] :].std() > 0  # the third panel is drawn
+
+
+def test_train_commands_refuse_a_config_for_another_task(capsys, mosaic, tmp_path):
+    """``rapidnet train`` with a detection or segmentation config, and a dense command with the other's config: one
+    line naming the command that trains it, exit 2, nothing written."""
+    (tmp_path / "det.yaml").write_text(DET_CONFIG)
+    (tmp_path / "seg.yaml").write_text(SEG_CONFIG)
+    for command, config, right in (
+        (["train"], "det.yaml", "rapidnet det train"),
+        (["train"], "seg.yaml", "rapidnet seg train"),
+        (["det", "train"], "seg.yaml", "rapidnet seg train"),
+        (["seg", "train"], "det.yaml", "rapidnet det train"),
+    ):
+        out = tmp_path / f"run-{command[0]}-{config}"
+        code, _, err = _run(capsys, *command, "--config", tmp_path / config, "--data", mosaic, "--output", out)
+        assert code == 2 and f"'{right}'" in _one_line_error(err, command[0]), (command, config)
+        assert not out.exists()
+
+
 def test_det_eval_reproduces_logged_metrics(capsys, det_run, mosaic):
     (record,) = _records(det_run)
     for checkpoint in ("model_best.safetensors", "last.pt"):

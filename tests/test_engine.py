@@ -1,9 +1,13 @@
-"""Engine pieces in isolation: reproducible sampling, RNG capture, optimizer groups, run logs."""
+"""Engine pieces in isolation: reproducible sampling, RNG capture, optimizer groups, run logs; the Trainer on a toy
+task: named losses in every log, callbacks and their hooks, TensorBoard event files, exact resume of the per-loss
+epoch means."""
 
 from __future__ import annotations
 
 import copy
+import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -11,10 +15,20 @@ import torch
 
 import rapidnet
 from rapidnet.config import load_config
-from rapidnet.engine import JsonlLog, SeededDataset, SeededSampler, read_jsonl
+from rapidnet.engine import (
+    Callback,
+    JsonlLog,
+    SeededDataset,
+    SeededSampler,
+    StepOutput,
+    Task,
+    Trainer,
+    load_training_state,
+    read_jsonl,
+)
 from rapidnet.engine.checkpoint import capture_rng, restore_rng
 from rapidnet.errors import ConfigError
-from rapidnet.tasks.classification import ClassificationTask, TensorBatches
+from rapidnet.tasks.classification import ClassificationTask, DistillationLoss, TensorBatches
 from rapidnet.utils import subset_indices
 
 
@@ -178,3 +192,210 @@ def test_jsonl_log_survives_a_torn_line_and_truncates(tmp_path):
     assert [r["epoch"] for r in read_jsonl(tmp_path / "log.jsonl")] == [1, 2]
     with pytest.raises(rapidnet.DataError):
         read_jsonl(tmp_path / "missing.jsonl")
+
+
+# ---- the Trainer on a toy task: named losses, callbacks, TensorBoard, exact resume -----------------------------------
+
+
+class _ToyTask(Task):
+    """Linear regression on data drawn from ``(epoch, step)``: a step returns two named losses beside the total."""
+
+    primary_metric = "mse"
+    higher_is_better = False
+    metric_names = {"mse": "val mse"}
+
+    def __init__(self, cfg, steps: int = 4) -> None:
+        super().__init__(cfg)
+        self.steps = steps
+        self.loaders_built = False
+
+    def build_model(self) -> torch.nn.Module:
+        assert not self.loaders_built  # the engine builds the loaders after the model, not the task inside it
+        return torch.nn.Linear(4, 1)
+
+    def build_loaders(self) -> None:
+        self.loaders_built = True
+
+    @property
+    def batch_size(self) -> int:
+        return 8
+
+    def steps_per_epoch(self) -> int:
+        return self.steps
+
+    def train_batches(self, epoch, start_step):
+        assert self.loaders_built
+        for step in range(start_step, self.steps):
+            g = torch.Generator().manual_seed(1000 * epoch + step)
+            x = torch.randn(8, 4, generator=g)
+            yield x, x.sum(1, keepdim=True)
+
+    def train_step(self, model, batch):
+        x, y = batch
+        pred = model(x)
+        mse = torch.nn.functional.mse_loss(pred, y)
+        l1 = (pred - y).abs().mean() * 0.1
+        return StepOutput(mse + l1, len(x), {"mse": mse.detach(), "loss_l1": l1.detach()})
+
+    def evaluate(self, model):
+        x = torch.randn(32, 4, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            return {"mse": float(torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True)))}
+
+
+class _Recorder(Callback):
+    """Records every hook call; keeps a counter in the checkpoint; optionally SIGTERMs itself after one step."""
+
+    def __init__(self, stop_at: tuple[int, int] | None = None) -> None:
+        self.calls: list[str] = []
+        self.records: list[dict] = []
+        self.results: list[list[str]] = []
+        self.updates = 0
+        self.loaded: dict | None = None
+        self.stop_at = stop_at
+
+    def __getattribute__(self, name):
+        if name.startswith("on_") or name in ("setup", "teardown"):
+            self.calls.append(name)
+        return object.__getattribute__(self, name)
+
+    def on_optimizer_step(self, trainer):
+        self.updates += 1
+
+    def on_train_step_end(self, trainer, record):
+        self.records.append(record)
+        if self.stop_at == (trainer.epoch, trainer.step):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_evaluate(self, trainer, results):
+        self.results.append(list(results))
+
+    def on_save_checkpoint(self, trainer, state):
+        state["recorder"] = {"updates": self.updates}
+
+    def on_load_checkpoint(self, trainer, state):
+        self.loaded = dict(state["recorder"])
+        self.updates = self.loaded["updates"]
+
+
+def _toy_config(out, **values):
+    return load_config(
+        values={
+            "train.output": str(out),
+            "train.epochs": 2,
+            "train.device": "cpu",
+            "train.log_interval": 1,
+            "optim.lr": 0.02,
+            "sched.warmup_epochs": 0,
+            "ema.decay": 0.5,
+            **values,
+        }
+    )
+
+
+def test_callbacks_receive_the_hooks_in_order_and_named_losses_are_logged(tmp_path, capsys):
+    out = tmp_path / "toy"
+    recorder = _Recorder()
+    result = Trainer(_ToyTask(_toy_config(out), steps=2), _toy_config(out), progress=False, callbacks=[recorder]).fit()
+    assert result.status == "completed"
+    step = ["on_optimizer_step", "on_train_step_end"]
+    epoch = ["on_train_epoch_start", *step, *step, "on_train_epoch_end", "on_evaluate", "on_save_checkpoint",
+             "on_epoch_end"]  # fmt: skip
+    assert recorder.calls == ["setup", "on_fit_start", *epoch, *epoch, "on_fit_end", "teardown"]
+    assert recorder.results == [["model", "ema"]] * 2  # user callbacks run after the defaults (the EMA's evaluation)
+    assert recorder.updates == 4 and all(r is not None for r in recorder.records)  # log_interval 1: every step
+
+    steps = read_jsonl(out / "steps.jsonl")
+    assert [r for r in recorder.records] == steps
+    for r in steps:  # each named loss beside the total; a name without loss_ gets it
+        assert r["loss"] == pytest.approx(r["loss_mse"] + r["loss_l1"], rel=1e-6)
+    log = read_jsonl(out / "log.jsonl")
+    for epoch_record, pair in zip(log, (steps[:2], steps[2:]), strict=True):
+        for key in ("loss", "loss_mse", "loss_l1"):  # equal batches: the epoch mean is the mean of the steps
+            assert epoch_record[f"train_{key}"] == pytest.approx(sum(r[key] for r in pair) / 2, rel=1e-12)
+        assert {"val_mse", "ema_val_mse"} <= set(epoch_record)
+    text = capsys.readouterr().out
+    assert "(mse " in text and ", l1 " in text and "val val mse " in text  # the epoch line, with the task's names
+    assert load_training_state(out / "last.pt")["recorder"] == {"updates": 4}
+    assert (out / "model_best.safetensors").is_file() and (out / "best.pt").is_file()
+
+
+def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_interrupted_epoch_resumes_with_the_same_per_loss_means_and_tensorboard_events(tmp_path, capsys):
+    """SIGTERM after step 2 of epoch 2, then --resume: the steps, the epoch means of every named loss (their running
+    sums are in last.pt), the callbacks' own state and TensorBoard's event series equal an uninterrupted run's."""
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert Trainer(_ToyTask(_toy_config(ref)), _toy_config(ref), progress=False).fit().status == "completed"
+    recorder = _Recorder(stop_at=(1, 2))
+    result = Trainer(_ToyTask(_toy_config(cut)), _toy_config(cut), progress=False, callbacks=[recorder]).fit()
+    assert result.status == "interrupted"
+    state = load_training_state(cut / "last.pt")
+    assert (state["epoch"], state["step"]) == (1, 3) and set(state["meter"]["losses"]) == {"mse", "loss_l1"}
+    assert state["recorder"] == {"updates": 7} and state["best"]["epoch"] == 1
+
+    again = _Recorder()
+    cfg = _toy_config(cut)
+    assert Trainer(_ToyTask(cfg), cfg, resume=cut / "last.pt", progress=False, callbacks=[again]).fit().exit_code == 0
+    assert again.calls[:3] == ["setup", "on_load_checkpoint", "on_fit_start"] and again.loaded == {"updates": 7}
+    assert read_jsonl(cut / "steps.jsonl") == [
+        {**r, "img_per_s": c["img_per_s"]}
+        for r, c in zip(read_jsonl(ref / "steps.jsonl"), read_jsonl(cut / "steps.jsonl"), strict=True)
+    ]
+    keys = ("train_loss", "train_loss_mse", "train_loss_l1", "val_mse", "ema_val_mse", "best_mse", "best_epoch")
+    for a, b in zip(read_jsonl(cut / "log.jsonl"), read_jsonl(ref / "log.jsonl"), strict=True):
+        assert [a[k] for k in keys] == [b[k] for k in keys]
+
+    events, expected = _scalars(cut / "tensorboard"), _scalars(ref / "tensorboard")
+    assert {"train/loss", "train/loss_mse", "train/loss_l1", "train/lr", "epoch/train_loss_l1", "epoch/val_mse"} <= set(
+        events
+    )
+    for tag in ("train/loss", "train/loss_mse", "epoch/train_loss_mse", "epoch/ema_val_mse"):
+        assert events[tag] == expected[tag], tag  # no step lost or repeated across the resume
+    assert [s for s, _ in events["train/loss"]] == list(range(1, 9))  # against the optimizer update
+    steps = read_jsonl(ref / "steps.jsonl")
+    assert [v for _, v in expected["train/loss_l1"]] == pytest.approx([r["loss_l1"] for r in steps], rel=1e-6)
+
+
+def test_without_tensorboard_no_event_files_and_no_error(tmp_path, monkeypatch):
+    import rapidnet.engine.callbacks as callbacks
+
+    monkeypatch.setattr(callbacks, "tensorboard_available", lambda: False)
+    out = tmp_path / "run"
+    cfg = _toy_config(out, **{"train.epochs": 1, "ema.enabled": False})
+    trainer = Trainer(_ToyTask(cfg, steps=2), cfg, progress=False)
+    assert trainer.fit().status == "completed"
+    assert not (out / "tensorboard").exists() and (out / "log.jsonl").is_file()
+    names = [type(c).__name__ for c in trainer.callbacks]
+    assert names == ["BatchNormAveraging", "BestCheckpoint", "ExportBest"]
+
+
+def test_distillation_loss_parts_leave_the_total_bit_for_bit():
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4), torch.randint(0, 5, (6,))
+    outputs = (torch.randn(6, 5), torch.randn(6, 5))
+    for kind in ("hard", "soft"):
+        loss = DistillationLoss(torch.nn.CrossEntropyLoss(), torch.nn.Linear(4, 5), kind, 0.3, 2.0)
+        total, parts = loss.parts(x, outputs, y)
+        assert torch.equal(total, loss(x, outputs, y)) and set(parts) == {"loss_cls", "loss_distill"}
+        assert total.item() == pytest.approx(0.7 * parts["loss_cls"].item() + 0.3 * parts["loss_distill"].item())
+    single, parts = DistillationLoss(torch.nn.CrossEntropyLoss(), torch.nn.Identity(), "none", 0.0, 1.0).parts(
+        x, outputs[0], y
+    )
+    assert parts == {} and torch.equal(single, torch.nn.functional.cross_entropy(outputs[0], y))
+
+
+def test_engine_formats_the_tasks_facts_and_metrics():
+    from rapidnet.engine.trainer import format_facts, format_metrics
+
+    facts = {"data": {"path": "d", "train images": 3, "flip": 0.5}, "augmentation": {}, "skipped": None, "n": [1, 2]}
+    assert format_facts(facts) == ["data: path d, train images 3, flip 0.5", "augmentation: none", "n: [1, 2]"]
+    metrics = {"top1": 61.5, "top5": 93.5, "loss": 1.36512, "images": 200}
+    assert format_metrics(metrics, {"top1": "top-1", "loss": "loss"}) == "top-1 61.50  loss 1.365"
+    assert format_metrics({"a": 0.25}) == "a 0.2500"

@@ -144,6 +144,20 @@ def test_short_run_writes_checkpoints_logs_and_weights_that_eval_reproduces(shor
     assert fused["reparameterized"] and abs(fused["top1"] - best) <= 100 / N_VAL + 1e-9  # at most one image flips
 
 
+def test_a_single_loss_is_logged_as_before_and_reaches_tensorboard(short_run, capsys):
+    """Without named losses the logs keep their fields; the epoch line names the metrics; TensorBoard has the run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = read_jsonl(short_run / "steps.jsonl")
+    assert all(set(r) == {"epoch", "step", "update", "loss", "lr", "img_per_s"} for r in steps)
+    assert not [k for r in read_jsonl(short_run / "log.jsonl") for k in r if k.startswith("train_loss_")]
+    events = EventAccumulator(str(short_run / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
+    assert [e.step for e in events.Scalars("epoch/val_top1")] == [N_TRAIN // BATCH, 2 * N_TRAIN // BATCH]
+    assert {"epoch/ema_val_top1", "epoch/train_loss", "train/lr"} <= set(events.Tags()["scalars"])
+
+
 def test_eval_interval_skips_evaluation_but_not_the_last_epoch(fm, tiny_config, tmp_path, capsys):
     out = tmp_path / "sparse"
     assert train_on(tiny_config, fm, out, "--epochs", "3", "--eval-interval", "2", "--limit-train", "48") == 0
@@ -516,6 +530,13 @@ def test_hard_distillation_from_a_checkpoint_this_project_wrote(short_run, fm, t
     assert "head.fc_dist.weight" in saved["model"]
     student = rapidnet.load_model(out / "model_best.safetensors")
     assert student.distillation
+    alpha = saved["config"]["distill"]["alpha"]  # the two heads' unweighted terms are logged beside the total
+    for r in read_jsonl(out / "steps.jsonl"):
+        assert r["loss"] == pytest.approx((1 - alpha) * r["loss_cls"] + alpha * r["loss_distill"], rel=1e-5)
+    record = read_jsonl(out / "log.jsonl")[0]
+    assert record["train_loss"] == pytest.approx(
+        (1 - alpha) * record["train_loss_cls"] + alpha * record["train_loss_distill"], rel=1e-5
+    )
 
 
 def test_soft_distillation_from_a_timm_teacher(fm, tiny_config, tmp_path):

@@ -10,6 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+from rapidnet.data.ade20k import SegEvalTransform
+from rapidnet.engine.distributed import resolve_device
+from rapidnet.errors import ConfigError, DataError
+from rapidnet.metrics import CocoEvaluator, SegmentationMetrics
+from rapidnet.models import load
+from rapidnet.tasks import _dense as dense_tasks  # called through the module: tests patch its functions
+from rapidnet.utils import subset_indices
+from rapidnet.visualize import draw_instances, draw_semantic, save_png
 
 _NAMES = {"detection": ("det", "Mask R-CNN", "a COCO-format folder (annotations/instances_{train,val}.json)"),
           "segmentation": ("seg", "Semantic FPN", "an ADE20K-layout folder (images/ and annotations/)")}  # fmt: skip
@@ -77,12 +87,6 @@ def _train(args: argparse.Namespace, kind: str) -> int:
 
 
 def _eval(args: argparse.Namespace, kind: str) -> int:
-    from rapidnet.engine.distributed import resolve_device
-    from rapidnet.errors import ConfigError, DataError
-    from rapidnet.metrics import CocoEvaluator, SegmentationMetrics
-    from rapidnet.tasks._dense import build_dense_eval_dataset, dense_eval_loader, evaluate_dense
-    from rapidnet.utils import subset_indices
-
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: use 1 or more")
     scale = getattr(args, "scale", None)  # segmentation only
@@ -94,7 +98,7 @@ def _eval(args: argparse.Namespace, kind: str) -> int:
     model, meta = _load(args.checkpoint, kind, device, use_ema=not args.raw_weights)
     if scale is not None:
         meta["eval_args"]["scale"] = list(scale)
-    dataset = build_dense_eval_dataset(kind, args.data, meta["eval_args"])
+    dataset = dense_tasks.build_dense_eval_dataset(kind, args.data, meta["eval_args"])
     if list(dataset.classes) != list(meta["class_names"]):
         raise DataError(f"{args.data} has other classes than {args.checkpoint} was trained on: use the same data")
     indices = subset_indices(len(dataset), args.limit)
@@ -103,7 +107,8 @@ def _eval(args: argparse.Namespace, kind: str) -> int:
     else:
         evaluator = SegmentationMetrics(dataset.num_classes, dataset.ignore_index, dataset.classes)
     t0 = time.perf_counter()
-    metrics = evaluate_dense(model, dense_eval_loader(dataset, indices, args.batch_size), evaluator, device)
+    loader = dense_tasks.dense_eval_loader(dataset, indices, args.batch_size)
+    metrics = dense_tasks.evaluate_dense(model, loader, evaluator, device)
     if args.json:
         print(json.dumps({**metrics, "images": len(indices)}, indent=2))
     else:
@@ -115,9 +120,8 @@ def _eval(args: argparse.Namespace, kind: str) -> int:
 
 
 def _load(path: str, kind: str, device: torch.device, use_ema: bool = True) -> tuple[Any, dict[str, Any]]:
-    from rapidnet.tasks._dense import load_dense_model
-
-    model, meta = load_dense_model(path, kind, use_ema=use_ema)
+    """The dense model a checkpoint holds (``rapidnet.load``, which checks it is a ``kind`` one) on ``device``."""
+    model, meta = load(path, task=kind, use_ema=use_ema)
     return model.to(device), meta
 
 
@@ -137,11 +141,6 @@ def _read_image(path: str) -> torch.Tensor:
 
 @torch.no_grad()
 def _predict(args: argparse.Namespace, kind: str) -> int:
-    import torch.nn.functional as F
-
-    from rapidnet.engine.distributed import resolve_device
-    from rapidnet.visualize import draw_instances, draw_semantic, save_png
-
     device = resolve_device(args.device)
     images = [(path, _read_image(path)) for path in args.images]  # every file is checked before the model loads
     model, meta = _load(args.checkpoint, kind, device)
@@ -154,8 +153,6 @@ def _predict(args: argparse.Namespace, kind: str) -> int:
             found = int((pred["scores"] >= args.score_threshold).sum())
             summary = f"{found} object(s)"
         else:
-            from rapidnet.data.ade20k import SegEvalTransform
-
             scale = meta["eval_args"].get("scale")
             resized, _ = SegEvalTransform(scale)(image, image[:1])
             logits = model([resized.to(device)])[0][:, : resized.shape[-2], : resized.shape[-1]]

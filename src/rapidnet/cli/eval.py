@@ -14,6 +14,22 @@ from pathlib import Path
 
 import torch
 
+from rapidnet.config import Config
+from rapidnet.data import build_dataset
+from rapidnet.deploy.cpu import optimize_
+from rapidnet.engine.distributed import DistInfo, resolve_device
+from rapidnet.engine.task import RunContext
+from rapidnet.errors import ConfigError, DataError
+from rapidnet.models import RapidNet, load, reparameterize
+from rapidnet.tasks.classification import (
+    build_eval_loader,
+    build_eval_transform,
+    describe_metrics,
+    eval_data_config,
+    evaluate_classifier,
+)
+from rapidnet.utils import subset_indices
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="top-1/top-5/loss of a checkpoint on a validation set", description=__doc__)
@@ -24,7 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="'fashion-mnist' (default), a folder with its IDX files, or an ImageFolder root (uses val/)",
     )
     p.add_argument("--split", default="val", choices=("val", "test", "train"), help="split (Fashion-MNIST: test=val)")
-    p.add_argument("--model", help="timm model name, for a non-RapidNet checkpoint without rapidnet metadata")
+    p.add_argument(
+        "--model", help="the timm model a checkpoint without metadata holds, or a variant to check the file against"
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
@@ -43,33 +61,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rapidnet.config import Config
-    from rapidnet.data import build_dataset
-    from rapidnet.engine.distributed import DistInfo, resolve_device
-    from rapidnet.engine.task import RunContext
-    from rapidnet.errors import ConfigError, DataError
-    from rapidnet.models import RapidNet, reparameterize
-    from rapidnet.tasks.classification import (
-        build_eval_loader,
-        build_eval_transform,
-        describe_metrics,
-        eval_data_config,
-        evaluate_classifier,
-        load_classifier,
-    )
-    from rapidnet.utils import subset_indices
-
     for name in ("batch_size", "workers", "limit", "input_size"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "workers" else 1):
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
     device = resolve_device(args.device)
-    model, metadata = load_classifier(args.checkpoint, use_ema=not args.raw_weights, model_name=args.model)
+    model, metadata = load(args.checkpoint, model=args.model, use_ema=not args.raw_weights, task="classification")
     dataset = build_dataset(args.data, args.split)
     classes = list(dataset.classes)
     num_classes = getattr(model, "num_classes", len(classes))
     if "class_names" in metadata:
-        trained = list(json.loads(metadata["class_names"]))
+        trained = [str(n) for n in metadata["class_names"]]
         if trained != classes:
             raise DataError(
                 f"{args.checkpoint} was trained on {len(trained)} classes ({', '.join(trained[:3])}...) but "
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if args.reparameterize:
         if not isinstance(model, RapidNet):
             raise ConfigError("--reparameterize applies to RapidNet models only")
-        model = reparameterize(model)
+        # eager CPU inference gets the CPU pass on top of folding (rapidnet.deploy.cpu); other devices the plain fold
+        model = optimize_(model) if device.type == "cpu" else reparameterize(model)
     data_config = eval_data_config(model, input_size=args.input_size)
     if args.crop_pct is not None:
         data_config["crop_pct"] = args.crop_pct

@@ -10,12 +10,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rapidnet.deploy.export import DEFAULT_OPSET
+import torch
+
+from rapidnet.deploy.export import DEFAULT_OPSET, FORMATS, check_resolution, check_writable, export
+from rapidnet.errors import ConfigError
+from rapidnet.models import create_model, load
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the fused model to ONNX / TorchScript / Core ML", description=__doc__)
-    p.add_argument("--model", help="variant (rapidnet_ti/s/m/b); optional with --checkpoint, which names its own")
+    p.add_argument(
+        "--model",
+        help="variant (rapidnet_ti/s/m/b); with --checkpoint, which names its own, the file is checked against it "
+        "(or, for a timm checkpoint without metadata, it names the timm model)",
+    )
     p.add_argument("--checkpoint", help="weights (any supported format); without one the weights are random")
     p.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "coreml"], help="default: onnx")
     p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the model's)")
@@ -33,10 +41,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from rapidnet.errors import ConfigError
-
     if args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     threads_before = torch.get_num_threads()
@@ -48,9 +52,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from rapidnet.deploy.export import FORMATS, build_model, check_resolution, check_writable, export
-    from rapidnet.errors import ConfigError
-
     if args.resolution is not None:
         check_resolution(args.resolution)
     if args.fp16 and args.format != "coreml":
@@ -58,8 +59,10 @@ def _export(args: argparse.Namespace) -> int:
     stem = args.model or (Path(args.checkpoint).stem if args.checkpoint else "rapidnet_ti")
     output = args.output or f"{stem}{'_features' if args.features_only else ''}{FORMATS[args.format]}"
     check_writable(output)
-    model, _ = build_model(args.model, args.checkpoint, features_only=args.features_only)
-    if args.checkpoint is None:
+    if args.checkpoint is not None:
+        model, _ = load(args.checkpoint, model=args.model, features_only=args.features_only, task="classification")
+    else:
+        model = create_model(args.model or "rapidnet_ti", features_only=args.features_only)
         print(f"note: no --checkpoint: {args.model or 'rapidnet_ti'} has RANDOM weights (fine for speed, not accuracy)")
     result = export(
         model,

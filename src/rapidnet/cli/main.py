@@ -7,10 +7,12 @@ never a traceback. Ctrl-C exits with 130.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
 
+from rapidnet import __version__
 from rapidnet.errors import RapidNetError
 
 # Each module defines ``add_parser(subparsers)`` and ``run(args) -> int``.
@@ -31,10 +33,9 @@ _SUBCOMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
     parser = argparse.ArgumentParser(prog="rapidnet", description="RapidNet mobile backbones: models, training, export")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"rapidnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _SUBCOMMANDS:
         module = importlib.import_module(f"rapidnet.cli.{name}")

@@ -1,9 +1,27 @@
-"""``rapidnet plot RUN_DIR``: loss and accuracy curves of a training run (its ``log.jsonl``) as a PNG."""
+"""``rapidnet plot RUN_DIR``: loss and accuracy curves of a training run (its ``log.jsonl``) as a PNG.
+
+A run whose steps return named losses (Mask R-CNN's five terms, distillation's two) gets a third panel with each
+term by optimizer update (from ``steps.jsonl``; from the epoch means of ``log.jsonl`` when there is no steps file).
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+#: validation metrics drawn in the second panel, when the log has them: classification, then the dense tasks
+_METRICS = (
+    ("val_top1", "val top-1"),
+    ("val_top5", "val top-5"),
+    ("ema_val_top1", "EMA val top-1"),
+    ("val_bbox_AP", "val box AP"),
+    ("val_bbox_AP50", "val box AP50"),
+    ("val_segm_AP", "val mask AP"),
+    ("val_mIoU", "val mIoU"),
+    ("val_mAcc", "val mAcc"),
+    ("val_aAcc", "val aAcc"),
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -13,8 +31,33 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _series(records: list[dict[str, Any]], key: str) -> list[float] | None:
+    values = [r.get(key) for r in records]
+    return [float("nan") if v is None else float(v) for v in values] if any(v is not None for v in values) else None
+
+
+def loss_terms(log_records: list[dict[str, Any]], step_records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The named losses to draw: ``{"x": [...], "xlabel": ..., "terms": {name: values}}``, empty without any.
+
+    Per logged step (x: optimizer update) when ``steps.jsonl`` has them, else per epoch from ``train_loss_*``.
+    """
+    names = list(dict.fromkeys(k for r in step_records for k in r if k.startswith("loss_")))
+    if names:
+        terms = {name: _series(step_records, name) for name in names}
+        return {
+            "x": [r.get("update", i) for i, r in enumerate(step_records)],
+            "xlabel": "optimizer update",
+            "terms": terms,
+        }
+    keys = list(dict.fromkeys(k for r in log_records for k in r if k.startswith("train_loss_")))
+    if not keys:
+        return {}
+    terms = {key[len("train_") :]: _series(log_records, key) for key in keys}
+    return {"x": [r["epoch"] for r in log_records], "xlabel": "epoch", "terms": terms}
+
+
 def plot_run(log_path: Path, out: Path) -> Path:
-    """Two panels, loss and accuracy against epoch; written atomically with the headless Agg backend."""
+    """Loss and accuracy against epoch (and named losses, when logged); written atomically with the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,23 +71,34 @@ def plot_run(log_path: Path, out: Path) -> Path:
     if not records:
         raise DataError(f"{log_path} has no epoch records yet: plot after the first epoch has finished")
     epochs = [r["epoch"] for r in records]
+    terms = loss_terms(records, read_jsonl(log_path.parent / "steps.jsonl", missing_ok=True))
 
-    def series(key: str) -> list[float] | None:
-        values = [r.get(key) for r in records]
-        return [float("nan") if v is None else float(v) for v in values] if any(v is not None for v in values) else None
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    panels = 3 if terms else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
+    ax_loss, ax_acc = axes[0], axes[1]
     for key, label in (("train_loss", "train loss"), ("val_loss", "val loss"), ("ema_val_loss", "EMA val loss")):
-        if (ys := series(key)) is not None:
+        if (ys := _series(records, key)) is not None:
             ax_loss.plot(epochs, ys, marker="o", label=label)
-    for key, label in (("val_top1", "val top-1"), ("val_top5", "val top-5"), ("ema_val_top1", "EMA val top-1")):
-        if (ys := series(key)) is not None:
+    classification = any(_series(records, key) is not None for key in ("val_top1", "val_top5", "ema_val_top1"))
+    for key, label in _METRICS:
+        if (ys := _series(records, key)) is not None:
             ax_acc.plot(epochs, ys, marker="o", label=label)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    if classification or not any(_series(records, key) is not None for key, _ in _METRICS):
+        ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    else:
+        ax_acc.set(xlabel="epoch", ylabel="%", title="validation")
+    if terms:
+        ax_terms = axes[2]
+        marker = "o" if terms["xlabel"] == "epoch" else None
+        for name, ys in terms["terms"].items():
+            if ys is not None:
+                ax_terms.plot(terms["x"], ys, marker=marker, label=name)
+        ax_terms.set(xlabel=terms["xlabel"], ylabel="loss", title="training loss terms")
+    for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.suptitle(str(log_path.parent.name or log_path))
     fig.tight_layout()
     try:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
+from rapidnet.deploy.cpu import optimize_
 from rapidnet.errors import DataError
-from rapidnet.models import create_model, load_model, reparameterize
-from rapidnet.models.checkpoint import load_state_dict_file
+from rapidnet.models import create_model, load
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
 
@@ -18,8 +22,12 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".p
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify images", description=__doc__)
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--checkpoint", help="weights (class names are read from this project's checkpoints)")
-    p.add_argument("--model", default="rapidnet_ti", help="variant when no checkpoint is given")
+    p.add_argument("--checkpoint", help="weights, any format (class names are read from this project's checkpoints)")
+    p.add_argument(
+        "--model",
+        help="variant without a checkpoint (default rapidnet_ti, random weights); with one, the timm model a file "
+        "without metadata holds, or the variant to check the file against",
+    )
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true")
     return p
@@ -40,31 +48,25 @@ def collect_images(paths: list[str]) -> list[Path]:
     return found
 
 
-def class_names(metadata: dict[str, str], num_classes: int) -> list[str]:
+def class_names(metadata: Mapping[str, Any], num_classes: int) -> list[str]:
+    """The stored class names (``rapidnet.load``'s decoded metadata), else ImageNet's for 1000 classes, else indices."""
     if "class_names" in metadata:
-        return list(json.loads(metadata["class_names"]))
+        return [str(n) for n in metadata["class_names"]]
     if num_classes == 1000:
-        from timm.data import ImageNetInfo
-
         info = ImageNetInfo()
         return [info.index_to_description(i).split(",")[0] for i in range(1000)]
     return [str(i) for i in range(num_classes)]
 
 
 def run(args: argparse.Namespace) -> int:
-    from PIL import Image, UnidentifiedImageError
-    from timm.data import create_transform, resolve_data_config
-
     files = collect_images(args.images)
     if args.checkpoint:
-        model = load_model(args.checkpoint)
-        _, metadata = load_state_dict_file(args.checkpoint)
-        if "pretrained_cfg" in metadata:
-            model.pretrained_cfg = {**model.pretrained_cfg, **json.loads(metadata["pretrained_cfg"])}
+        model, metadata = load(args.checkpoint, model=args.model, task="classification")
     else:
-        print(f"note: no --checkpoint: {args.model} has RANDOM weights, so these predictions mean nothing")
-        model, metadata = create_model(args.model), {}
-    model = reparameterize(model)
+        name = args.model or "rapidnet_ti"
+        print(f"note: no --checkpoint: {name} has RANDOM weights, so these predictions mean nothing")
+        model, metadata = create_model(name), {}
+    model = optimize_(model)  # folded, plus the eager-CPU kernels (rapidnet.deploy.cpu); in place: ours
     transform = create_transform(**resolve_data_config(model=model))
     names = class_names(metadata, model.num_classes)
     results = []

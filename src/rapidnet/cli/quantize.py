@@ -12,10 +12,19 @@ import argparse
 import json
 from pathlib import Path
 
+from rapidnet.deploy.export import check_resolution
+from rapidnet.deploy.quantize import QUANTIZED_OPS, quantize_model
+from rapidnet.errors import ConfigError
+from rapidnet.models import load
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="int8 quantization for onnxruntime + accuracy check", description=__doc__)
-    p.add_argument("--model", help="variant (rapidnet_ti/s/m/b); optional with --checkpoint, which names its own")
+    p.add_argument(
+        "--model",
+        help="variant (rapidnet_ti/s/m/b) to check the checkpoint against, or the timm model a file without "
+        "metadata holds; optional, a checkpoint names its own",
+    )
     p.add_argument("--checkpoint", required=True, help="weights (any supported format) or an fp32 .onnx file")
     p.add_argument("--calib", required=True, help="calibration images: folder, data set root, or 'fashion-mnist'")
     p.add_argument("--calib-size", type=int, default=256, help="calibration images (0: all; default 256)")
@@ -34,10 +43,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rapidnet.deploy.export import build_model, check_resolution
-    from rapidnet.deploy.quantize import QUANTIZED_OPS, class_names_from_metadata, quantize_model
-    from rapidnet.errors import ConfigError
-
     if args.resolution is not None:
         check_resolution(args.resolution)
     is_onnx = Path(args.checkpoint).suffix.lower() == ".onnx"
@@ -48,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if is_onnx:
         source, names = args.checkpoint, None
     else:
-        source, metadata = build_model(args.model, args.checkpoint)
-        names = class_names_from_metadata(metadata)
+        source, metadata = load(args.checkpoint, model=args.model, task="classification")
+        names = [str(n) for n in metadata["class_names"]] if "class_names" in metadata else None
     report = quantize_model(
         source,
         args.output,

@@ -3,6 +3,8 @@
 Examples: ``rapidnet train --config configs/fashion_mnist_rapidnet_ti.yaml --output runs/fm``;
 ``torchrun --nproc_per_node 8 -m rapidnet.cli.main train --config configs/imagenet_rapidnet_ti.yaml --data /imagenet``;
 ``rapidnet train --resume runs/fm/last.pt`` continues a stopped run exactly (it reuses the checkpoint's config).
+A config for another task (``task.name: detection|segmentation``) is refused: ``rapidnet det|seg train`` trains it.
+Logs: ``log.jsonl``, ``steps.jsonl`` and, with ``tensorboard`` installed, ``OUTPUT/tensorboard/`` event files.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Deployment: export the fused RapidNet (ONNX, TorchScript, Core ML) and quantize it to int8 for onnxruntime.
 
 ``ort_session`` and ``export_onnx`` are the building blocks the benchmark uses for its onnxruntime runs.
+:func:`optimize` (``rapidnet.deploy.cpu``) is the explicit eager-CPU inference pass; exports never take it.
 """
 
+from rapidnet.deploy.cpu import deoptimize_, optimize, optimize_
 from rapidnet.deploy.export import (
     FORMATS,
     ExportResult,
-    build_model,
     check_resolution,
     eval_transform,
     export,
@@ -39,16 +40,18 @@ __all__ = [
     "ExportResult",
     "ImageCalibrationReader",
     "QuantizeReport",
-    "build_model",
     "calibration_dataset",
     "check_resolution",
     "compare_accuracy",
+    "deoptimize_",
     "eval_transform",
     "export",
     "export_coreml",
     "export_onnx",
     "export_torchscript",
     "numpy_batches",
+    "optimize",
+    "optimize_",
     "ort_session",
     "prepare_model",
     "preprocess_config",

@@ -1,9 +1,11 @@
 """Latency and throughput of RapidNet beside its peers, on the same machine, in one interleaved run.
 
 Every model is put in its inference form first (RapidNet reparameterized; timm models through
-``timm.utils.reparameterize_model`` where they fold). Timings interleave model by model and backend by backend in
-each round, so a noisy neighbour slows every contestant alike; the report gives medians and the interquartile
-range, the thread count, and each model's achieved GFLOP/s as a fraction of this machine's measured fp32 matmul peak.
+``timm.utils.reparameterize_model`` where they fold); the eager PyTorch CPU backends run RapidNet through
+:func:`rapidnet.deploy.cpu.optimize` (its eager-CPU form), onnxruntime and CUDA the plain folded model. Timings
+interleave model by model and backend by backend in each round, so a noisy neighbour slows every contestant alike;
+the report gives medians and the interquartile range, the thread count, and each model's achieved GFLOP/s as a
+fraction of this machine's measured fp32 matmul peak.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import timm
 import torch
 from torch import nn
 
+from rapidnet.deploy import cpu
 from rapidnet.errors import ConfigError
-from rapidnet.models import VARIANTS, create_model, reparameterize
+from rapidnet.models import RapidNet, create_model, is_rapidnet, reparameterize
 from rapidnet.models.complexity import count_gmacs, count_params
 
 DEFAULT_PEERS = (
@@ -82,15 +85,20 @@ def check_model_names(names: Iterable[str]) -> None:
     """Reject unknown names before any work starts."""
     known = set(timm.list_models())
     for name in names:
-        if name.split(".")[0] not in VARIANTS and name.split(".")[0] not in known:
+        if not is_rapidnet(name) and name.split(".")[0] not in known:
             raise ConfigError(f"unknown model {name!r}: give a RapidNet variant or any timm model name")
 
 
-def build_inference_model(name: str) -> nn.Module:
-    """A model in the form one would deploy: RapidNet fused; timm models reparameterized where they can be."""
+def build_inference_model(name: str, cpu_optimized: bool = False) -> nn.Module:
+    """A model in the form one would deploy: RapidNet fused; timm models reparameterized where they can be.
+
+    RapidNet is the plain folded graph (what the exporters take), or with ``cpu_optimized`` its eager-CPU form
+    (:func:`rapidnet.deploy.cpu.optimize`); the flag changes nothing for timm models.
+    """
     check_model_names([name])
-    if name.split(".")[0] in VARIANTS:
-        return reparameterize(create_model(name))
+    if is_rapidnet(name):
+        fused = reparameterize(create_model(name))
+        return cpu.optimize_(fused) if cpu_optimized else fused
     model = timm.create_model(name, pretrained=False).eval()
     return timm.utils.reparameterize_model(model)
 
@@ -234,9 +242,12 @@ def run_benchmark(
 
 
 def _copy_for(backend: str, model: nn.Module) -> nn.Module:
-    """Backends that convert a model in place (channels_last, CUDA) get their own copy."""
+    """The model each backend runs: the eager CPU backends get RapidNet's eager-CPU form (a copy), the others the
+    plain folded model; backends that convert a model in place (channels_last, CUDA) get their own copy."""
     import copy
 
+    if backend in ("torch", "torch-cl") and any(isinstance(m, RapidNet) for m in model.modules()):
+        return cpu.optimize(model)
     return copy.deepcopy(model) if backend in ("torch-cl", "cuda") else model
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from rapidnet.errors import CheckpointError, ConfigError
+from rapidnet.models.checkpoint import is_features_model, model_metadata
 
 FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage"}
 INPUT_NAME = "input"
@@ -97,11 +98,6 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def is_features_model(model: nn.Module) -> bool:
-    """timm's ``features_only`` wrapper (a ``FeatureListNet``) returns a list of stage outputs, not logits."""
-    return hasattr(model, "feature_info") and not hasattr(model, "forward_head")
-
-
 def output_names(model: nn.Module) -> list[str]:
     """``["logits"]`` for a classifier, ``["features_<stage>", ...]`` for a ``features_only`` backbone."""
     if is_features_model(model):
@@ -139,10 +135,15 @@ def sample_inputs(config: Mapping[str, Any], batch: int = 1, seed: int = 0) -> d
 
 
 def prepare_model(model: nn.Module) -> nn.Module:
-    """The model to export: a fused fp32 eval copy on the CPU (the original stays trainable and untouched)."""
+    """The model to export: the plain folded graph as an fp32 eval copy on the CPU, with contiguous weights.
+
+    The original stays trainable and untouched. A model that went through :func:`rapidnet.deploy.cpu.optimize` is
+    turned back into the plain form too: exports never carry the eager-CPU modules or channels_last weights.
+    """
+    from rapidnet.deploy.cpu import deoptimize_
     from rapidnet.models import reparameterize
 
-    return reparameterize(model).float().cpu().eval()
+    return deoptimize_(reparameterize(model)).float().cpu().eval()
 
 
 def _torch_outputs(model: nn.Module, x: torch.Tensor) -> list[np.ndarray]:
@@ -152,20 +153,21 @@ def _torch_outputs(model: nn.Module, x: torch.Tensor) -> list[np.ndarray]:
     return [o.detach().cpu().numpy() for o in outs]
 
 
-def model_metadata(model: nn.Module, config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
-    """JSON stored in the exported file: preprocessing, output names, the architecture, and any ``extra`` fields."""
-    from rapidnet.models.checkpoint import model_metadata as arch_metadata
-
+def export_metadata(model: nn.Module, config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
+    """JSON stored in the exported file: preprocessing, output names, the classifier's ``arch`` (the dict
+    :func:`rapidnet.models.model_metadata` stores with weights; absent for a ``features_only`` backbone) and any
+    ``extra`` fields."""
     meta: dict[str, Any] = {"preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}}
     meta["outputs"] = output_names(model)
-    with contextlib.suppress(AttributeError, TypeError):  # a features_only wrapper has no architecture fields
-        meta["arch"] = arch_metadata(model)
+    if not is_features_model(model):
+        meta["arch"] = model_metadata(model)
     meta.update(extra or {})
     return json.dumps(meta)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata :func:`export_onnx` wrote into an ONNX file (``{}`` for ONNX files from elsewhere)."""
+    """The metadata :func:`export_onnx` wrote into an ONNX file (``{}`` for ONNX files from elsewhere); a value
+    that is not a JSON object is a one-line :class:`CheckpointError`."""
     require("onnx", "reading ONNX files")
     import onnx
 
@@ -175,9 +177,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable ONNX model ({_one_line(e)[:120]})") from None
     props = {p.key: p.value for p in proto.metadata_props}
     try:
-        return json.loads(props.get(METADATA_KEY, "{}"))
-    except json.JSONDecodeError:
-        return {}
+        meta = json.loads(props.get(METADATA_KEY, "{}"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} has unreadable {METADATA_KEY!r} metadata ({e.msg}): re-export it") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} has unreadable {METADATA_KEY!r} metadata (not a JSON object): re-export it")
+    return meta
 
 
 @contextlib.contextmanager
@@ -209,55 +214,6 @@ def require(module: str, purpose: str) -> None:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-# ---- models --------------------------------------------------------------------------------------------------------
-
-
-def build_model(
-    name: str | None = None, checkpoint: str | os.PathLike | None = None, features_only: bool = False
-) -> tuple[nn.Module, dict[str, str]]:
-    """The model to deploy and its checkpoint metadata (``{}`` without one).
-
-    With a checkpoint and no ``name`` the architecture is read off the file; with both, the file must fit ``name``
-    (a one-line ``CheckpointError`` otherwise). The checkpoint's class count is kept, and its stored
-    ``pretrained_cfg`` (resolution, mean, std) overrides the variant's defaults. Without a checkpoint the weights are
-    random, which is fine for speed and export checks but not for predictions.
-    """
-    from rapidnet.models import VARIANTS, create_model
-    from rapidnet.models.checkpoint import infer_arch, load_state_dict_file
-
-    if checkpoint is None:
-        return create_model(name or "rapidnet_ti", features_only=features_only), {}
-    if name is not None and name.split(".")[0] not in VARIANTS:  # fail before reading a large checkpoint
-        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(VARIANTS)}")
-    state_dict, metadata = load_state_dict_file(checkpoint)
-    arch = infer_arch(state_dict)
-    if name is not None and arch.variant != name.split(".")[0]:
-        raise CheckpointError(
-            f"{checkpoint} is {arch.describe()}, not {name}: give no model name to use the checkpoint's own "
-            "architecture, or pass the checkpoint of that variant"
-        )
-    # The file's own architecture when no name is given; through create_model either way, so that features_only
-    # wraps the model after its weights are loaded.
-    shape = {} if name else dict(depths=arch.depths, widths=arch.widths, head_dim=arch.head_dim)
-    model = create_model(
-        name or arch.variant or "rapidnet_ti",
-        checkpoint=checkpoint,
-        num_classes=arch.num_classes,
-        distillation=arch.distillation,
-        in_chans=arch.in_chans,
-        features_only=features_only,
-        **shape,
-    )
-    if "pretrained_cfg" in metadata:
-        try:
-            stored = json.loads(metadata["pretrained_cfg"])
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{checkpoint} has unreadable pretrained_cfg metadata: re-save it") from None
-        stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
-        model.pretrained_cfg = {**model.pretrained_cfg, **stored}
-    return model, metadata
 
 
 # ---- onnxruntime ---------------------------------------------------------------------------------------------------
@@ -352,7 +308,7 @@ def export_onnx(
     proto = program.model_proto
     proto.producer_name = "rapidnet"
     entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, model_metadata(fused, config, metadata)
+    entry.key, entry.value = METADATA_KEY, export_metadata(fused, config, metadata)
 
     def save(tmp: Path) -> None:
         import onnx
@@ -386,7 +342,7 @@ def export_torchscript(
     path = check_writable(path)
     traced = trace(model, (h, w))
     fused = prepare_model(model)
-    extra = {METADATA_KEY: model_metadata(fused, preprocess_config(fused, (h, w)), metadata)}
+    extra = {METADATA_KEY: export_metadata(fused, preprocess_config(fused, (h, w)), metadata)}
 
     def save(tmp: Path) -> None:
         with warnings.catch_warnings():
@@ -449,7 +405,7 @@ def export_coreml(
         )
     config = preprocess_config(fused, (h, w))
     mlmodel.short_description = "RapidNet (reparameterized) exported by rapidnet"
-    mlmodel.user_defined_metadata[METADATA_KEY] = model_metadata(fused, config, metadata)
+    mlmodel.user_defined_metadata[METADATA_KEY] = export_metadata(fused, config, metadata)
     mlmodel.input_description[INPUT_NAME] = (
         f"float32 (N, 3, {h}, {w}) RGB scaled to [0, 1], then normalised with "
         f"mean {list(config['mean'])}, std {list(config['std'])}"

@@ -1,10 +1,21 @@
-"""The generic training engine: one loop for classification now and for detection/segmentation later.
+"""The generic training engine: one loop for classification, detection and segmentation.
 
 A task (``rapidnet.engine.Task`` subclass) supplies data, model, loss, metrics and export; ``Trainer(task,
-cfg).fit()`` supplies processes (torchrun/DDP), AMP, channels_last, torch.compile, EMA, optimizer and schedule,
-checkpoints with exact resume, signal handling, NaN guards, JSONL logs and progress bars.
+cfg).fit()`` supplies processes (torchrun/DDP), AMP, channels_last, torch.compile, optimizer and schedule,
+checkpoints with exact resume, signal handling, NaN guards, JSONL logs of every named loss and progress bars;
+callbacks (``rapidnet.engine.callbacks``) add EMA, BN-statistics averaging, the best checkpoint and its exported
+weights, TensorBoard event files, and whatever a user passes in ``Trainer(..., callbacks=[...])``.
 """
 
+from rapidnet.engine.callbacks import (
+    BatchNormAveraging,
+    BestCheckpoint,
+    Callback,
+    ExportBest,
+    ModelEma,
+    TensorBoard,
+    default_callbacks,
+)
 from rapidnet.engine.checkpoint import load_training_state, save_training_state
 from rapidnet.engine.distributed import DistInfo, all_reduce_sum, init_distributed, reduce_sums
 from rapidnet.engine.runlog import JsonlLog, read_jsonl
@@ -16,17 +27,24 @@ __all__ = [
     "BEST",
     "BEST_WEIGHTS",
     "LAST",
+    "BatchNormAveraging",
+    "BestCheckpoint",
+    "Callback",
     "DistInfo",
+    "ExportBest",
     "FitResult",
     "JsonlLog",
+    "ModelEma",
     "NonFiniteLossError",
     "RunContext",
     "SeededDataset",
     "SeededSampler",
     "StepOutput",
     "Task",
+    "TensorBoard",
     "Trainer",
     "all_reduce_sum",
+    "default_callbacks",
     "init_distributed",
     "load_training_state",
     "mix_seed",

@@ -1,9 +1,16 @@
 """The contract between the generic training engine and a task (classification, detection, segmentation).
 
 The engine owns everything that is the same for every task: processes and devices, AMP, channels_last,
-torch.compile, DDP, EMA, optimizer and schedule, the loop, checkpoints, resume, signals, logs and progress. A task
-owns what differs: data, model, loss, metrics and what "the best weights" are exported as. A new task subclasses
+torch.compile, DDP, EMA, optimizer and schedule, the loop, checkpoints, resume, signals, logs, progress and how all
+of it is shown. A task owns what differs: data, model, loss, metrics and what "the best weights" are exported as;
+it states facts (``summary``, ``metric_names``), the engine words and prints them. A new task subclasses
 :class:`Task` and implements the abstract methods; ``Trainer(task, cfg).fit()`` does the rest.
+
+The engine calls, in order: ``setup(ctx)``, ``build_model()``, ``check_state(...)`` (resuming),
+``build_loaders()``, ``steps_per_epoch()``, ``build_optimizer(model, lr)``, ``summary()``; per epoch
+``train_batches(epoch, start_step)`` and ``train_step(model, batch)`` per batch, ``evaluate(model)``,
+``epoch_stats()``; ``state()``/``metadata(model)`` with every checkpoint, ``export(model, path)`` for new best
+weights; ``finish()`` at the end.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,7 @@ from torch import nn
 from rapidnet.config import Config
 from rapidnet.engine.distributed import DistInfo
 from rapidnet.errors import ConfigError
+from rapidnet.utils import atomic_write, unwrap_model
 
 #: timm optimizer names whose torch class has a fused (single-kernel) step on CPU and CUDA
 FUSED_OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -67,18 +75,28 @@ class RunContext:
 
 @dataclass
 class StepOutput:
-    """Result of one training forward pass: the loss to minimise and how many samples it covers."""
+    """Result of one training forward pass: the loss to minimise, how many samples it covers, and its parts.
+
+    ``losses`` names the terms worth watching (e.g. torchvision's ``loss_classifier``, ``loss_box_reg``...): the
+    engine logs each one's mean beside ``loss`` (``steps.jsonl``, ``log.jsonl`` as ``train_<name>``, progress bar,
+    TensorBoard) but only ever backpropagates ``loss``. A name not starting with ``loss_`` is logged as
+    ``loss_<name>``. Under DDP every process must return the same names in the same order.
+    """
 
     loss: torch.Tensor
     num_samples: int
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Task(ABC):
-    """Everything task-specific the engine calls, in order: setup, build_model, then per epoch train/evaluate."""
+    """Everything task-specific the engine calls (see the module docstring for the order)."""
 
     #: key of ``evaluate``'s result that decides which epoch is ``best``
     primary_metric: str = "top1"
     higher_is_better: bool = True
+    #: ``evaluate`` key -> display name, for the metrics the per-epoch line shows (in this order); empty: all of them
+    #: under their keys. Every metric is logged either way.
+    metric_names: dict[str, str] = {}
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -98,7 +116,15 @@ class Task(ABC):
 
     @abstractmethod
     def build_model(self) -> nn.Module:
-        """The network to train, on CPU; the engine moves and wraps it. Transforms may be finished here too."""
+        """The network to train, on CPU, with what its loss needs (e.g. a teacher); the engine moves and wraps it.
+
+        Only the model: the data pipelines come from :meth:`build_loaders`, which the engine calls next.
+        """
+
+    def build_loaders(self) -> None:
+        """Build the training and validation pipelines (after ``build_model``, whose eval transform they may use):
+        what ``steps_per_epoch``, ``train_batches`` and ``evaluate`` read."""
+        return None
 
     @property
     @abstractmethod
@@ -160,13 +186,10 @@ class Task(ABC):
 
     # ---- bookkeeping --------------------------------------------------------------------------------------------
 
-    def format_metrics(self, metrics: dict[str, float]) -> str:
-        """Short text of ``evaluate``'s result for the per-epoch line."""
-        return "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-
-    def describe(self) -> list[str]:
-        """Lines printed at the start of a run (data sizes, recipe)."""
-        return []
+    def summary(self) -> dict[str, Any]:
+        """Facts about the run the engine prints at its start, one line per key (``"key: value"``): a value may be
+        a mapping (shown ``"k v, k v"``), a list, a number or a string; None leaves the line out."""
+        return {}
 
     def state(self) -> dict[str, Any]:
         """What must match when resuming (e.g. class names); stored in training checkpoints."""
@@ -181,15 +204,20 @@ class Task(ABC):
         return {}
 
     def export(self, model: nn.Module, path: Path) -> Path:
-        """Write the weights users deploy (called with the best model) atomically; return the path."""
-        from rapidnet.models import save_weights
+        """Write the weights users deploy (called with the best model) atomically; return the path.
 
-        return save_weights(model, path, self.metadata(model))
+        Default: safetensors of the (unwrapped) model's state dict with :meth:`metadata`.
+        """
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in unwrap_model(model).state_dict().items()}
+        meta = self.metadata(model)
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def epoch_stats(self) -> dict[str, Any]:
         """Extra fields for this epoch's log record."""
         return {}
 
     def finish(self) -> list[str]:
-        """Notes printed at the end of a run (e.g. how many unreadable files were skipped)."""
+        """Warnings for the end of a run, each a complete sentence (e.g. how many unreadable files were skipped)."""
         return []

@@ -1,17 +1,20 @@
 """The training loop every task shares: ``Trainer(task, cfg).fit()``.
 
 One process or many (torchrun, DDP), CPU or CUDA, AMP (bfloat16 autocast on CPU, float16 + GradScaler on CUDA),
-channels_last, torch.compile, gradient clipping, EMA, a timm optimizer and schedule; per epoch a ``last.pt`` written
-atomically, ``best.pt`` and the task's exported best weights; ``log.jsonl`` per epoch and ``steps.jsonl`` every few
-steps; tqdm bars on rank 0. Runs are stoppable and exactly resumable at any step:
+channels_last, torch.compile, gradient clipping, a timm optimizer and schedule; per epoch a ``last.pt`` written
+atomically; ``log.jsonl`` per epoch and ``steps.jsonl`` every few steps, with every named loss a step returns
+(``StepOutput.losses``) beside the total; tqdm bars on rank 0. What varies with the recipe is a callback
+(``rapidnet.engine.callbacks``): EMA, BN-statistics averaging under DDP, ``best.pt`` and the task's exported best
+weights, TensorBoard event files. Runs are stoppable and exactly resumable at any step:
 
 - SIGINT/SIGTERM: the current step finishes, every process stops at the same step, ``last.pt`` is saved and
   ``fit`` returns ``status="interrupted"`` (a second Ctrl-C aborts at once, keeping the previous ``last.pt``);
 - a NaN/inf loss stops the run before the bad gradient is applied, keeps the last good checkpoint and raises a
   one-line :class:`NonFiniteLossError` naming the epoch and step;
-- ``resume=PATH`` restores everything (weights, EMA, optimizer, scheduler, scaler, position, RNG states) and
-  refuses a checkpoint of another model or recipe; per-sample and per-step seeding (``rapidnet.engine.seeding``)
-  makes the following losses identical to an uninterrupted run's on CPU.
+- ``resume=PATH`` restores everything (weights, EMA, optimizer, scheduler, scaler, position, the epoch's running
+  loss sums, RNG states, callback states) and refuses a checkpoint of another model or recipe; per-sample and
+  per-step seeding (``rapidnet.engine.seeding``) makes the following losses identical to an uninterrupted run's on
+  CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import signal
 import sys
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +34,10 @@ import torch
 from torch import nn
 
 from rapidnet.config import Config, config_from_dict, config_to_dict, save_config, scaled_lr
+from rapidnet.engine.callbacks import BEST, BEST_WEIGHTS, BestCheckpoint, Callback, TensorBoard, default_callbacks
 from rapidnet.engine.checkpoint import (
     capture_rng,
     check_resume_config,
-    copy_checkpoint,
     load_training_state,
     restore_rng,
     save_training_state,
@@ -43,11 +48,20 @@ from rapidnet.engine.seeding import seed_everything, seed_step
 from rapidnet.engine.task import RunContext, Task
 from rapidnet.errors import CheckpointError, ConfigError, DataError, RapidNetError
 
-__all__ = ["BEST", "BEST_WEIGHTS", "LAST", "MAY_DIFFER_ON_RESUME", "FitResult", "NonFiniteLossError", "Trainer"]
+__all__ = [
+    "BEST",
+    "BEST_WEIGHTS",
+    "LAST",
+    "MAY_DIFFER_ON_RESUME",
+    "FitResult",
+    "NonFiniteLossError",
+    "Trainer",
+    "format_facts",
+    "format_metrics",
+    "loss_key",
+]
 
 LAST = "last.pt"
-BEST = "best.pt"
-BEST_WEIGHTS = "model_best.safetensors"
 
 #: config keys a resumed run may change: they affect where and how fast it runs, not what it computes
 MAY_DIFFER_ON_RESUME = (
@@ -85,25 +99,87 @@ class FitResult:
         return 0 if self.status == "completed" else 128 + int(self.signal or signal.SIGINT)
 
 
+def loss_key(name: str) -> str:
+    """The log key of a named loss: its name when it starts with ``loss_`` (torchvision's), else ``loss_NAME``."""
+    return name if name.startswith("loss_") else f"loss_{name}"
+
+
+def _short_loss(name: str) -> str:
+    """``loss_box_reg`` -> ``box_reg``: the progress bar's and the epoch line's label."""
+    return loss_key(name)[len("loss_") :]
+
+
+def _floats(values: Iterable[Any]) -> list[float]:
+    """Python floats of scalar tensors (one device sync for all of them) or numbers."""
+    items = list(values)
+    tensors = [v.detach().float().reshape(()) for v in items if isinstance(v, torch.Tensor)]
+    if len(tensors) != len(items):
+        return [float(v.detach().float()) if isinstance(v, torch.Tensor) else float(v) for v in items]
+    if not tensors:
+        return []
+    return torch.stack([t.to(tensors[0].device) for t in tensors]).tolist()
+
+
+def format_metrics(metrics: dict[str, float], names: dict[str, str] | None = None) -> str:
+    """``evaluate``'s result for the per-epoch line: the metrics in ``names`` (key -> display name) in that order,
+    or all of them under their keys when ``names`` is empty; 4 significant digits each (``61.50``, ``0.2512``)."""
+    shown = [(label, metrics[key]) for key, label in names.items() if key in metrics] if names else metrics.items()
+    return "  ".join(f"{label} {float(value):#.4g}" for label, value in shown)
+
+
+def _fact(value: Any) -> str:
+    if isinstance(value, (dict, list, tuple)) and not value:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fact(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_fact(v)}" if v != "" else str(k) for k, v in value.items())
+    return str(value)
+
+
+def format_facts(facts: dict[str, Any]) -> list[str]:
+    """``Task.summary()`` as lines: ``"KEY: VALUE"`` each, a mapping value as ``"k v, k v"``, a list in brackets,
+    an empty one as ``none``; a None value leaves its line out."""
+    return [f"{key}: {_fact(value)}" for key, value in facts.items() if value is not None]
+
+
 @dataclass
 class _Meter:
-    """Running sums of the epoch in progress (saved in checkpoints so a resumed epoch reports the same loss)."""
+    """Running sums of the epoch in progress (saved in checkpoints so a resumed epoch reports the same losses)."""
 
     loss_sum: float = 0.0
     samples: float = 0.0
     time: float = 0.0
     steps: int = 0
+    #: named loss -> [sum of value x samples, samples of the steps that returned it]
+    parts: dict[str, list[float]] = field(default_factory=dict)
 
-    def state(self) -> dict[str, float]:
-        return {"loss_sum": self.loss_sum, "samples": self.samples, "time": self.time, "steps": self.steps}
+    def state(self) -> dict[str, Any]:
+        return {
+            "loss_sum": self.loss_sum,
+            "samples": self.samples,
+            "time": self.time,
+            "steps": self.steps,
+            "losses": {name: {"sum": s, "samples": n} for name, (s, n) in self.parts.items()},
+        }
 
     def load(self, state: dict[str, Any]) -> None:
         self.loss_sum, self.samples = float(state["loss_sum"]), float(state["samples"])
         self.time, self.steps = float(state["time"]), int(state["steps"])
+        self.parts = {k: [float(v["sum"]), float(v["samples"])] for k, v in (state.get("losses") or {}).items()}
 
     @property
     def loss(self) -> float:
         return self.loss_sum / self.samples if self.samples else float("nan")
+
+    @property
+    def losses(self) -> dict[str, float]:
+        """Epoch means of the named losses so far."""
+        return {name: s / n if n else float("nan") for name, (s, n) in self.parts.items()}
 
     @property
     def rate(self) -> float:
@@ -150,13 +226,29 @@ class Trainer:
         cfg: the resolved configuration (``train``, ``optim``, ``sched`` and ``ema`` are read here).
         resume: a ``last.pt``/``best.pt`` of this run to continue from.
         progress: show tqdm bars (None: when stderr is a terminal).
+        callbacks: more :class:`~rapidnet.engine.callbacks.Callback` s, called after the defaults that ``cfg`` asks
+            for (:func:`~rapidnet.engine.callbacks.default_callbacks`).
+
+    While fitting, callbacks may read ``cfg``, ``task``, ``info``, ``ctx``, ``output``, ``resume``, ``model`` (the
+    plain module), ``train_model`` (as wrapped for DDP/compile), ``weights`` (name -> module: ``"model"`` and, with
+    EMA, ``"ema"``), ``optimizer``, ``scheduler``, ``scaler``, ``epoch`` (epochs done), ``step`` (steps done in the
+    current epoch), ``updates`` (optimizer updates), ``steps`` (per epoch), ``best`` and ``meter``.
     """
 
-    def __init__(self, task: Task, cfg: Config, resume: str | Path | None = None, progress: bool | None = None) -> None:
+    def __init__(
+        self,
+        task: Task,
+        cfg: Config,
+        resume: str | Path | None = None,
+        progress: bool | None = None,
+        callbacks: Sequence[Callback] | None = None,
+    ) -> None:
         self.task = task
         self.cfg = cfg
         self.resume = Path(resume) if resume is not None else None
         self.progress = progress
+        self.extra_callbacks = list(callbacks or [])
+        self.callbacks: list[Callback] = []
 
     # ---- public -------------------------------------------------------------------------------------------------
 
@@ -169,6 +261,18 @@ class Trainer:
             if info.distributed:
                 cleanup_distributed()
 
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """The best result so far (``{"metric", "value", "epoch", "source"}``), from the best-checkpoint callback."""
+        for callback in self.callbacks:
+            if isinstance(callback, BestCheckpoint):
+                return callback.best
+        return None
+
+    @property
+    def last_path(self) -> Path:
+        return self.output / LAST
+
     # ---- setup --------------------------------------------------------------------------------------------------
 
     def _say(self, text: str) -> None:
@@ -177,6 +281,10 @@ class Trainer:
 
             tqdm.write(text, file=sys.stdout)
             sys.stdout.flush()
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
 
     def _read_resume_state(self) -> dict[str, Any] | None:
         if self.resume is None:
@@ -214,6 +322,7 @@ class Trainer:
         model = self.task.build_model()
         if state is not None:
             self.task.check_state(state.get("task", {}), str(self.resume))
+        self.task.build_loaders()
         model.to(info.device)
         if info.distributed and cfg.train.sync_bn:
             if info.device.type == "cuda":
@@ -223,6 +332,7 @@ class Trainer:
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
+        self.weights: dict[str, nn.Module] = {"model": model}
 
         self.steps = self.task.steps_per_epoch()
         if self.steps < 1:
@@ -237,17 +347,14 @@ class Trainer:
         self.optimizer = self.task.build_optimizer(model, self.lr)
         self.scheduler = self._build_scheduler()
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=amp and info.device.type == "cuda")
-        self.ema = None
-        if cfg.ema.enabled:
-            from timm.utils import ModelEmaV3
-
-            self.ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
 
         self.epoch, self.step, self.updates = 0, 0, 0
         self.meter = _Meter()
-        self.best: dict[str, Any] | None = None
+        self.callbacks = [*default_callbacks(self), *self.extra_callbacks]
+        self._call("setup")
         if state is not None:
             self._restore(state)
+        self.loss_names: list[str] = list(self.meter.parts)  # named losses seen, in order (the same on every rank)
 
         train_model: nn.Module = model
         if info.distributed:
@@ -297,8 +404,6 @@ class Trainer:
         path = self.resume
         try:
             self.model.load_state_dict(state["model"])
-            if self.ema is not None:
-                self.ema.module.load_state_dict(state.get("model_ema") or state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
@@ -315,7 +420,7 @@ class Trainer:
         self.scheduler.step(self.epoch)
         self.scheduler.step_update(num_updates=self.updates)
         self.meter.load(state["meter"])
-        self.best = state.get("best")
+        self._call("on_load_checkpoint", state)
         restore_rng(state["rng"])
         self._say(f"resumed from {path}: epoch {self.epoch + 1}, step {self.step} (optimizer update {self.updates})")
 
@@ -331,20 +436,18 @@ class Trainer:
             "step": self.step,
             "updates": self.updates,
             "meter": self.meter.state(),
-            "best": self.best,
             "rng": capture_rng(),
             "config": config_to_dict(self.cfg),
             "task": self.task.state(),
             "world_size": self.info.world_size,
             "rapidnet": self.task.metadata(self.model),
         }
-        if self.ema is not None:
-            state["model_ema"] = self.ema.module.state_dict()
+        self._call("on_save_checkpoint", state)
         return state
 
     def _save_last(self) -> Path:
         """Write ``last.pt`` (rank 0), then wait for it so no process runs ahead of a half-written checkpoint."""
-        path = self.output / LAST
+        path = self.last_path
         if self.info.is_main:
             save_training_state(path, self._state())
         barrier(self.info)
@@ -353,12 +456,20 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------------
 
     def _fit(self, info: DistInfo) -> FitResult:
-        self._build(info)
-        cfg = self.cfg
-        epochs = cfg.train.epochs
+        try:
+            self._build(info)
+            result = self._run()
+            self._call("on_fit_end", result)
+            return result
+        finally:
+            self._call("teardown")
+
+    def _run(self) -> FitResult:
+        epochs = self.cfg.train.epochs
         self._announce()
+        self._call("on_fit_start")
         last_record: dict[str, Any] | None = None
-        with _StopRequest(announce=info.is_main) as stop:
+        with _StopRequest(announce=self.info.is_main) as stop:
             self.stop = stop
             while self.epoch < epochs:
                 if self._train_epoch():
@@ -371,15 +482,16 @@ class Trainer:
             self._say(note)
         if self.best is not None:
             b = self.best
+            name = self.task.metric_names.get(b["metric"], b["metric"])
             self._say(
-                f"done: best val {self.task.primary_metric} {b['value']:.2f} at epoch {b['epoch']} "
+                f"done: best val {name} {b['value']:.2f} at epoch {b['epoch']} "
                 f"({b['source']} weights); weights {self.output / BEST_WEIGHTS}; log {self.output / 'log.jsonl'}"
             )
         return FitResult("completed", self.output, self.epoch, self.best, last_record, notes=notes)
 
     def _announce(self) -> None:
         cfg, info = self.cfg, self.info
-        lines = self.task.describe()
+        lines = format_facts(self.task.summary())
         amp = f"amp {self.ctx.amp_dtype}".replace("torch.", "") if cfg.train.amp else "fp32"
         lines.append(
             f"device {info.device} x {info.world_size} process(es), {amp}"
@@ -389,9 +501,10 @@ class Trainer:
         lines.append(
             f"{cfg.optim.opt} lr {self.lr:.3g} ({self.lr_note}), wd {cfg.optim.weight_decay:g}, {cfg.sched.name} "
             f"schedule, warm-up {cfg.sched.warmup_epochs} epoch(s); {cfg.train.epochs} epochs of {self.steps} steps"
-            + (f", EMA {cfg.ema.decay:g}" if self.ema is not None else "")
+            + (f", EMA {cfg.ema.decay:g}" if cfg.ema.enabled else "")
         )
-        lines.append(f"output {self.output}")
+        board = next((c for c in self.callbacks if isinstance(c, TensorBoard)), None)
+        lines.append(f"output {self.output}" + (f" (TensorBoard: {board.folder}/)" if board is not None else ""))
         for line in lines:
             self._say(line)
 
@@ -410,6 +523,7 @@ class Trainer:
         if self.step == 0:
             self.meter = _Meter()
         self.train_model.train()
+        self._call("on_train_epoch_start")
         disable: bool | None = None  # None: tqdm shows the bar only on a terminal
         if not info.is_main or self.progress is not None:
             disable = not info.is_main or not self.progress
@@ -441,6 +555,7 @@ class Trainer:
                 finite = math.isfinite(loss_value)
                 sums = [loss_value * samples if finite else 0.0, samples, float(self.stop.signum is not None)]
                 sums.append(0.0 if finite else 1.0)
+                sums += self._part_sums(out.losses if out is not None else {}, samples)
                 if info.distributed:
                     sums = all_reduce_sum(info, sums)
                 if sums[3] > 0:
@@ -455,35 +570,38 @@ class Trainer:
                     self.scaler.update()
                     self.updates += 1
                     self.scheduler.step_update(num_updates=self.updates)
-                    if self.ema is not None:
-                        self.ema.update(self.model, step=self.updates)
+                    self._call("on_optimizer_step")
                 now = time.perf_counter()
                 self.meter.loss_sum += sums[0]
                 self.meter.samples += sums[1]
                 self.meter.time += now - tick
                 self.meter.steps += 1
+                parts = self._add_parts(sums[4:])
                 window_samples += sums[1]
                 tick = now
                 self.step = step + 1
                 lr = self.optimizer.param_groups[0]["lr"]
+                record: dict[str, Any] | None = None
                 if step % cfg.train.log_interval == 0 or self.step == steps:
                     global_loss = sums[0] / sums[1] if sums[1] else float("nan")
                     rate = window_samples / max(now - window_start, 1e-9)
-                    self.steps_log.append(
-                        {
-                            "epoch": epoch + 1,
-                            "step": step,
-                            "update": self.updates,
-                            "loss": global_loss,
-                            "lr": lr,
-                            "img_per_s": round(rate, 2),
-                        }
-                    )
+                    record = {
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "update": self.updates,
+                        "loss": global_loss,
+                        **{loss_key(name): value for name, value in parts.items()},
+                        "lr": lr,
+                        "img_per_s": round(rate, 2),
+                    }
+                    self.steps_log.append(record)
                     window_samples, window_start = 0.0, now
-                bar.set_postfix(
-                    loss=f"{self.meter.loss:.4f}", lr=f"{lr:.2e}", img_s=f"{self.meter.rate:.0f}", refresh=False
-                )
+                postfix = OrderedDict(loss=f"{self.meter.loss:.4f}")
+                postfix.update((_short_loss(k), f"{v:.3f}") for k, v in self.meter.losses.items())
+                postfix.update(lr=f"{lr:.2e}", img_s=f"{self.meter.rate:.0f}")
+                bar.set_postfix(ordered_dict=postfix, refresh=False)
                 bar.update(1)
+                self._call("on_train_step_end", record)
                 if sums[2] > 0:
                     path = self._save_last()
                     self._say(f"saved {path} at epoch {epoch + 1}, step {self.step}/{steps}")
@@ -492,8 +610,36 @@ class Trainer:
             bar.close()
         return False
 
+    def _part_sums(self, losses: dict[str, Any], samples: float) -> list[float]:
+        """``[value x samples, samples]`` per named loss seen so far (0, 0 where this step has none): reduced with the
+        total in the step's one collective, so every rank must return the same names in the same order."""
+        for name in losses:
+            if name not in self.loss_names:
+                self.loss_names.append(name)
+        values = dict(zip(losses, _floats(losses.values()), strict=True))
+        sums: list[float] = []
+        for name in self.loss_names:
+            value = values.get(name)
+            if value is None:
+                sums += [0.0, 0.0]
+            else:
+                sums += [value * samples if math.isfinite(value) else 0.0, samples]
+        return sums
+
+    def _add_parts(self, sums: Sequence[float]) -> dict[str, float]:
+        """Add a step's reduced named-loss sums to the meter; return the step's (global) mean of each."""
+        step: dict[str, float] = {}
+        for i, name in enumerate(self.loss_names):
+            total, samples = sums[2 * i], sums[2 * i + 1]
+            if samples > 0:
+                part = self.meter.parts.setdefault(name, [0.0, 0.0])
+                part[0] += total
+                part[1] += samples
+                step[name] = total / samples
+        return step
+
     def _nonfinite(self, epoch: int, step: int, value: float) -> NonFiniteLossError:
-        last = self.output / LAST
+        last = self.last_path
         kept = f"{last} (epoch {self._saved_epoch(last)}) is kept" if last.exists() else "no checkpoint was written yet"
         return NonFiniteLossError(
             f"loss is {'nan' if math.isnan(value) else value} at epoch {epoch + 1}, step {step} "
@@ -509,77 +655,70 @@ class Trainer:
             return "?"
 
     def _end_epoch(self) -> dict[str, Any]:
-        """Schedule, evaluate (model and EMA; every ``train.eval_interval`` epochs and after the last), save
-        ``last``/``best``/exported weights, log; return the record."""
+        """Schedule; evaluate every ``train.eval_interval`` epochs and after the last (the model, then what callbacks
+        add, e.g. the EMA); save ``last.pt``; callbacks (best checkpoint, export, TensorBoard); log; return the
+        record."""
         cfg, task = self.cfg, self.task
         epoch = self.epoch
         lr = self.optimizer.param_groups[0]["lr"]  # the last step's, before the schedule moves on
         self.scheduler.step(epoch + 1)
-        if self.info.distributed:
-            # without SyncBN each process's BN statistics drifted apart: average them so that every process
-            # evaluates, and rank 0 saves, the same model
-            from timm.utils import distribute_bn
-
-            distribute_bn(self.model, self.info.world_size, reduce=True)
-            if self.ema is not None:
-                distribute_bn(self.ema.module, self.info.world_size, reduce=True)
+        self._call("on_train_epoch_end")
         t0 = time.perf_counter()
-        metrics: dict[str, float] = {}
-        ema_metrics = None
+        results: dict[str, dict[str, float]] = {}
         if (epoch + 1) % cfg.train.eval_interval == 0 or epoch + 1 >= cfg.train.epochs:
-            metrics = task.evaluate(self.model)
-            ema_metrics = task.evaluate(self.ema.module) if self.ema is not None and cfg.ema.evaluate else None
+            results["model"] = task.evaluate(self.model)
+            self._call("on_evaluate", results)
         eval_time = time.perf_counter() - t0
 
-        key = task.primary_metric
-        better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
-        score, source = metrics.get(key, float("nan")), "model"
-        if ema_metrics is not None and better(ema_metrics.get(key, float("nan")), score):
-            score, source = ema_metrics[key], "ema"
-        is_best = math.isfinite(score) and (self.best is None or better(score, self.best["value"]))
-        if is_best:
-            self.best = {"metric": key, "value": float(score), "epoch": epoch + 1, "source": source}
-
         self.epoch, self.step = epoch + 1, 0
-        path = self._save_last()
-        if is_best and self.info.is_main:
-            copy_checkpoint(path, self.output / BEST)
-            best_model = self.ema.module if source == "ema" and self.ema is not None else self.model
-            task.export(best_model, self.output / BEST_WEIGHTS)
-
+        self._save_last()
+        key, best = task.primary_metric, self.best
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": self.updates,
             "train_loss": self.meter.loss,
-            **{f"val_{k}": v for k, v in metrics.items()},
-            **({f"ema_val_{k}": v for k, v in ema_metrics.items()} if ema_metrics is not None else {}),
+            **{f"train_{loss_key(name)}": value for name, value in self.meter.losses.items()},
+            **{
+                (f"val_{k}" if source == "model" else f"{source}_val_{k}"): v
+                for source, metrics in results.items()
+                for k, v in metrics.items()
+            },
             "lr": lr,
             "img_per_s": round(self.meter.rate, 2),
             "train_time": round(self.meter.time, 3),
             "eval_time": round(eval_time, 3),
             "epoch_time": round(self.meter.time + eval_time, 3),
-            f"best_{key}": self.best["value"] if self.best else None,
-            "best_epoch": self.best["epoch"] if self.best else None,
+            f"best_{key}": best["value"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
             **task.epoch_stats(),
         }
+        self._call("on_epoch_end", record)
         self.log.append(record)
-        self._say(self._epoch_line(record, metrics, ema_metrics, is_best))
+        self._say(self._epoch_line(record, results))
         return record
 
-    def _epoch_line(
-        self, record: dict[str, Any], metrics: dict[str, float], ema: dict[str, float] | None, is_best: bool
-    ) -> str:
-        fmt = self.task.format_metrics
+    def _epoch_line(self, record: dict[str, Any], results: dict[str, dict[str, float]]) -> str:
+        names = self.task.metric_names
         text = f"epoch {record['epoch']}/{self.cfg.train.epochs}  train loss {record['train_loss']:.4f}"
-        text += f"  val {fmt(metrics)}" if metrics else f"  (evaluated every {self.cfg.train.eval_interval} epochs)"
-        if ema is not None:
-            text += f"  | ema {fmt(ema)}"
+        parts = self.meter.losses
+        if parts:
+            text += " (" + ", ".join(f"{_short_loss(k)} {v:.4f}" for k, v in parts.items()) + ")"
+        metrics = results.get("model")
+        text += (
+            f"  val {format_metrics(metrics, names)}"
+            if metrics
+            else f"  (evaluated every {self.cfg.train.eval_interval} epochs)"
+        )
+        for source, other in results.items():
+            if source != "model":
+                text += f"  | {source} {format_metrics(other, names)}"
         text += f"  lr {record['lr']:.2e}  {record['img_per_s']:.0f} img/s  {record['epoch_time']:.1f} s"
-        return text + ("  *best*" if is_best else "")
+        best = self.best
+        return text + ("  *best*" if best is not None and best["epoch"] == record["epoch"] else "")
 
     def _interrupted(self) -> FitResult:
         signum = self.stop.signum or signal.SIGINT
-        last = self.output / LAST
+        last = self.last_path
         where = f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"the end of epoch {self.epoch}"
         self._say(
             f"stopped by {signal.Signals(signum).name} at {where}: state saved to {last}; "

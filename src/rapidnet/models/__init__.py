@@ -1,8 +1,10 @@
 """Every network: RapidNet (``rapidnet.py``), Mask R-CNN (``mask_rcnn.py``) and Semantic FPN (``semantic_fpn.py``) on
-its FPN backbone (``backbone.py``); checkpoints and reparameterization."""
+its FPN backbone (``backbone.py``); checkpoints (``checkpoint.py``), loading any of them from a file (``loading.py``)
+and reparameterization."""
 
-from rapidnet.models.checkpoint import checkpoint_filter_fn, load_model, load_state_dict_file, save_weights
-from rapidnet.models.factory import create_model, list_variants
+from rapidnet.models.checkpoint import checkpoint_filter_fn, load_state_dict_file, model_metadata, save_weights
+from rapidnet.models.factory import create_model, is_rapidnet, list_variants
+from rapidnet.models.loading import load, load_model
 from rapidnet.models.mask_rcnn import mask_rcnn
 from rapidnet.models.rapidnet import VARIANTS, RapidNet
 from rapidnet.models.reparam import reparameterize, reparameterize_
@@ -13,10 +15,13 @@ __all__ = [
     "RapidNet",
     "checkpoint_filter_fn",
     "create_model",
+    "is_rapidnet",
     "list_variants",
+    "load",
     "load_model",
     "load_state_dict_file",
     "mask_rcnn",
+    "model_metadata",
     "reparameterize",
     "reparameterize_",
     "save_weights",

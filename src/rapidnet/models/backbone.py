@@ -20,7 +20,10 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from rapidnet.errors import CheckpointError, ConfigError
+from rapidnet.errors import ConfigError
+from rapidnet.models.checkpoint import load_timm_weights, read_weights
+from rapidnet.models.factory import create_model, is_rapidnet
+from rapidnet.models.reparam import reparameterize_
 from rapidnet.utils import jsonable
 
 __all__ = [
@@ -53,45 +56,6 @@ def resolve_bn_mode(frozen_bn: bool | str) -> str:
 # ---- backbone construction -----------------------------------------------------------------------------------------
 
 
-def _is_rapidnet(name: str) -> bool:
-    from rapidnet.models.rapidnet import VARIANTS
-
-    return name.split(".")[0] in VARIANTS
-
-
-def _load_timm_checkpoint(body: nn.Module, path: str | os.PathLike[str], name: str) -> None:
-    """Load a classification checkpoint of timm model ``name`` into its ``features_only`` body.
-
-    timm's feature wrappers either keep the model's key names or flatten the first level (``stages.0`` ->
-    ``stages_0``); both spellings are tried. Every backbone weight must be found: a partial load would silently
-    train from random weights.
-    """
-    from rapidnet.models.checkpoint import strip_prefix, unwrap_state_dict
-    from rapidnet.utils import read_checkpoint
-
-    obj, _ = read_checkpoint(path)
-    source = strip_prefix(unwrap_state_dict(obj))
-    own = body.state_dict()
-    loaded: dict[str, torch.Tensor] = {}
-    for key, value in source.items():
-        for cand in (key, key.replace(".", "_", 1)):
-            if cand in own:
-                if own[cand].shape != value.shape:
-                    raise CheckpointError(
-                        f"checkpoint {path} does not fit backbone {name}: {key} has shape {tuple(value.shape)}, "
-                        f"the backbone {tuple(own[cand].shape)}: pass a checkpoint of {name}"
-                    )
-                loaded[cand] = value
-                break
-    missing = [k for k in own if k not in loaded and not k.endswith("num_batches_tracked")]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit backbone {name}: {len(missing)} of its weights are missing "
-            f"(e.g. {', '.join(missing[:3])}): pass a checkpoint of {name}"
-        )
-    body.load_state_dict(loaded, strict=False)
-
-
 def build_backbone(
     name: str,
     checkpoint: str | os.PathLike[str] | None = None,
@@ -102,11 +66,10 @@ def build_backbone(
 
     RapidNet variants go through :func:`rapidnet.create_model` (any RapidNet checkpoint, classification ones
     included: the head is simply not part of the body); any other name is a timm model (e.g. ``mobilenetv2_140``),
-    whose four stride 4..32 outputs are ``out_indices=(1, 2, 3, 4)`` unless given.
+    whose four stride 4..32 outputs are ``out_indices=(1, 2, 3, 4)`` unless given, and whose classification
+    checkpoint loads through :func:`~rapidnet.models.checkpoint.load_timm_weights`.
     """
-    if _is_rapidnet(name):
-        from rapidnet.models import create_model
-
+    if is_rapidnet(name):
         body = create_model(
             name, checkpoint=checkpoint, features_only=True, out_indices=out_indices or (0, 1, 2, 3), **kwargs
         )
@@ -128,7 +91,8 @@ def build_backbone(
                 "pass backbone_out_indices for its stride 4, 8, 16 and 32 outputs"
             ) from None
         if checkpoint is not None:
-            _load_timm_checkpoint(body, checkpoint, name)
+            state_dict, _ = read_weights(checkpoint)
+            load_timm_weights(body, state_dict, checkpoint, name)
     reductions = list(body.feature_info.reduction())
     if reductions != [4, 8, 16, 32]:
         raise ConfigError(
@@ -218,8 +182,6 @@ class BackboneWithFPN(nn.Module):
     @torch.no_grad()
     def reparameterize(self) -> None:
         """Fold the backbone for inference: frozen BN back to BN (so it can fold), then RapidNet's own folding."""
-        from rapidnet.models.reparam import reparameterize_
-
         if any(isinstance(m, (FrozenBatchNorm2d, FrozenBatchNormAct2d)) for m in self.body.modules()):
             device = next(self.body.parameters()).device
             self.body = unfreeze_batch_norm_2d(self.body).to(device)

@@ -1,8 +1,15 @@
-"""Reading, converting and loading RapidNet checkpoints: the authors' formats and this project's own.
+"""Reading, converting, checking and writing checkpoints: the authors' formats and this project's own.
 
 Every file is read with ``torch.load(..., weights_only=True)`` (``argparse.Namespace`` is allow-listed because the
 authors' training checkpoints store their arguments that way) or with safetensors, so a pickle that would run code is
-refused. Problems surface as one-line :class:`~rapidnet.errors.CheckpointError` messages.
+refused (:func:`rapidnet.utils.read_checkpoint`). Problems surface as one-line :class:`~rapidnet.errors.CheckpointError`
+messages.
+
+The pieces, bottom-up: :func:`read_weights` (a file's weights and metadata, wrappers removed),
+:func:`checkpoint_filter_fn` (timm's ``pretrained_filter_fn`` for RapidNet: the authors' key names, the fit check,
+classifier adaptation), :func:`load_timm_weights` (any other timm model, or its ``features_only`` body),
+:func:`decode_metadata`, and on the writing side :func:`model_metadata` and :func:`save_weights`. ``rapidnet.load``
+(``rapidnet.models.loading``) puts them together.
 """
 
 from __future__ import annotations
@@ -17,10 +24,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from rapidnet.errors import CheckpointError
-from rapidnet.utils import atomic_write, read_checkpoint
+from rapidnet.models.rapidnet import VARIANTS, RapidNet
+from rapidnet.utils import atomic_write, read_checkpoint, unwrap_model
+
+__all__ = [
+    "ArchSpec",
+    "adapt_classifier",
+    "checkpoint_filter_fn",
+    "convert_official",
+    "decode_metadata",
+    "fit_state_dict",
+    "hub_weights_file",
+    "infer_arch",
+    "is_features_model",
+    "is_official_format",
+    "load_state_dict_file",
+    "load_timm_weights",
+    "model_arch",
+    "model_metadata",
+    "read_weights",
+    "save_weights",
+    "strip_prefix",
+    "unwrap_state_dict",
+]
 
 _logger = logging.getLogger("rapidnet")
 
@@ -129,9 +159,17 @@ def convert_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """timm-style filter: unwrap, strip ``module.``, and convert official keys to this project's."""
+    """timm's ``pretrained_filter_fn`` for RapidNet: unwrap, strip ``module.``, convert the authors' keys; and, given
+    the model, check that the weights fit it and adapt the classifier (:func:`fit_state_dict`).
+
+    Idempotent: weights already in this project's key names pass through unchanged.
+    """
     sd = strip_prefix(unwrap_state_dict(state_dict))
-    return convert_official(sd) if is_official_format(sd) else dict(sd)
+    sd = convert_official(sd) if is_official_format(sd) else dict(sd)
+    if isinstance(model, RapidNet):
+        source = (getattr(model, "pretrained_cfg", None) or {}).get("file") or "checkpoint"
+        sd = fit_state_dict(sd, model, str(source))
+    return sd
 
 
 # ---- reading -------------------------------------------------------------------------------------------------------
@@ -163,6 +201,90 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, ..
     return out
 
 
+def read_weights(path: str | os.PathLike, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A checkpoint file's weights (wrappers and ``module.`` prefixes removed, keys otherwise as stored) and its
+    metadata as stored (strings: safetensors metadata, or the ``rapidnet`` entry of a torch file)."""
+    obj, metadata = read_checkpoint(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("rapidnet"), Mapping):
+        metadata = {**{k: str(v) for k, v in obj["rapidnet"].items()}, **metadata}
+    return strip_prefix(unwrap_state_dict(obj, use_ema=use_ema)), metadata
+
+
+def load_state_dict_file(
+    path: str | os.PathLike, use_ema: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a RapidNet checkpoint file into a state dict in this project's key names, plus its stored metadata."""
+    state_dict, metadata = read_weights(path, use_ema=use_ema)
+    return checkpoint_filter_fn(state_dict), metadata
+
+
+#: metadata values stored as JSON, as integers and as booleans (``"true"``/``"false"``); the rest are plain strings
+_JSON_METADATA = {
+    "class_names": list,
+    "pretrained_cfg": dict,
+    "build_args": dict,
+    "eval_args": dict,
+    "depths": list,
+    "widths": list,
+}
+_INT_METADATA = ("num_classes", "head_dim", "in_chans")
+_BOOL_METADATA = ("distillation", "reparameterized")
+
+
+def decode_metadata(metadata: Mapping[str, Any], source: str | os.PathLike = "checkpoint") -> dict[str, Any]:
+    """Stored metadata (strings) as Python values: ``class_names`` a list, ``pretrained_cfg``/``build_args``/
+    ``eval_args`` dicts, counts ints, flags bools; anything else stays a string.
+
+    A value that does not decode is a one-line :class:`CheckpointError` naming the file and the key.
+    """
+    out: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            out[key] = value
+            continue
+        try:
+            if key in _JSON_METADATA:
+                decoded = json.loads(value)
+                kind = _JSON_METADATA[key]
+                if not isinstance(decoded, kind):
+                    raise ValueError(f"a JSON {type(decoded).__name__}, expected a {kind.__name__}")
+            elif key in _INT_METADATA:
+                decoded = int(value)
+            elif key in _BOOL_METADATA:
+                if value not in ("true", "false"):
+                    raise ValueError(f"{value[:20]!r}, expected true or false")
+                decoded = value == "true"
+            else:
+                decoded = value
+        except ValueError as e:
+            detail = " ".join(str(e).split())[:80]
+            raise CheckpointError(f"{source} has unreadable {key!r} metadata ({detail}): re-export it") from None
+        out[key] = decoded
+    return out
+
+
+def hub_weights_file(pretrained_cfg: Mapping[str, Any]) -> str:
+    """The local path of the authors' weights named by a ``pretrained_cfg`` (downloaded once, then cached).
+
+    Offline (``HF_HUB_OFFLINE=1``, read at call time) only the cache is consulted; a miss is a one-line error that
+    says to pass ``checkpoint=PATH``.
+    """
+    repo, filename = pretrained_cfg.get("hf_hub_id"), pretrained_cfg.get("hf_hub_filename")
+    if not repo or not filename:
+        raise CheckpointError("no pretrained weights are known for this model: pass checkpoint=PATH")
+    try:
+        from huggingface_hub import hf_hub_download  # optional dependency (rapidnet[hub])
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        return hf_hub_download(repo, filename, local_files_only=offline, etag_timeout=5)
+    except Exception as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:100]
+        raise CheckpointError(
+            f"could not fetch the authors' weights {repo}/{filename} ({type(e).__name__}: {reason}): "
+            "offline, download them elsewhere and pass checkpoint=PATH"
+        ) from None
+
+
 # ---- architecture of a checkpoint ----------------------------------------------------------------------------------
 
 
@@ -180,8 +302,6 @@ class ArchSpec:
 
     @property
     def variant(self) -> str | None:
-        from rapidnet.models.rapidnet import VARIANTS
-
         for name, cfg in VARIANTS.items():
             if (
                 tuple(map(tuple, cfg["depths"])) == self.depths
@@ -244,17 +364,7 @@ def model_arch(model: nn.Module) -> ArchSpec:
     )
 
 
-# ---- loading -------------------------------------------------------------------------------------------------------
-
-
-def load_state_dict_file(
-    path: str | os.PathLike, use_ema: bool = True
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read any supported checkpoint file into a state dict in this project's key names, plus metadata."""
-    obj, metadata = read_checkpoint(path)
-    if isinstance(obj, Mapping) and isinstance(obj.get("rapidnet"), Mapping):
-        metadata = {**{k: str(v) for k, v in obj["rapidnet"].items()}, **metadata}
-    return checkpoint_filter_fn(unwrap_state_dict(obj, use_ema=use_ema)), metadata
+# ---- fitting weights to a model ------------------------------------------------------------------------------------
 
 
 def adapt_classifier(state_dict: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
@@ -290,109 +400,149 @@ def adapt_classifier(state_dict: dict[str, torch.Tensor], model: nn.Module, sour
     return sd
 
 
-def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> nn.Module:
-    """Load a converted state dict into a RapidNet, checking the architecture first for a clear error.
+def fit_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """Check that a converted state dict is this RapidNet's, with one-line errors, and adapt its classifier.
 
-    Returns the model (reparameterized in place first when the checkpoint is an inference-only fused one).
+    The result loads into ``model`` strictly, except for a classifier dropped for another class count (timm's
+    ``load_pretrained`` then loads non-strictly, as it does whenever the class count differs). Another input channel
+    count is left to ``load_pretrained`` too, which adapts the stem conv (``adapt_input_conv``: a grey model sums
+    the RGB filters).
     """
-    from rapidnet.models.reparam import reparameterize_
-
     want, have = model_arch(model), infer_arch(state_dict)
     if (want.depths, want.widths, want.head_dim) != (have.depths, have.widths, have.head_dim):
         target = want.variant or "this custom RapidNet"
         fix = f"create '{have.variant}' instead" if have.variant else "create the model with the matching config"
         raise CheckpointError(f"{source} is {have.describe()}, not {target}: {fix}")
-    if want.in_chans != have.in_chans:
-        raise CheckpointError(f"{source} takes {have.in_chans} input channels, model {want.in_chans}: set in_chans")
-    if have.reparameterized and not want.reparameterized:
-        _logger.info("%s is reparameterized (inference only): reparameterizing the model to match", source)
-        reparameterize_(model)
+    if have.reparameterized != want.reparameterized:
+        if have.reparameterized:
+            raise CheckpointError(
+                f"{source} is reparameterized (inference only): build the model with inference_mode=True "
+                "(rapidnet.load and create_model(checkpoint=...) do so themselves)"
+            )
+        raise CheckpointError(
+            f"{source} is the training form, the model the folded inference one: build it without inference_mode "
+            "and reparameterize it after loading"
+        )
     sd = adapt_classifier(dict(state_dict), model, source)
-    result = model.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(("head.fc.", "head.fc_dist."))]
-    if missing or result.unexpected_keys:
+    own = model.state_dict()
+    missing = [
+        k
+        for k in own
+        if k not in sd and not k.startswith(("head.fc.", "head.fc_dist.")) and not k.endswith("num_batches_tracked")
+    ]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
-        if result.unexpected_keys:
-            parts.append(f"unexpected {len(result.unexpected_keys)} (e.g. {', '.join(result.unexpected_keys[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
         raise CheckpointError(f"{source} does not fit the model: {'; '.join(parts)} keys")
-    return model
+    for key, value in own.items():  # BN step counters some writers leave out: keep the model's own
+        if key.endswith("num_batches_tracked"):
+            sd.setdefault(key, value)
+    return sd
 
 
-def load_pretrained(model: nn.Module, pretrained_cfg: Mapping[str, Any], use_ema: bool = True) -> nn.Module:
-    """Load weights named by a timm ``pretrained_cfg``: a local ``file`` first, else the authors' hub file."""
-    file = pretrained_cfg.get("file")
-    if not file:
-        file = _download_from_hub(pretrained_cfg)
-    state_dict, _ = load_state_dict_file(file, use_ema=use_ema)
-    return load_into(model, state_dict, source=str(file))
+def is_features_model(model: nn.Module) -> bool:
+    """A ``features_only`` model (timm's wrappers, or a model's own feature class): stage outputs, no head."""
+    return hasattr(model, "feature_info") and not hasattr(model, "forward_head")
 
 
-def _download_from_hub(pretrained_cfg: Mapping[str, Any]) -> str:
-    repo, filename = pretrained_cfg.get("hf_hub_id"), pretrained_cfg.get("hf_hub_filename")
-    if not repo or not filename:
-        raise CheckpointError("no pretrained weights are known for this model: pass checkpoint=PATH")
-    try:
-        from huggingface_hub import hf_hub_download
+def _classifier_names(model: nn.Module) -> tuple[str, ...]:
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    return (names,) if isinstance(names, str) else tuple(names)
 
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        return hf_hub_download(repo, filename, local_files_only=offline, etag_timeout=5)
-    except Exception as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:100]
+
+def load_timm_weights(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str | os.PathLike = "checkpoint",
+    name: str | None = None,
+) -> nn.Module:
+    """Load a timm model's weights into it, or into its ``features_only`` body; every weight must be found.
+
+    - ``features_only`` body: timm's wrappers keep the classifier's key names, flatten their first level
+      (``stages.0`` -> ``stages_0``) or nest the model (``model.``); every spelling is tried, and weights outside the
+      body (the classifier) are ignored;
+    - classifier: a classifier of another class count is dropped (fine-tuning starts from a fresh head), in one
+      log line; any other weight of another shape, any missing weight and any weight the model lacks is a one-line
+      :class:`CheckpointError` (a partial load would silently train from random weights).
+    """
+    name = name or (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+    features = is_features_model(model)
+    target = f"backbone {name}" if features else name
+    classifiers = () if features else _classifier_names(model)
+    own = model.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    dropped: list[str] = []
+    for key, value in strip_prefix(state_dict).items():
+        spellings = (key, key.replace(".", "_", 1), f"model.{key}") if features else (key,)
+        found = next((s for s in spellings if s in own), None)
+        if found is None:
+            unexpected.append(key)
+        elif own[found].shape == value.shape:
+            loaded[found] = value
+        elif any(found.startswith(f"{c}.") for c in classifiers):
+            dropped.append(found)
+        else:
+            raise CheckpointError(
+                f"checkpoint {source} does not fit {target}: {key} has shape {tuple(value.shape)}, the "
+                f"{'backbone' if features else 'model'} {tuple(own[found].shape)}: pass a checkpoint of {name}"
+            )
+    missing = [k for k in own if k not in loaded and k not in dropped and not k.endswith("num_batches_tracked")]
+    if missing:
         raise CheckpointError(
-            f"could not fetch the authors' weights {repo}/{filename} ({type(e).__name__}: {reason}): "
-            "offline, download them elsewhere and pass checkpoint=PATH"
-        ) from None
+            f"checkpoint {source} does not fit {target}: {len(missing)} of its weights are missing "
+            f"(e.g. {', '.join(missing[:3])}): pass a checkpoint of {name}"
+        )
+    if unexpected and not features:
+        raise CheckpointError(
+            f"checkpoint {source} does not fit {target}: {len(unexpected)} of its weights are not in the model "
+            f"(e.g. {', '.join(unexpected[:3])}): pass a checkpoint of {name}"
+        )
+    if dropped:
+        _logger.info("%s: another class count than the model's: classifier dropped and initialised afresh", source)
+    model.load_state_dict(loaded, strict=False)
+    return model
 
 
 # ---- writing -------------------------------------------------------------------------------------------------------
 
 
 def model_metadata(model: nn.Module) -> dict[str, str]:
-    """The architecture of a RapidNet as safetensors metadata (strings), so the file rebuilds its own model."""
-    arch = model_arch(model)
-    return {
-        "format": "rapidnet",
-        "arch": arch.variant or "custom",
-        "depths": json.dumps([list(d) for d in arch.depths]),
-        "widths": json.dumps(list(arch.widths)),
-        "head_dim": str(arch.head_dim),
-        "num_classes": str(arch.num_classes),
-        "distillation": str(arch.distillation).lower(),
-        "in_chans": str(arch.in_chans),
-        "reparameterized": str(arch.reparameterized).lower(),
-    }
+    """What rebuilds a classifier, as safetensors metadata (strings): a RapidNet's architecture, or a timm model's
+    name and class count (``format: timm``). Exporters embed the same dict in their JSON metadata."""
+    model = unwrap_model(model)
+    if isinstance(model, RapidNet):
+        arch = model_arch(model)
+        return {
+            "format": "rapidnet",
+            "arch": arch.variant or "custom",
+            "depths": json.dumps([list(d) for d in arch.depths]),
+            "widths": json.dumps(list(arch.widths)),
+            "head_dim": str(arch.head_dim),
+            "num_classes": str(arch.num_classes),
+            "distillation": str(arch.distillation).lower(),
+            "in_chans": str(arch.in_chans),
+            "reparameterized": str(arch.reparameterized).lower(),
+        }
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if name is None or is_features_model(model):
+        raise CheckpointError(
+            f"cannot describe a {type(model).__name__} for its checkpoint: only RapidNet and timm classifiers are"
+        )
+    return {"format": "timm", "arch": str(name), "num_classes": str(getattr(model, "num_classes", 0))}
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a model's weights atomically: safetensors for ``.safetensors``, else ``torch.save`` of a dict."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """Write a model's weights atomically: safetensors for ``.safetensors``, else ``torch.save`` of a dict.
+
+    The metadata (:func:`model_metadata` plus ``metadata``) lets ``rapidnet.load`` rebuild the model from the file.
+    """
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap_model(model).state_dict().items()}
     meta = {**model_metadata(model), **(metadata or {})}
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import save_file
-
         return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
     return atomic_write(path, lambda tmp: torch.save({"model": state, "rapidnet": meta}, tmp))
-
-
-def load_model(path: str | os.PathLike, use_ema: bool = True, **kwargs: Any) -> nn.Module:
-    """Build the RapidNet a checkpoint describes (any supported format) and load it: no variant name needed.
-
-    ``kwargs`` reach ``create_model`` (``features_only=True`` gives the loaded backbone).
-    """
-    from rapidnet.models.factory import create_model
-
-    state_dict, _ = load_state_dict_file(path, use_ema=use_ema)
-    arch = infer_arch(state_dict)
-    args: dict[str, Any] = dict(
-        depths=arch.depths,
-        widths=arch.widths,
-        head_dim=arch.head_dim,
-        num_classes=arch.num_classes,
-        distillation=arch.distillation,
-        in_chans=arch.in_chans,
-        use_ema=use_ema,
-    )
-    args.update(kwargs)
-    return create_model(arch.variant or "rapidnet_ti", checkpoint=path, **args)

@@ -17,6 +17,11 @@ def list_variants() -> list[str]:
     return list(VARIANTS)
 
 
+def is_rapidnet(name: str) -> bool:
+    """Whether a model name (optionally with a timm pretrained tag, ``rapidnet_ti.in1k``) is a RapidNet variant."""
+    return name.split(".")[0] in VARIANTS
+
+
 def create_model(
     name: str,
     *,
@@ -36,8 +41,7 @@ def create_model(
     reparameterized or not); ``pretrained=True`` fetches the authors' ImageNet weights (online only). Extra keyword
     arguments (``depths``, ``widths``, ``head_dim``, ``drop_rate``, ``use_ema``, ...) reach :class:`RapidNet`.
     """
-    base = name.split(".")[0]
-    if base not in VARIANTS:
+    if not is_rapidnet(name):
         raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(VARIANTS)}")
     if checkpoint is not None:
         overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=os.fspath(checkpoint))

@@ -7,27 +7,31 @@ Reads top-down like Figure 3 of the paper:
 Each stage holds ``L`` Inverted Residual blocks followed by ``G`` Dilated Convolution blocks. A Dilated Convolution
 block mixes tokens with MLDC (two parallel dense 3x3 convolutions, dilation 2 and 3, summed) and then a large-kernel
 FFN. Every module that can be folded for inference has a ``reparameterize()`` method (timm's convention, so
-``timm.utils.reparameterize_model`` works too); :func:`rapidnet.reparameterize` applies them to a copy.
+``timm.utils.reparameterize_model`` works too); :func:`rapidnet.reparameterize` applies them to a copy. As in timm's
+FastViT, ``inference_mode=True`` builds the folded structure directly (no BatchNorm, layer scale or CPE identity,
+one classifier), whose state dict is that of a reparameterized model.
+
+This file is the network only: plain PyTorch modules that TorchScript, ``torch.fx`` and ``torch.export`` all take.
+CPU kernel choices for eager inference live in :mod:`rapidnet.deploy.cpu`.
 
 The forward pass equals the authors' implementation for the same weights; their checkpoints load through
-:func:`checkpoint_filter_fn` (see ``rapidnet.models.checkpoint``).
+``rapidnet.models.checkpoint``.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: TorchScript must resolve these modules' annotations, also from the
+# code that ``torch.fx`` generates (timm's model files follow the same rule).
 
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale2d
-from timm.models import FeatureListNet, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 __all__ = ["VARIANTS", "RapidNet", "default_cfgs"]
 
@@ -37,71 +41,11 @@ __all__ = ["VARIANTS", "RapidNet", "default_cfgs"]
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class PrePaddedConv2d(nn.Conv2d):
-    """A Conv2d that zero-pads its input itself: the same result as ``padding=prepad``, faster on CPU.
-
-    PyTorch picks its CPU convolution kernel by input size; for RapidNet's stage-3 dilated convs at batch 1
-    (224 x 7 x 7) it falls back to a naive kernel that is ~3x slower than oneDNN. The padded input is large enough
-    for oneDNN to be chosen. Used by the reparameterized (inference) model only.
-    """
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            0,
-            conv.dilation,
-            conv.groups,
-            bias=conv.bias is not None,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-        )
-        ph, pw = conv.padding  # type: ignore[misc]
-        self.prepad = (pw, pw, ph, ph)
-        self.load_state_dict(conv.state_dict())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(x, self.prepad), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-
-
-def _onednn_conv_act_available() -> bool:
-    try:
-        torch.ops.mkldnn._convolution_pointwise.default  # noqa: B018 (probe: present in builds with oneDNN)
-    except (AttributeError, RuntimeError):
-        return False
-    return torch.backends.mkldnn.is_available()
-
-
-_ONEDNN_CONV_ACT = _onednn_conv_act_available()
-
-
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a fused inference conv may call oneDNN's conv+activation kernel directly: eager fp32 CPU inference
-    only (no autograd, autocast, tracing, export, compilation or dispatch modes, which all need plain ``conv2d``)."""
-    return (
-        _ONEDNN_CONV_ACT
-        and torch.backends.mkldnn.enabled
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and x.dim() == 4
-        and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-        and not torch.onnx.is_in_onnx_export()
-        and not is_in_torch_dispatch_mode()  # FLOP counters and other tensor-level observers see plain convs
-    )
-
-
 class ConvNormAct(nn.Module):
     """Conv2d -> BatchNorm2d -> optional GELU, with "same" padding; ``reparameterize`` folds the BN into the conv.
 
     The authors' convolutions carry a bias even when a BN follows (PyTorch's default); we keep it so that their
-    weights load unchanged.
+    weights load unchanged. ``inference_mode=True`` builds the folded unit: a conv with bias, no BN.
     """
 
     def __init__(
@@ -114,30 +58,18 @@ class ConvNormAct(nn.Module):
         groups: int = 1,
         bias: bool = True,
         act: bool = True,
+        inference_mode: bool = False,
     ) -> None:
         super().__init__()
         padding = dilation * (kernel_size - 1) // 2
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation, groups, bias=bias)
-        self.bn: nn.Module = nn.BatchNorm2d(out_chs)
+        self.conv = nn.Conv2d(
+            in_chs, out_chs, kernel_size, stride, padding, dilation, groups, bias=bias or inference_mode
+        )
+        self.bn: nn.Module = nn.Identity() if inference_mode else nn.BatchNorm2d(out_chs)
         self.act: nn.Module = nn.GELU() if act else nn.Identity()
-        self.onednn_act: str | None = None  # set by reparameterize(): the folded unit's oneDNN post-op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript skips only a bare is_scripting() branch)
-            if self.onednn_act is not None and _use_onednn(x, self.conv.weight):
-                return self._forward_onednn(x, self.onednn_act)
         return self.act(self.bn(self.conv(x)))
-
-    @torch.jit.unused
-    def _forward_onednn(self, x: torch.Tensor, act: str) -> torch.Tensor:
-        """The folded conv and its GELU as one oneDNN call: the activation runs on the conv's output while it is
-        still in cache, and PyTorch's size-based choice of a slower CPU kernel for small inputs is bypassed.
-        Same results as the plain path to float rounding (~1e-6)."""
-        conv = self.conv
-        padding = [conv.prepad[2], conv.prepad[0]] if isinstance(conv, PrePaddedConv2d) else list(conv.padding)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, conv.weight, conv.bias, padding, list(conv.stride), list(conv.dilation), conv.groups, act, [], "none"
-        )
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -153,12 +85,6 @@ class ConvNormAct(nn.Module):
         self.conv.weight = weight
         self.conv.bias = bias
         self.bn = nn.Identity()
-        if self.conv.dilation != (1, 1) and self.conv.groups == 1:
-            self.conv = PrePaddedConv2d(self.conv)
-        if isinstance(self.act, nn.GELU) and self.act.approximate == "none":
-            self.onednn_act = "gelu"
-        elif isinstance(self.act, nn.Identity):
-            self.onednn_act = "none"
 
     @torch.no_grad()
     def scale_output_(self, layer_scale: LayerScale2d) -> None:
@@ -168,43 +94,59 @@ class ConvNormAct(nn.Module):
         self.conv.bias.mul_(gamma)
 
 
-def _fold_layer_scale(unit: ConvNormAct, owner: nn.Module, attr: str) -> None:
+def _fold_layer_scale(unit: nn.Module, owner: nn.Module, attr: str) -> None:
     """Fold ``owner.<attr>`` (a LayerScale2d after ``unit``) into ``unit`` and replace it by an identity."""
     layer_scale = getattr(owner, attr)
-    if isinstance(layer_scale, LayerScale2d):
+    if isinstance(layer_scale, LayerScale2d) and isinstance(unit, ConvNormAct):
         unit.reparameterize()
         unit.scale_output_(layer_scale)
         setattr(owner, attr, nn.Identity())
 
 
+def _layer_scale(dim: int, init: float, inference_mode: bool) -> nn.Module:
+    return nn.Identity() if inference_mode else LayerScale2d(dim, init)
+
+
 class InvertedResidual(nn.Module):
     """MobileNetV2-style block: 1x1 expand (x4) -> 3x3 depthwise -> 1x1 project, layer-scaled residual."""
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, layer_scale_init: float = 1e-5):
+    def __init__(
+        self,
+        dim: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        layer_scale_init: float = 1e-5,
+        inference_mode: bool = False,
+    ) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.expand = ConvNormAct(dim, hidden, 1)
-        self.dw = ConvNormAct(hidden, hidden, 3, groups=hidden)
-        self.project = ConvNormAct(hidden, dim, 1, act=False)
-        self.layer_scale: nn.Module = LayerScale2d(dim, layer_scale_init)
+        self.expand = ConvNormAct(dim, hidden, 1, inference_mode=inference_mode)
+        self.dw = ConvNormAct(hidden, hidden, 3, groups=hidden, inference_mode=inference_mode)
+        self.project = ConvNormAct(hidden, dim, 1, act=False, inference_mode=inference_mode)
+        self.layer_scale = _layer_scale(dim, layer_scale_init, inference_mode)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop_path(self.layer_scale(self.project(self.dw(self.expand(x)))))
 
     def reparameterize(self) -> None:
-        self.expand.reparameterize()
-        self.dw.reparameterize()
+        for unit in (self.expand, self.dw, self.project):
+            if isinstance(unit, ConvNormAct):
+                unit.reparameterize()
         _fold_layer_scale(self.project, self, "layer_scale")
 
 
 class ConditionalPosEnc(nn.Module):
-    """Conditional positional encoding ``x + DW7x7(x)``; at inference the identity folds into the kernel centre."""
+    """Conditional positional encoding ``x + DW7x7(x)``; at inference the identity folds into the kernel centre.
 
-    def __init__(self, dim: int, kernel_size: int = 7) -> None:
+    ``inference_mode=True`` builds the folded form directly: one depthwise conv, ``reparam_conv``.
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 7, inference_mode: bool = False) -> None:
         super().__init__()
-        self.pe: nn.Conv2d | None = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=True)
-        self.reparam_conv: nn.Conv2d | None = None
+        conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=True)
+        self.pe: nn.Conv2d | None = None if inference_mode else conv
+        self.reparam_conv: nn.Conv2d | None = conv if inference_mode else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reparam_conv is not None:
@@ -233,13 +175,13 @@ class MultiLevelDilatedConv(nn.Module):
     convolutions.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, inference_mode: bool = False) -> None:
         super().__init__()
-        self.cpe = ConditionalPosEnc(dim, 7)
-        self.fc1 = ConvNormAct(dim, dim, 1, act=False)
-        self.conv_d2 = ConvNormAct(dim, dim, 3, dilation=2)
-        self.conv_d3 = ConvNormAct(dim, dim, 3, dilation=3)
-        self.fc2 = ConvNormAct(dim, dim, 1, act=False)
+        self.cpe = ConditionalPosEnc(dim, 7, inference_mode=inference_mode)
+        self.fc1 = ConvNormAct(dim, dim, 1, act=False, inference_mode=inference_mode)
+        self.conv_d2 = ConvNormAct(dim, dim, 3, dilation=2, inference_mode=inference_mode)
+        self.conv_d3 = ConvNormAct(dim, dim, 3, dilation=3, inference_mode=inference_mode)
+        self.fc2 = ConvNormAct(dim, dim, 1, act=False, inference_mode=inference_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(self.cpe(x))
@@ -249,12 +191,12 @@ class MultiLevelDilatedConv(nn.Module):
 class LargeKernelFFN(nn.Module):
     """FFN preceded by a 7x7 depthwise conv (no bias) + BN: channel mixing with a large spatial footprint."""
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0, kernel_size: int = 7) -> None:
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, kernel_size: int = 7, inference_mode: bool = False) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.dw = ConvNormAct(dim, dim, kernel_size, groups=dim, bias=False, act=False)
-        self.fc1 = ConvNormAct(dim, hidden, 1)
-        self.fc2 = ConvNormAct(hidden, dim, 1, act=False)
+        self.dw = ConvNormAct(dim, dim, kernel_size, groups=dim, bias=False, act=False, inference_mode=inference_mode)
+        self.fc1 = ConvNormAct(dim, hidden, 1, inference_mode=inference_mode)
+        self.fc2 = ConvNormAct(hidden, dim, 1, act=False, inference_mode=inference_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.fc1(self.dw(x)))
@@ -263,12 +205,19 @@ class LargeKernelFFN(nn.Module):
 class DilatedConvBlock(nn.Module):
     """``x + gamma1 * MLDC(x)`` then ``x + gamma2 * LKFFN(x)``, each with stochastic depth."""
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, layer_scale_init: float = 1e-5):
+    def __init__(
+        self,
+        dim: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        layer_scale_init: float = 1e-5,
+        inference_mode: bool = False,
+    ) -> None:
         super().__init__()
-        self.mixer = MultiLevelDilatedConv(dim)
-        self.layer_scale1: nn.Module = LayerScale2d(dim, layer_scale_init)
-        self.ffn = LargeKernelFFN(dim, mlp_ratio)
-        self.layer_scale2: nn.Module = LayerScale2d(dim, layer_scale_init)
+        self.mixer = MultiLevelDilatedConv(dim, inference_mode=inference_mode)
+        self.layer_scale1 = _layer_scale(dim, layer_scale_init, inference_mode)
+        self.ffn = LargeKernelFFN(dim, mlp_ratio, inference_mode=inference_mode)
+        self.layer_scale2 = _layer_scale(dim, layer_scale_init, inference_mode)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -278,7 +227,8 @@ class DilatedConvBlock(nn.Module):
     def reparameterize(self) -> None:
         self.mixer.cpe.reparameterize()
         for unit in (self.mixer.fc1, self.mixer.conv_d2, self.mixer.conv_d3, self.ffn.dw, self.ffn.fc1):
-            unit.reparameterize()
+            if isinstance(unit, ConvNormAct):
+                unit.reparameterize()
         _fold_layer_scale(self.mixer.fc2, self, "layer_scale1")
         _fold_layer_scale(self.ffn.fc2, self, "layer_scale2")
 
@@ -296,15 +246,21 @@ class RapidNetStage(nn.Module):
         drop_path_rates: Sequence[float],
         mlp_ratio: float = 4.0,
         layer_scale_init: float = 1e-5,
+        inference_mode: bool = False,
     ) -> None:
         super().__init__()
-        self.downsample = ConvNormAct(in_chs, out_chs, 3, stride=2, act=False) if downsample else nn.Identity()
+        self.downsample = (
+            ConvNormAct(in_chs, out_chs, 3, stride=2, act=False, inference_mode=inference_mode)
+            if downsample
+            else nn.Identity()
+        )
         rates = list(drop_path_rates)
         blocks: list[nn.Module] = [
-            InvertedResidual(out_chs, mlp_ratio, rates[i], layer_scale_init) for i in range(num_inverted_residual)
+            InvertedResidual(out_chs, mlp_ratio, rates[i], layer_scale_init, inference_mode)
+            for i in range(num_inverted_residual)
         ]
         blocks += [
-            DilatedConvBlock(out_chs, mlp_ratio, rates[num_inverted_residual + i], layer_scale_init)
+            DilatedConvBlock(out_chs, mlp_ratio, rates[num_inverted_residual + i], layer_scale_init, inference_mode)
             for i in range(num_dilated)
         ]
         self.blocks = nn.Sequential(*blocks)
@@ -322,31 +278,59 @@ class RapidNetHead(nn.Module):
 
     With a distillation classifier, training mode returns ``(cls_logits, dist_logits)`` (as the authors' model does)
     and eval mode their mean. ``reparameterize`` folds the BN and merges the two classifiers into one (their mean is
-    linear), so the inference model has a single head with identical outputs.
+    linear), so the inference model has a single head with identical outputs; ``inference_mode=True`` builds that
+    head directly.
+
+    ``global_pool=''`` skips the pooling, as in timm's early-pooling heads: the 1x1 conv (and a classifier, if any,
+    acting as a 1x1 conv) then applies at every position and the output stays an NCHW map.
     """
 
-    def __init__(self, in_chs: int, hidden: int, num_classes: int, distillation: bool, drop_rate: float = 0.0):
+    def __init__(
+        self,
+        in_chs: int,
+        hidden: int,
+        num_classes: int,
+        distillation: bool,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
+        inference_mode: bool = False,
+    ) -> None:
         super().__init__()
-        self.conv = ConvNormAct(in_chs, hidden, 1)
+        self.global_pool = global_pool
+        self.conv: nn.Module = ConvNormAct(in_chs, hidden, 1, inference_mode=inference_mode)
         self.drop = nn.Dropout(drop_rate)
         self.fc: nn.Module = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
-        self.fc_dist: nn.Module | None = nn.Linear(hidden, num_classes) if distillation and num_classes > 0 else None
+        with_dist = distillation and num_classes > 0 and not inference_mode
+        self.fc_dist: nn.Module | None = nn.Linear(hidden, num_classes) if with_dist else None
         self.distilled_training = True
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False):
-        x = self.drop(self.conv(x.mean((2, 3), keepdim=True))).flatten(1)
+        pooled = self.global_pool == "avg"
+        if pooled:
+            x = x.mean((2, 3), keepdim=True)
+        x = self.drop(self.conv(x))
+        if pooled:
+            x = x.flatten(1)
         if pre_logits:
             return x
+        if not pooled:
+            x = x.permute(0, 2, 3, 1)  # NHWC: the linear classifier acts as a 1x1 conv at every position
+        logits = self.fc(x)
+        if not pooled:
+            logits = logits.permute(0, 3, 1, 2)
         if self.fc_dist is None:
-            return self.fc(x)
-        logits, logits_dist = self.fc(x), self.fc_dist(x)
+            return logits
+        logits_dist = self.fc_dist(x)
+        if not pooled:
+            logits_dist = logits_dist.permute(0, 3, 1, 2)
         if self.distilled_training and self.training and not torch.jit.is_scripting():
             return logits, logits_dist
         return (logits + logits_dist) / 2
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        self.conv.reparameterize()
+        if isinstance(self.conv, ConvNormAct):
+            self.conv.reparameterize()
         if self.fc_dist is not None and isinstance(self.fc, nn.Linear):
             merged = nn.Linear(self.fc.in_features, self.fc.out_features).to(
                 self.fc.weight.device, self.fc.weight.dtype
@@ -369,16 +353,33 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+_GLOBAL_POOLS = ("avg", "")
+
+
+def _check_global_pool(global_pool: str) -> str:
+    if global_pool not in _GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be 'avg' (RapidNet pools by mean) or '' (no pooling), got {global_pool!r}")
+    return global_pool
+
+
 class RapidNet(nn.Module):
     """RapidNet backbone and classifier.
 
     Args:
         depths: per stage, ``(number of Inverted Residual blocks, number of Dilated Convolution blocks)``.
         widths: channels of the four stages (stem output = ``widths[0]``).
-        head_dim: width ``E`` of the 1x1 conv before the classifier.
+        head_dim: width ``E`` of the 1x1 conv before the classifier (``head_hidden_size``).
+        num_classes: classifier outputs; 0 for none (the model returns pre-logits).
         distillation: add the DeiT-style distillation classifier (``head.fc_dist``).
         drop_path_rate: stochastic depth, rising linearly from 0 over all blocks in order. (The authors' code only
             advances the rate on Dilated Convolution blocks; eval outputs are the same either way.)
+        global_pool: ``'avg'`` (the paper's head) or ``''``: no pooling, the head's 1x1 conv (and classifier) then
+            apply at every position and the output is an NCHW map of ``head_dim`` (or ``num_classes``) channels.
+        inference_mode: build the folded inference structure directly (timm FastViT's convention): no BatchNorm,
+            every conv with a bias, the CPE as one conv (``reparam_conv``), no layer scales, one classifier. Its
+            state dict has exactly the keys and shapes of ``rapidnet.reparameterize(RapidNet(...))``, so a fused
+            file loads strictly into it without building and folding a training model first. ``distillation`` is
+            then moot: the folded head has one classifier (the mean of both), as ``reparameterize`` leaves it.
     """
 
     def __init__(
@@ -394,65 +395,60 @@ class RapidNet(nn.Module):
         drop_path_rate: float = 0.0,
         layer_scale_init: float = 1e-5,
         global_pool: str = "avg",
+        inference_mode: bool = False,
     ) -> None:
         super().__init__()
         if len(depths) != len(widths):
             raise ValueError(f"depths ({len(depths)} stages) and widths ({len(widths)} stages) must have equal length")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' (RapidNet pools by mean), got {global_pool!r}")
         self.depths = tuple(tuple(int(n) for n in d) for d in depths)
         self.widths = tuple(int(w) for w in widths)
         self.head_dim = head_dim
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.global_pool = global_pool
+        self.global_pool = _check_global_pool(global_pool)
 
         self.stem = nn.Sequential(
-            ConvNormAct(in_chans, widths[0] // 2, 3, stride=2),
-            ConvNormAct(widths[0] // 2, widths[0], 3, stride=2),
+            ConvNormAct(in_chans, widths[0] // 2, 3, stride=2, inference_mode=inference_mode),
+            ConvNormAct(widths[0] // 2, widths[0], 3, stride=2, inference_mode=inference_mode),
         )
 
         total_blocks = sum(sum(d) for d in self.depths)
         rates = torch.linspace(0, drop_path_rate, total_blocks).tolist() if total_blocks else []
         stages: list[nn.Module] = []
-        self.feature_info: list[dict[str, Any]] = []
+        feature_info: list[dict[str, Any]] = []
         in_chs, first = widths[0], 0
         for i, ((num_ir, num_dc), out_chs) in enumerate(zip(self.depths, self.widths, strict=True)):
             n = num_ir + num_dc
             stages.append(
                 RapidNetStage(
-                    in_chs, out_chs, num_ir, num_dc, i > 0, rates[first : first + n], mlp_ratio, layer_scale_init
+                    in_chs,
+                    out_chs,
+                    num_ir,
+                    num_dc,
+                    i > 0,
+                    rates[first : first + n],
+                    mlp_ratio,
+                    layer_scale_init,
+                    inference_mode,
                 )
             )
-            self.feature_info.append(dict(num_chs=out_chs, reduction=4 * 2**i, module=f"stages.{i}"))
+            feature_info.append(dict(num_chs=out_chs, reduction=4 * 2**i, module=f"stages.{i}"))
             in_chs, first = out_chs, first + n
         self.stages = nn.Sequential(*stages)
+        self.feature_info = feature_info
 
         self.num_features = self.widths[-1]
         self.head_hidden_size = head_dim
-        self.head = RapidNetHead(self.num_features, head_dim, num_classes, distillation, drop_rate)
+        self.head = RapidNetHead(
+            self.num_features, head_dim, num_classes, distillation, drop_rate, global_pool, inference_mode
+        )
         self.apply(_init_weights)
 
     # ---- forward -------------------------------------------------------------------------------------------------
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._runs_onednn_channels_last(x):
-            # oneDNN's conv+GELU kernels are fastest in channels_last: one copy of the input buys 1.3x on NCHW input
-            # (docs/performance.md); the features go back to the caller's layout, values unchanged.
-            return self.stages(self.stem(x.contiguous(memory_format=torch.channels_last))).contiguous()
         return self.stages(self.stem(x))
-
-    @torch.jit.unused
-    def _runs_onednn_channels_last(self, x: torch.Tensor) -> bool:
-        """Fused (``reparameterize``d) eager CPU inference on an NCHW input: the case for a channels_last detour."""
-        first = self.stem[0]
-        return (
-            first.onednn_act is not None
-            and x.is_contiguous()
-            and not x.is_contiguous(memory_format=torch.channels_last)
-            and _use_onednn(x, first.conv.weight)
-        )
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         return self.head(x, pre_logits=pre_logits)
@@ -468,10 +464,14 @@ class RapidNet(nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
-    ):
-        """timm's feature API: the outputs of the chosen stages (strides 4, 8, 16, 32), and optionally the last."""
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's feature API: the outputs of the chosen stages (strides 4, 8, 16, 32), and the last one.
+
+        Returns ``(forward_features(x), intermediates)``, or the intermediates alone with ``intermediates_only``.
+        RapidNet has no final norm, so ``norm`` changes nothing.
+        """
         if output_fmt != "NCHW":
-            raise ValueError("RapidNet intermediates are NCHW only")
+            raise ValueError(f"RapidNet intermediates are NCHW only, got output_fmt={output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         x = self.stem(x)
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
@@ -486,13 +486,18 @@ class RapidNet(nn.Module):
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ):
-        """Drop the stages (and head) that ``forward_intermediates(indices)`` does not need."""
+    ) -> list[int]:
+        """Drop the stages (and the head) that ``forward_intermediates(indices)`` does not need.
+
+        Without its head (``prune_head``, or when trailing stages go, since the head's conv needs the last one) the
+        model returns the last kept stage's features, unpooled.
+        """
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[: max_index + 1]
         if prune_head or max_index < len(self.widths) - 1:
-            self.reset_classifier(0)
-            self.head = nn.Identity()  # type: ignore[assignment]
+            self.head.conv = nn.Identity()
+            self.reset_classifier(0, "")
+            self.num_features = self.head_hidden_size = self.widths[max_index]
         return take_indices
 
     # ---- timm model API ------------------------------------------------------------------------------------------
@@ -514,23 +519,26 @@ class RapidNet(nn.Module):
     @torch.jit.ignore
     def set_distilled_training(self, enable: bool = True) -> None:
         """Whether training-mode forward returns ``(cls, dist)`` logits (default) or their mean."""
-        if isinstance(self.head, RapidNetHead):
-            self.head.distilled_training = enable
+        self.head.distilled_training = enable
 
     @property
     def distillation(self) -> bool:
-        return isinstance(self.head, RapidNetHead) and self.head.fc_dist is not None
+        return self.head.fc_dist is not None
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None, distillation: bool | None = None):
-        """New (randomly initialised) classifier(s) for ``num_classes``; 0 makes the model return pre-logits."""
-        if global_pool is not None and global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg', got {global_pool!r}")
-        if not isinstance(self.head, RapidNetHead):
-            return
+    @torch.jit.ignore
+    def reset_classifier(
+        self, num_classes: int, global_pool: str | None = None, distillation: bool | None = None
+    ) -> None:
+        """New (randomly initialised) classifier(s) for ``num_classes``; 0 makes the model return pre-logits.
+
+        ``global_pool=''`` turns pooling off (``forward`` then returns an NCHW map), ``'avg'`` back on.
+        """
+        if global_pool is not None:
+            self.global_pool = self.head.global_pool = _check_global_pool(global_pool)
         self.num_classes = num_classes
         if distillation is None:
             distillation = self.head.fc_dist is not None
@@ -590,23 +598,52 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_rapidnet(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Build a variant through timm (so ``pretrained_cfg`` and its overlays apply), then load weights ourselves.
+    """Build a variant with timm's ``build_model_with_cfg``: the ``pretrained_cfg`` and its overlays, loading the
+    weights (``load_pretrained``, through :func:`~rapidnet.models.checkpoint.checkpoint_filter_fn`: the authors' key
+    names, the fit check, the classifier) and ``features_only`` (a ``FeatureListNet`` of the four stages, or any
+    ``feature_cls``) are all timm's.
 
-    timm's own loader would refuse the authors' full training checkpoints (``argparse.Namespace`` inside) and
-    knows nothing of their key names; ``rapidnet.models.checkpoint`` handles every format with ``weights_only``.
+    Reading the weight file is ours. timm 1.0.31's ``load_state_dict`` does read the authors' training checkpoints
+    (``weights_only=True`` with ``argparse.Namespace`` allow-listed), but: its errors are bare or many lines
+    (``FileNotFoundError``, torch's unpickling text) where ours are one line; ``load_pretrained`` passes it no
+    ``use_ema``, so it always takes the EMA weights; it tells safetensors by the suffix only and drops their
+    metadata; it knows no ``module``/``net`` wrappers; and it reads after the model is built, too late for a
+    reparameterized file, whose model must be built folded (``inference_mode=True``). So the weights are read here
+    by :func:`~rapidnet.models.checkpoint.load_state_dict_file` (or come already read, from ``rapidnet.load``) and
+    handed to timm as the pretrained config's in-memory ``state_dict`` source, together with the file's own class
+    count and input channels (timm drops the classifier whenever the model's class count differs from the
+    config's). The authors' hub weights are fetched by :func:`~rapidnet.models.checkpoint.hub_weights_file`
+    (offline: a one-line error that says to pass a file) and read the same way.
     """
-    from rapidnet.models.checkpoint import load_pretrained
+    # models/checkpoint.py names the variants defined here: the one import that has to wait for call time
+    from rapidnet.models.checkpoint import checkpoint_filter_fn, hub_weights_file, infer_arch, load_state_dict_file
 
-    features_only = kwargs.pop("features_only", False)
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     use_ema = kwargs.pop("use_ema", True)
-    model = build_model_with_cfg(RapidNet, variant, pretrained=False, **dict(VARIANTS[variant], **kwargs))
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    state_dict = overlay.pop("state_dict", None)
+    feature_cfg = {"flatten_sequential": True, "out_indices": (0, 1, 2, 3), **(kwargs.pop("feature_cfg", None) or {})}
     if pretrained:
-        model = load_pretrained(model, model.pretrained_cfg, use_ema=use_ema)
-    if features_only:
-        cfg = model.pretrained_cfg
-        model = FeatureListNet(model, out_indices=out_indices, flatten_sequential=True)
-        model.pretrained_cfg = model.default_cfg = cfg
+        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
+        if state_dict is None:
+            file = cfg.get("file") or hub_weights_file(cfg)
+            state_dict, _ = load_state_dict_file(file, use_ema=use_ema)
+            overlay["file"] = str(file)
+        arch = infer_arch(state_dict)
+        overlay.update(
+            state_dict=state_dict, num_classes=arch.num_classes, input_size=(arch.in_chans, *cfg["input_size"][1:])
+        )
+        if arch.reparameterized:
+            kwargs["inference_mode"] = True
+    model = build_model_with_cfg(
+        RapidNet,
+        variant,
+        pretrained,
+        pretrained_cfg_overlay=overlay,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=feature_cfg,
+        **dict(VARIANTS[variant], **kwargs),
+    )
+    model.pretrained_cfg.pop("state_dict", None)  # loaded: the config keeps the file's name, not a copy of it
     return model
 
 

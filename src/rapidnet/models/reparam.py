@@ -5,17 +5,15 @@
 - every layer scale into the (BN-folded) convolution before it;
 - the distillation classifier and the classifier into one (eval returns their mean).
 
-Outputs are unchanged (to float rounding); the network gets cheaper.
+Outputs are unchanged (to float rounding); the network gets cheaper. The result is the *plain* folded graph:
+ordinary ``nn.Conv2d`` with their own padding, contiguous weights, ``nn.GELU``, nothing device-specific. It is what
+every exporter takes, and its state dict loads strictly into ``RapidNet(inference_mode=True)``. The extra CPU-only
+speed-ups for eager PyTorch are a separate, explicit pass: :func:`rapidnet.deploy.cpu.optimize`.
 """
-
-from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
-
-from rapidnet.models.rapidnet import RapidNet
 
 
 def reparameterize_(model: nn.Module) -> nn.Module:
@@ -24,11 +22,6 @@ def reparameterize_(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         if module is not model and hasattr(module, "reparameterize"):
             module.reparameterize()
-    for module in model.modules():
-        if isinstance(module, RapidNet) and all(p.device.type == "cpu" for p in module.parameters()):
-            # oneDNN's kernels want channels_last weights: without them every conv reorders its weight per call
-            # (fused RapidNet-Ti on NCHW input: 21.5 -> 18.9 ms, docs/performance.md). Values are unchanged.
-            module.to(memory_format=torch.channels_last)
     return model
 
 

@@ -5,7 +5,7 @@ lives in the config's free-form ``task:`` section, checked here so a typo is a o
 Batches are ``(list of images, list of targets)`` from ``collate_dense``, drawn through the engine's
 :class:`SeededSampler`/:class:`SeededDataset`, so a resumed run sees exactly the batches of an uninterrupted one.
 Weights are exported as safetensors whose metadata (``build_args``, ``class_names``, ``eval_args``) lets
-:func:`load_dense_model` rebuild the network without the config.
+``rapidnet.load`` rebuild the network without the config.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from rapidnet.data.folder import collate_dense, targets_to_device
 from rapidnet.engine.seeding import SeededDataset, SeededSampler, ignore_sigint
 from rapidnet.engine.task import RunContext, StepOutput, Task
 from rapidnet.errors import CheckpointError, ConfigError, DataError
-from rapidnet.utils import atomic_write, read_checkpoint, subset_indices, unwrap_model
+from rapidnet.models import load
+from rapidnet.tasks._commands import check_task_name
+from rapidnet.utils import subset_indices, unwrap_model
 
 __all__ = [
     "build_dense_eval_dataset",
@@ -38,14 +40,11 @@ __all__ = [
 def _task_options(cfg: Config, defaults: dict[str, Any]) -> dict[str, Any]:
     """``cfg.task`` over ``defaults``; unknown keys and a mismatched task name are configuration errors."""
     given = dict(cfg.task or {})
+    check_task_name(given.get("name", defaults["name"]), defaults["name"])
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise ConfigError(f"unknown task option(s) {', '.join(unknown)}: known are {', '.join(sorted(defaults))}")
     opts = {**defaults, **given}
-    if opts["name"] != defaults["name"]:
-        raise ConfigError(
-            f"the config is for task {opts['name']!r}, not {defaults['name']!r}: use the matching command"
-        )
     if not isinstance(opts["model_kwargs"], dict):
         raise ConfigError(f"task.model_kwargs must be a mapping, not {opts['model_kwargs']!r}")
     if not float(opts["backbone_lr_scale"]) > 0:
@@ -167,7 +166,7 @@ class _DenseTask(Task):
             for (s, decay), params in sorted(groups.items(), key=lambda kv: kv[0][0] != 1.0)  # heads first: logged lr
         ]
 
-    def _build_loaders(self) -> None:
+    def build_loaders(self) -> None:
         d, info = self.cfg.data, self.context.dist
         self.sampler = SeededSampler(
             len(self.train_indices), d.batch_size, self.cfg.train.seed, info.rank, info.world_size
@@ -197,7 +196,7 @@ class _DenseTask(Task):
         device = self.context.device
         images = [im.to(device, non_blocking=True) for im in images]
         losses = model(images, targets_to_device(targets, device))
-        return StepOutput(sum(losses.values()), len(images))
+        return StepOutput(sum(losses.values()), len(images), {k: v.detach() for k, v in losses.items()})
 
     def make_evaluator(self) -> Any:
         raise NotImplementedError
@@ -229,53 +228,28 @@ class _DenseTask(Task):
             "eval_args": json.dumps(self.eval_args()),
         }
 
-    def export(self, model: nn.Module, path: Path) -> Path:
-        """safetensors of the whole network plus the metadata that rebuilds it."""
-        from safetensors.torch import save_file
+    # export: the engine's default, safetensors of the whole network plus the metadata above that rebuilds it
 
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in unwrap_model(model).state_dict().items()}
-        meta = self.metadata(model)
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-
-    def describe(self) -> list[str]:
+    def summary(self) -> dict[str, Any]:
         d = self.cfg.data
-        return [
-            f"data {d.path}: {len(self.train_indices)} train / {len(self.val_indices)} val images, "
-            f"{len(self.classes)} classes; batch {d.batch_size} per process",
-            f"model {self.kind} on {self.cfg.model.name}: {self.params / 1e6:.2f} M parameters; backbone from "
-            f"{self._backbone_checkpoint() or 'random initialisation'}",
-        ]
+        return {
+            "data": {
+                "path": d.path,
+                "train images": len(self.train_indices),
+                "val images": len(self.val_indices),
+                "classes": len(self.classes),
+                "batch per process": d.batch_size,
+            },
+            "model": {
+                "task": self.kind,
+                "backbone": self.cfg.model.name,
+                "parameters": f"{self.params / 1e6:.2f} M",
+                "backbone weights": self._backbone_checkpoint() or "random initialisation",
+            },
+        }
 
 
 def load_dense_model(path: str | os.PathLike[str], kind: str, use_ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network a dense checkpoint (``model_best.safetensors``, ``last.pt``, ``best.pt``) describes.
-
-    Returns ``(model in eval mode, metadata)`` with ``build_args``/``class_names``/``eval_args`` decoded.
-    """
-    from rapidnet.models.checkpoint import strip_prefix, unwrap_state_dict
-
-    obj, meta = read_checkpoint(path)
-    if isinstance(obj, dict) and isinstance(obj.get("rapidnet"), dict):
-        meta = {**obj["rapidnet"], **meta}
-    if meta.get("task") != kind:
-        found = meta.get("task") or "no dense task"
-        raise CheckpointError(
-            f"{path} holds {found}, not {kind}: pass a checkpoint written by 'rapidnet {kind[:3]} train'"
-        )
-    try:
-        decoded = {k: json.loads(meta[k]) for k in ("build_args", "class_names", "eval_args")}
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} has incomplete dense metadata ({e}): re-export it") from None
-    if kind == "detection":
-        from rapidnet.models.mask_rcnn import mask_rcnn as builder
-    else:
-        from rapidnet.models.semantic_fpn import semantic_fpn as builder
-    model = builder(**decoded["build_args"])
-    state = strip_prefix(unwrap_state_dict(obj, use_ema=use_ema))
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{path} does not fit its own build_args: {len(result.missing_keys)} missing, "
-            f"{len(result.unexpected_keys)} unexpected keys: is the file damaged?"
-        )
-    return model.eval(), decoded
+    """``rapidnet.load(path, task=kind)``: the network a dense checkpoint (``model_best.safetensors``, ``last.pt``,
+    ``best.pt``) holds, in eval mode, and its metadata (``build_args``/``class_names``/``eval_args`` decoded)."""
+    return load(path, task=kind, use_ema=use_ema)

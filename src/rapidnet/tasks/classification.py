@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +38,9 @@ from rapidnet.engine.seeding import (
 )
 from rapidnet.engine.task import RunContext, StepOutput, Task
 from rapidnet.errors import CheckpointError, ConfigError, DataError
+from rapidnet.models import create_model, is_rapidnet, load, model_metadata, save_weights
+from rapidnet.models.checkpoint import load_timm_weights, read_weights
+from rapidnet.tasks._commands import check_task_name
 from rapidnet.utils import subset_indices
 
 __all__ = [
@@ -49,7 +52,6 @@ __all__ = [
     "create_classifier",
     "eval_data_config",
     "evaluate_classifier",
-    "load_classifier",
     "unreadable_image_error",
 ]
 
@@ -60,19 +62,14 @@ _TRANSFORM_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "cr
 # ---- models -------------------------------------------------------------------------------------------------------
 
 
-def _is_rapidnet(name: str) -> bool:
-    from rapidnet.models.rapidnet import VARIANTS
-
-    return name.split(".")[0] in VARIANTS
-
-
 def create_classifier(model_cfg: ModelConfig, num_classes: int, distillation: bool) -> nn.Module:
-    """A RapidNet variant (``rapidnet.create_model``) or any timm model, with ``num_classes`` outputs."""
-    import timm
+    """A RapidNet variant (``rapidnet.create_model``) or any timm model, with ``num_classes`` outputs.
 
-    if _is_rapidnet(model_cfg.name):
-        from rapidnet.models import create_model
-
+    ``model.checkpoint`` (fine-tuning) loads any file ``rapidnet.load`` reads: RapidNet weights through the variant's
+    timm loader, a timm model's through :func:`~rapidnet.models.checkpoint.load_timm_weights` (a classifier of
+    another class count starts afresh).
+    """
+    if is_rapidnet(model_cfg.name):
         return create_model(
             model_cfg.name,
             num_classes=num_classes,
@@ -101,88 +98,19 @@ def create_classifier(model_cfg: ModelConfig, num_classes: int, distillation: bo
             ) from None
         raise
     if model_cfg.checkpoint:
-        _load_timm_weights(model, model_cfg.checkpoint)
+        state_dict, _ = read_weights(model_cfg.checkpoint)
+        load_timm_weights(model, state_dict, model_cfg.checkpoint, model_cfg.name)
     return model
 
 
-def _load_timm_weights(model: nn.Module, path: str | os.PathLike[str], use_ema: bool = True) -> None:
-    from rapidnet.models.checkpoint import strip_prefix, unwrap_state_dict
-    from rapidnet.utils import read_checkpoint
-
-    obj, _ = read_checkpoint(path)
-    state_dict = strip_prefix(unwrap_state_dict(obj, use_ema=use_ema))
-    result = model.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        missing, unexpected = result.missing_keys, result.unexpected_keys
-        raise CheckpointError(
-            f"{path} does not fit {type(model).__name__}: {len(missing)} missing (e.g. {missing[:2]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}) keys: is it a checkpoint of this model?"
-        )
-
-
-def load_classifier(
-    path: str | os.PathLike[str], use_ema: bool = True, model_name: str | None = None
-) -> tuple[nn.Module, dict[str, str]]:
-    """Rebuild and load the classifier a checkpoint file describes; returns ``(model, metadata)``.
-
-    Reads the authors' files and everything this project writes (exported weights, ``last.pt``/``best.pt``). A
-    timm (non-RapidNet) model is rebuilt from the checkpoint's metadata, or from ``model_name``. The eval transform
-    stored in the metadata is overlaid on the model's ``pretrained_cfg``.
-    """
-    import timm
-
-    from rapidnet.models import load_model
-    from rapidnet.models.checkpoint import load_state_dict_file
-
-    state_dict, metadata = load_state_dict_file(path, use_ema=use_ema)
-    name = model_name or (metadata.get("arch") if metadata.get("format") == "timm" else None)
-    if name is not None and not _is_rapidnet(name):
-        num_classes = int(metadata.get("num_classes", 0)) or _classifier_rows(name, state_dict)
-        try:
-            model = timm.create_model(name, num_classes=num_classes)
-        except RuntimeError as e:
-            raise ConfigError(f"cannot build timm model {name!r} for {path} ({str(e).splitlines()[0]})") from None
-        _load_timm_weights(model, path, use_ema=use_ema)
-    else:
-        model = load_model(path, use_ema=use_ema)
-    if "pretrained_cfg" in metadata:
-        try:
-            overlay = json.loads(metadata["pretrained_cfg"])
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{path} has unreadable pretrained_cfg metadata: re-export it") from None
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **overlay}
-    return model.eval(), metadata
-
-
-def _classifier_rows(name: str, state_dict: dict[str, torch.Tensor]) -> int:
-    import timm
-
-    classifier = timm.create_model(name, num_classes=1).pretrained_cfg.get("classifier", "")
-    weight = state_dict.get(f"{classifier}.weight")
-    return int(weight.shape[0]) if weight is not None else 1000
-
-
 def build_teacher(distill: DistillConfig, num_classes: int) -> nn.Module:
-    """The frozen distillation teacher: a timm name + checkpoint file, or any checkpoint this project wrote."""
-    import timm
-
+    """The frozen distillation teacher: any classifier checkpoint ``rapidnet.load`` reads (with the timm name for a
+    file without metadata), or a timm name whose pretrained weights timm fetches."""
     name, ckpt = distill.teacher, distill.teacher_checkpoint
-    if ckpt is not None and (name is None or _is_rapidnet(name)):
-        teacher, _ = load_classifier(ckpt)
-    elif ckpt is not None:
-        from rapidnet.utils import read_checkpoint
-
-        obj, metadata = read_checkpoint(ckpt)
-        if isinstance(obj, dict) and isinstance(obj.get("rapidnet"), dict):
-            metadata = {**obj["rapidnet"], **metadata}
-        if metadata.get("format") in ("timm", "rapidnet"):
-            teacher, _ = load_classifier(ckpt, model_name=name)
-        else:
-            try:
-                teacher = timm.create_model(name, num_classes=num_classes)
-            except RuntimeError as e:
-                raise ConfigError(f"cannot build teacher {name!r} ({str(e).splitlines()[0]})") from None
-            _load_timm_weights(teacher, ckpt)
+    if ckpt is not None:
+        # a RapidNet file describes itself; a timm name is what a file without metadata holds
+        timm_name = name if name is not None and not is_rapidnet(name) else None
+        teacher, _ = load(ckpt, model=timm_name, task="classification")
     else:
         assert name is not None
         try:
@@ -220,8 +148,15 @@ class DistillationLoss(nn.Module):
         self.tau = tau
 
     def forward(self, inputs: torch.Tensor, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        return self.parts(inputs, outputs, targets)[0]
+
+    def parts(
+        self, inputs: torch.Tensor, outputs: Any, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and, for two heads, its unweighted terms: ``loss_cls`` (base loss of the class head) and
+        ``loss_distill`` (of the distillation head against the teacher); a single output has no terms."""
         if not isinstance(outputs, (tuple, list)):
-            return self.base(outputs.float(), targets)
+            return self.base(outputs.float(), targets), {}
         logits, logits_dist = (o.float() for o in outputs)
         base_loss = self.base(logits, targets)
         with torch.no_grad():
@@ -240,7 +175,8 @@ class DistillationLoss(nn.Module):
             )
         else:
             distill = F.cross_entropy(logits_dist, teacher_logits.argmax(dim=1))
-        return base_loss * (1 - self.alpha) + distill * self.alpha
+        total = base_loss * (1 - self.alpha) + distill * self.alpha
+        return total, {"loss_cls": base_loss.detach(), "loss_distill": distill.detach()}
 
 
 # ---- transforms and loaders ---------------------------------------------------------------------------------------
@@ -490,9 +426,11 @@ class ClassificationTask(Task):
 
     primary_metric = "top1"
     higher_is_better = True
+    metric_names = {"top1": "top-1", "top5": "top-5", "loss": "loss"}
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
+        check_task_name((cfg.task or {}).get("name", "classification"), "classification")
         self.skipped: set[str] = set()
         self.skip_events = 0
 
@@ -551,7 +489,6 @@ class ClassificationTask(Task):
             )
         else:
             self.loss_fn = DistillationLoss(self.criterion, nn.Identity(), "none", 0.0, 1.0)
-        self._build_loaders()
         return model
 
     def _build_loss(self) -> None:
@@ -576,7 +513,9 @@ class ClassificationTask(Task):
         else:
             self.criterion = nn.CrossEntropyLoss()
 
-    def _build_loaders(self) -> None:
+    def build_loaders(self) -> None:
+        """The training pipeline (tensor batches or a PIL DataLoader) and the validation loader, with the eval
+        transform ``build_model`` derived from the model."""
         cfg, ctx = self.cfg, self.context
         d, a, info = cfg.data, cfg.aug, ctx.dist
         pin = d.pin_memory and ctx.device.type == "cuda"
@@ -657,56 +596,72 @@ class ClassificationTask(Task):
                 return None
             x, y = self.mixup(x, y)
         outputs = model(x)
-        return StepOutput(self.loss_fn(x, outputs, y), len(x))
+        loss, parts = self.loss_fn.parts(x, outputs, y)
+        return StepOutput(loss, len(x), parts)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return evaluate_classifier(model, self.val_loader, self.context, on_corrupt=self._on_corrupt, desc="val")
 
     # ---- bookkeeping --------------------------------------------------------------------------------------------
 
-    def format_metrics(self, metrics: dict[str, float]) -> str:
-        return f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}"
-
-    def describe(self) -> list[str]:
+    def summary(self) -> dict[str, Any]:
         cfg = self.cfg
-        d, a = cfg.data, cfg.aug
+        d, a, dc = cfg.data, cfg.aug, cfg.distill
         size = self.data_config["input_size"][-1]
-        lines = [
-            f"data {d.path}: {len(self.train_indices)} train / {len(self.val_indices)} val images, "
-            f"{self.num_classes} classes; input {size}x{size}, batch {d.batch_size} per process, "
-            f"{d.pipeline} pipeline, {d.workers} workers",
-        ]
-        head = "distillation head" if self.model_distillation else "single head"
+        model: dict[str, Any] = {
+            "name": cfg.model.name,
+            "parameters": f"{self.params / 1e6:.2f} M",
+            "heads": "class + distillation" if self.model_distillation else "one",
+        }
         if self.use_distillation:
-            teacher = cfg.distill.teacher or cfg.distill.teacher_checkpoint
-            dc = cfg.distill
-            head += f", {dc.type} distillation from {teacher} (alpha {dc.alpha}, tau {dc.tau})"
-        lines.append(f"model {cfg.model.name}: {self.params / 1e6:.2f} M parameters, {head}")
+            model.update(
+                {
+                    "teacher": dc.teacher or dc.teacher_checkpoint,
+                    "distillation": dc.type,
+                    "alpha": dc.alpha,
+                    "tau": dc.tau,
+                }
+            )
+        aug: dict[str, Any] = {}
         if d.pipeline == "tensor":
-            aug = [f"random crop (pad {a.crop_padding})", f"flip {a.hflip}"]
+            aug.update({"crop padding": a.crop_padding, "flip": a.hflip})
             if a.zoom:
-                aug.append(f"zoom to {a.zoom[0]}-{a.zoom[1]} px")
+                aug["zoom"] = f"{a.zoom[0]}-{a.zoom[1]} px"
             if a.noise > 0:
-                aug.append(f"noise std up to {a.noise:g}")
+                aug["noise std up to"] = a.noise
             ignored = [k for k in ("auto_augment", "color_jitter") if getattr(a, k)]
             if ignored:
-                aug.append(f"({', '.join(ignored)} not applied by the tensor pipeline)")
+                aug["not applied by the tensor pipeline"] = ignored
         else:
-            aug = [
-                f"RandAugment {a.auto_augment}" if a.auto_augment else "no RandAugment",
-                f"colour jitter {a.color_jitter}",
-                f"{a.train_interpolation} interpolation",
-            ]
+            aug.update(
+                {
+                    "RandAugment": a.auto_augment or "none",
+                    "colour jitter": a.color_jitter,
+                    "interpolation": a.train_interpolation,
+                }
+            )
         if a.re_prob > 0:
-            aug.append(f"erasing {a.re_prob} ({a.re_mode})")
+            aug["erasing"] = f"{a.re_prob:g} ({a.re_mode})"
         if self.mixup_active:
-            aug.append(f"mixup {a.mixup} / cutmix {a.cutmix} (switch {a.mixup_switch_prob})")
+            aug.update({"mixup": a.mixup, "cutmix": a.cutmix, "mixup/cutmix switch": a.mixup_switch_prob})
         if a.smoothing > 0:
-            aug.append(f"label smoothing {a.smoothing}")
+            aug["label smoothing"] = a.smoothing
         if self.sampler.repeats > 1:
-            aug.append(f"repeated augmentation x{self.sampler.repeats}")
-        lines.append("augmentation: " + ", ".join(aug))
-        return lines
+            aug["repeated augmentation"] = self.sampler.repeats
+        return {
+            "data": {
+                "path": d.path,
+                "train images": len(self.train_indices),
+                "val images": len(self.val_indices),
+                "classes": self.num_classes,
+                "input": f"{size}x{size}",
+                "batch per process": d.batch_size,
+                "pipeline": d.pipeline,
+                "workers": d.workers,
+            },
+            "model": model,
+            "augmentation": aug,
+        }
 
     def state(self) -> dict[str, Any]:
         return {"classes": list(self.classes), "train_images": len(self.train_indices)}
@@ -726,23 +681,13 @@ class ClassificationTask(Task):
                 {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
             ),
         }
-        if _is_rapidnet(self.cfg.model.name):
-            from rapidnet.models.checkpoint import model_metadata
-
-            return {**model_metadata(model), **meta}
-        return {"format": "timm", "arch": self.cfg.model.name, "num_classes": str(self.num_classes), **meta}
+        return {**model_metadata(model), **meta}  # RapidNet: its architecture; a timm model: its name
 
     def export(self, model: nn.Module, path: Path) -> Path:
         """RapidNet: ``save_weights`` (safetensors + architecture); other timm models: safetensors + name."""
-        if _is_rapidnet(self.cfg.model.name):
-            return super().export(model, path)
-        from safetensors.torch import save_file
-
-        from rapidnet.utils import atomic_write
-
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-        meta = self.metadata(model)
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        if is_rapidnet(self.cfg.model.name):
+            return save_weights(model, path, self.metadata(model))
+        return super().export(model, path)
 
     def epoch_stats(self) -> dict[str, Any]:
         return {"skipped_images": len(self.skipped)} if self.cfg.data.skip_corrupt else {}

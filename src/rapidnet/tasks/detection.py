@@ -37,6 +37,7 @@ class DetectionTask(_DenseTask):
     defaults = DETECTION_DEFAULTS
     primary_metric = "bbox_AP"
     higher_is_better = True
+    metric_names = {"bbox_AP": "box AP", "segm_AP": "mask AP", "bbox_AP50": "box AP50"}
 
     def _open_data(self) -> tuple[Any, Any]:
         from rapidnet.data.coco import CocoInstances
@@ -72,7 +73,6 @@ class DetectionTask(_DenseTask):
         )
         self.build_args = dict(model.build_args)
         self.params = sum(p.numel() for p in model.parameters())
-        self._build_loaders()
         return model
 
     def make_evaluator(self) -> Any:
@@ -82,6 +82,3 @@ class DetectionTask(_DenseTask):
 
     def eval_args(self) -> dict[str, Any]:
         return {"val_split": self.val_split}
-
-    def format_metrics(self, metrics: dict[str, float]) -> str:
-        return f"box AP {metrics['bbox_AP']:.2f}  mask AP {metrics['segm_AP']:.2f}  box AP50 {metrics['bbox_AP50']:.2f}"

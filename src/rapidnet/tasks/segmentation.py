@@ -38,6 +38,7 @@ class SegmentationTask(_DenseTask):
     defaults = SEGMENTATION_DEFAULTS
     primary_metric = "mIoU"
     higher_is_better = True
+    metric_names = {"mIoU": "mIoU", "mAcc": "mAcc", "aAcc": "aAcc"}
 
     def _open_data(self) -> tuple[Any, Any]:
         from rapidnet.data.ade20k import ADE20KSegmentation
@@ -78,7 +79,6 @@ class SegmentationTask(_DenseTask):
         )
         self.build_args = dict(model.build_args)
         self.params = sum(p.numel() for p in model.parameters())
-        self._build_loaders()
         return model
 
     def make_evaluator(self) -> Any:
@@ -92,6 +92,3 @@ class SegmentationTask(_DenseTask):
     def eval_args(self) -> dict[str, Any]:
         scale = self._test_scale()
         return {"num_classes": len(self.classes), "reduce_zero_label": self.reduce_zero_label, "scale": scale}
-
-    def format_metrics(self, metrics: dict[str, float]) -> str:
-        return f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}"

@@ -1,0 +1,260 @@
+"""Hooks into ``Trainer.fit`` and the engine's built-in ones: EMA, BN-statistics averaging, best checkpoint, export
+of the best weights, TensorBoard.
+
+A :class:`Callback` overrides any of its hooks (each receives the :class:`~rapidnet.engine.trainer.Trainer`, whose
+``cfg``, ``task``, ``info``, ``model``, ``optimizer``, ``epoch``, ``step``, ``updates``, ``output`` and ``weights``
+it may read). The trainer calls every callback's hook in list order (the defaults of :func:`default_callbacks`
+first, then the ones given to ``Trainer(callbacks=...)``), at these points:
+
+========================  ==========================================================================================
+``setup``                 model, optimizer, schedule and scaler built, before a checkpoint is restored (every run)
+``on_load_checkpoint``    resuming: read back what ``on_save_checkpoint`` added to the state (after the model's)
+``on_fit_start``          everything built and restored, before the first step
+``on_train_epoch_start``  before the (rest of the) epoch's steps
+``on_optimizer_step``     after each optimizer update (``trainer.updates`` counts them)
+``on_train_step_end``     after each step, with its ``steps.jsonl`` record on logged steps (else None)
+``on_train_epoch_end``    the epoch's steps done and the schedule stepped, before evaluation
+``on_evaluate``           after the model's evaluation (evaluated epochs only), with ``results``: weights name ->
+                          metrics; a callback may add its own weights' results (``"ema"``) or read them
+``on_save_checkpoint``    building the ``last.pt`` state (epoch ends and interruptions): add keys to ``state``
+``on_epoch_end``          ``last.pt`` written; the epoch's ``log.jsonl`` record, which is logged next
+``on_fit_end``            after the last epoch or an interruption, with the :class:`FitResult`
+``teardown``              always last, also when ``fit`` raises (close files)
+========================  ==========================================================================================
+
+The built-in callbacks keep the checkpoint layout readers expect: EMA weights under ``model_ema``, the best result
+under ``best``. Modelled on Lightning's callbacks and mmengine's hooks, with only the hooks this engine needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rapidnet.engine.checkpoint import copy_checkpoint
+from rapidnet.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from rapidnet.engine.trainer import FitResult, Trainer
+
+__all__ = [
+    "BEST",
+    "BEST_WEIGHTS",
+    "BatchNormAveraging",
+    "BestCheckpoint",
+    "Callback",
+    "ExportBest",
+    "ModelEma",
+    "TensorBoard",
+    "default_callbacks",
+    "tensorboard_available",
+]
+
+BEST = "best.pt"
+BEST_WEIGHTS = "model_best.safetensors"
+
+
+class Callback:
+    """Base class: every hook does nothing; see the module docstring for when each is called."""
+
+    def setup(self, trainer: Trainer) -> None:
+        pass
+
+    def on_load_checkpoint(self, trainer: Trainer, state: dict[str, Any]) -> None:
+        pass
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_train_epoch_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_optimizer_step(self, trainer: Trainer) -> None:
+        pass
+
+    def on_train_step_end(self, trainer: Trainer, record: dict[str, Any] | None) -> None:
+        pass
+
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        pass
+
+    def on_evaluate(self, trainer: Trainer, results: dict[str, dict[str, float]]) -> None:
+        pass
+
+    def on_save_checkpoint(self, trainer: Trainer, state: dict[str, Any]) -> None:
+        pass
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        pass
+
+    def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
+        pass
+
+    def teardown(self, trainer: Trainer) -> None:
+        pass
+
+
+class ModelEma(Callback):
+    """timm's ``ModelEmaV3`` of the model, updated after every optimizer update, saved as ``model_ema``.
+
+    With ``evaluate`` its weights are evaluated after the model's, as ``results["ema"]`` (logged ``ema_val_*``), and
+    can be chosen as the best weights.
+    """
+
+    name = "ema"
+
+    def __init__(self, decay: float, warmup: bool = False, evaluate: bool = True) -> None:
+        self.decay, self.warmup, self.evaluate = decay, warmup, evaluate
+        self.ema: Any = None
+
+    def setup(self, trainer: Trainer) -> None:
+        from timm.utils import ModelEmaV3
+
+        self.ema = ModelEmaV3(trainer.model, decay=self.decay, use_warmup=self.warmup)
+        trainer.weights[self.name] = self.ema.module
+
+    def on_load_checkpoint(self, trainer: Trainer, state: dict[str, Any]) -> None:
+        try:
+            self.ema.module.load_state_dict(state.get("model_ema") or state["model"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise CheckpointError(
+                f"{trainer.resume} does not fit this model/optimizer ({first}): resume with the config it was "
+                "trained with"
+            ) from None
+
+    def on_optimizer_step(self, trainer: Trainer) -> None:
+        self.ema.update(trainer.model, step=trainer.updates)
+
+    def on_evaluate(self, trainer: Trainer, results: dict[str, dict[str, float]]) -> None:
+        if self.evaluate:
+            results[self.name] = trainer.task.evaluate(self.ema.module)
+
+    def on_save_checkpoint(self, trainer: Trainer, state: dict[str, Any]) -> None:
+        state["model_ema"] = self.ema.module.state_dict()
+
+
+class BatchNormAveraging(Callback):
+    """Under DDP without SyncBN each process's BN statistics drift apart: average them (timm's ``distribute_bn``)
+    over processes at every epoch end, for every set of weights, so that all processes evaluate, and rank 0 saves,
+    the same model. Nothing on one process."""
+
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        if not trainer.info.distributed:
+            return
+        from timm.utils import distribute_bn
+
+        for module in trainer.weights.values():
+            distribute_bn(module, trainer.info.world_size, reduce=True)
+
+
+class BestCheckpoint(Callback):
+    """Chooses the best epoch by ``metric`` over every evaluated set of weights and copies its ``last.pt`` to
+    ``best.pt``; the choice (``{"metric", "value", "epoch", "source"}``) is saved under ``best``."""
+
+    def __init__(self, metric: str, higher_is_better: bool = True, filename: str = BEST) -> None:
+        self.metric = metric
+        self.better: Callable[[float, float], bool] = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
+        self.filename = filename
+        self.best: dict[str, Any] | None = None
+        self.improved = False  # this epoch gave a new best
+
+    def on_load_checkpoint(self, trainer: Trainer, state: dict[str, Any]) -> None:
+        self.best = state.get("best")
+
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        self.improved = False
+
+    def on_evaluate(self, trainer: Trainer, results: dict[str, dict[str, float]]) -> None:
+        score, source = float("nan"), "model"
+        for i, (name, metrics) in enumerate(results.items()):
+            value = metrics.get(self.metric, float("nan"))
+            if i == 0 or self.better(value, score):
+                score, source = value, name
+        if math.isfinite(score) and (self.best is None or self.better(score, self.best["value"])):
+            self.best = {"metric": self.metric, "value": float(score), "epoch": trainer.epoch + 1, "source": source}
+            self.improved = True
+
+    def on_save_checkpoint(self, trainer: Trainer, state: dict[str, Any]) -> None:
+        state["best"] = self.best
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if self.improved and trainer.info.is_main:
+            copy_checkpoint(trainer.last_path, trainer.output / self.filename)
+
+
+class ExportBest(Callback):
+    """Writes the best weights users deploy (``Task.export``) whenever ``selector`` finds a new best epoch."""
+
+    def __init__(self, selector: BestCheckpoint, filename: str = BEST_WEIGHTS) -> None:
+        self.selector = selector
+        self.filename = filename
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        best = self.selector.best
+        if self.selector.improved and best is not None and trainer.info.is_main:
+            trainer.task.export(trainer.weights.get(best["source"], trainer.model), trainer.output / self.filename)
+
+
+def tensorboard_available() -> bool:
+    """True when ``torch.utils.tensorboard`` can write event files (the ``tensorboard`` package is installed)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class TensorBoard(Callback):
+    """Event files under ``RUN/tensorboard`` (rank 0): every logged step's losses, lr and speed as ``train/*``,
+    every epoch's numbers (losses, validation metrics, lr, times) as ``epoch/*``, all against the optimizer update.
+
+    A resumed run drops the events after its resume point (``purge_step``), as it drops those lines of the logs.
+    """
+
+    def __init__(self, folder: str = "tensorboard") -> None:
+        self.folder = folder
+        self.writer: Any = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if not trainer.info.is_main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = trainer.updates + 1 if trainer.resume is not None else None
+        self.writer = SummaryWriter(log_dir=str(Path(trainer.output) / self.folder), purge_step=purge)
+
+    def _scalars(self, prefix: str, record: dict[str, Any], step: int, skip: tuple[str, ...]) -> None:
+        for key, value in record.items():
+            if key in skip or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if math.isfinite(value):
+                self.writer.add_scalar(f"{prefix}/{key}", value, global_step=step)
+
+    def on_train_step_end(self, trainer: Trainer, record: dict[str, Any] | None) -> None:
+        if self.writer is not None and record is not None:
+            self._scalars("train", record, int(record["update"]), ("epoch", "step", "update"))
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self._scalars("epoch", record, int(record["step"]), ("step",))
+            self.writer.flush()
+
+    def teardown(self, trainer: Trainer) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def default_callbacks(trainer: Trainer) -> list[Callback]:
+    """What ``cfg`` asks for: BN averaging (acts under DDP), EMA (``ema.enabled``), best checkpoint and export of the
+    best weights (by the task's ``primary_metric``), TensorBoard (when installed)."""
+    cfg, task = trainer.cfg, trainer.task
+    callbacks: list[Callback] = [BatchNormAveraging()]
+    if cfg.ema.enabled:
+        callbacks.append(ModelEma(cfg.ema.decay, cfg.ema.warmup, cfg.ema.evaluate))
+    selector = BestCheckpoint(task.primary_metric, task.higher_is_better)
+    callbacks += [selector, ExportBest(selector)]
+    if tensorboard_available():
+        callbacks.append(TensorBoard())
+    return callbacks

@@ -1,0 +1,26 @@
+"""Which command trains which task: a config for another task is refused in one line naming the right command."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rapidnet.errors import ConfigError
+
+__all__ = ["TRAIN_COMMANDS", "check_task_name"]
+
+#: ``task.name`` -> the command that trains it
+TRAIN_COMMANDS = {
+    "classification": "rapidnet train",
+    "detection": "rapidnet det train",
+    "segmentation": "rapidnet seg train",
+}
+
+
+def check_task_name(name: Any, expected: str) -> None:
+    """Raise a one-line :class:`ConfigError` unless ``name`` (a config's ``task.name``) is ``expected``."""
+    if name == expected:
+        return
+    if name in TRAIN_COMMANDS:
+        raise ConfigError(f"the config is for task {name!r}, not {expected}: train it with '{TRAIN_COMMANDS[name]}'")
+    known = ", ".join(TRAIN_COMMANDS)
+    raise ConfigError(f"task.name {name!r} is not a task: use one of {known} (with its own command)")
