@@ -347,3 +347,32 @@ def test_public_dense_entry_points():
     from rapidnet.models import mask_rcnn, semantic_fpn
 
     assert callable(mask_rcnn) and callable(semantic_fpn)
+
+
+def _drop_rates(module: torch.nn.Module) -> list[float]:
+    from timm.layers import DropPath
+
+    return [m.drop_prob for m in module.modules() if isinstance(m, DropPath)]
+
+
+def test_one_stochastic_depth_default_for_every_entry_point():
+    """``rapidnet.create_model``, ``timm.create_model``, the config and the dense builders share one rate (0.1), the
+    dense builders pass it to a timm peer backbone too, and an explicit rate reaches every one of them."""
+    import timm
+
+    from rapidnet.config import ModelConfig
+    from rapidnet.models import mask_rcnn, semantic_fpn
+    from rapidnet.models.rapidnet import DEFAULT_DROP_PATH_RATE
+
+    assert ModelConfig().drop_path_rate == DEFAULT_DROP_PATH_RATE == 0.1
+    for model in (rapidnet.create_model("rapidnet_ti"), timm.create_model("rapidnet_ti")):
+        assert max(_drop_rates(model)) == pytest.approx(DEFAULT_DROP_PATH_RATE)
+    assert not _drop_rates(timm.create_model("rapidnet_ti", drop_path_rate=0.0))
+    seg = semantic_fpn(backbone="rapidnet_ti", num_classes=3, fpn_channels=16, head_channels=16)
+    assert max(_drop_rates(seg.backbone.body)) == pytest.approx(0.1) and seg.build_args["drop_path_rate"] == 0.1
+    det = mask_rcnn(backbone="rapidnet_ti", num_classes=2, fpn_channels=16, drop_path_rate=0.2)
+    assert max(_drop_rates(det.backbone.body)) == pytest.approx(0.2) and det.build_args["drop_path_rate"] == 0.2
+    peer = semantic_fpn(backbone="mobilenetv2_050", num_classes=3, fpn_channels=16, head_channels=16)
+    assert 0.09 < max(_drop_rates(peer.backbone.body)) <= 0.1  # timm's rule over its blocks, none kept at 0
+    plain = semantic_fpn(backbone="mobilenetv2_050", num_classes=3, fpn_channels=16, head_channels=16, drop_path_rate=0)
+    assert not [p for p in _drop_rates(plain.backbone.body) if p > 0]

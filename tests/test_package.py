@@ -1,6 +1,8 @@
 """The package's shape: the layering that docs/architecture.md draws, and the entry points a user types first."""
 
 import ast
+import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +85,36 @@ def test_configs_carry_no_machine_logs():
         comments = "\n".join(line for line in path.read_text().splitlines() if line.lstrip().startswith("#"))
         for stale in ("minutes each", "Intel machine", "AMD machine", "img/s", "images/s", "x faster"):
             assert stale not in comments, f"{path.name} mentions {stale!r}: move it to docs/results.md"
+
+
+_DOTTED = re.compile(r"\brapidnet(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+_FILE = re.compile(r"\b((?:docs|configs|benchmarks|tests|scripts|src/rapidnet)/[\w./-]+\.(?:md|yaml|py|sh))\b")
+
+
+def _resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def test_docs_and_docstrings_cite_what_exists():
+    """Every ``rapidnet.x.y`` and every repository path named in the docs, the README and the sources exists."""
+    root = SRC.parents[1]
+    texts = [*SRC.rglob("*.py"), *(root / "docs").glob("*.md"), root / "README.md", *(root / "configs").glob("*")]
+    missing = set()
+    for path in texts:
+        text = path.read_text()
+        for ref in _DOTTED.findall(text):
+            if not ref.endswith((".py", ".md", ".yaml")) and not _resolves(ref):
+                missing.add(f"{path.name}: {ref}")
+        missing |= {f"{path.name}: {f}" for f in _FILE.findall(text) if not (root / f).exists()}
+    assert not missing, sorted(missing)

@@ -52,7 +52,7 @@ class ModelConfig:
     name: str = "rapidnet_ti"
     num_classes: int | None = None
     distillation: bool | None = None
-    drop_path_rate: float = 0.1
+    drop_path_rate: float = 0.1  # the one default (rapidnet.models.rapidnet.DEFAULT_DROP_PATH_RATE), every backbone
     drop_rate: float = 0.0
     checkpoint: str | None = None  # initial weights (fine-tuning): any checkpoint rapidnet.load_model reads
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments (depths, widths, head_dim)

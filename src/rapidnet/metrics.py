@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+from pycocotools.cocoeval import COCOeval
 
 from rapidnet.errors import DataError
 
@@ -112,7 +114,6 @@ class CocoEvaluator:
     @torch.no_grad()
     def update(self, predictions: Sequence[Mapping[str, torch.Tensor]], targets: Sequence[Mapping[str, Any]]) -> None:
         """Add one batch of predictions (one dict per image) with their targets (for ``image_id``)."""
-        from pycocotools import mask as mask_utils
 
         for pred, target in zip(predictions, targets, strict=True):
             image_id = _to_int(target["image_id"])
@@ -164,7 +165,6 @@ class CocoEvaluator:
         self._synced = True
 
     def _evaluate(self, iou_type: str, image_ids: list[int]) -> Any:
-        from pycocotools.cocoeval import COCOeval
 
         dets = [dict(r) for image_id in image_ids for r in self._results[image_id][iou_type]]
         if not dets:

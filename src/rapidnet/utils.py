@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from rapidnet.errors import CheckpointError, ConfigError
@@ -59,7 +60,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -16,6 +16,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from rapidnet.utils import atomic_write
+
 __all__ = ["class_colors", "draw_instances", "draw_semantic", "save_png", "to_uint8_image"]
 
 
@@ -188,6 +190,5 @@ def _with_legend(image: Image.Image, entries: list[tuple[str, tuple[int, ...]]])
 
 def save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:
     """Write ``image`` as PNG atomically (a crash never leaves a broken file), creating folders as needed."""
-    from rapidnet.utils import atomic_write
 
     return atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))

@@ -11,12 +11,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
+from rapidnet.cli.train import add_train_options, load_run_config, run_training
 from rapidnet.data.ade20k import SegEvalTransform
 from rapidnet.engine.distributed import resolve_device
 from rapidnet.errors import ConfigError, DataError
 from rapidnet.metrics import CocoEvaluator, SegmentationMetrics
 from rapidnet.models import load
+from rapidnet.tasks import TASKS
 from rapidnet.tasks import _dense as dense_tasks  # called through the module: tests patch its functions
 from rapidnet.utils import subset_indices
 from rapidnet.visualize import draw_instances, draw_semantic, save_png
@@ -27,7 +31,6 @@ _NAMES = {"detection": ("det", "Mask R-CNN", "a COCO-format folder (annotations/
 
 def add_dense_parser(sub: argparse._SubParsersAction, kind: str, doc: str) -> argparse.ArgumentParser:
     """``rapidnet det|seg`` with its ``train``/``eval``/``predict`` actions."""
-    from rapidnet.cli.train import add_train_options
 
     command, model_name, data_text = _NAMES[kind]
     p = sub.add_parser(command, help=f"{model_name} {kind}: train, eval, predict", description=doc)
@@ -75,9 +78,6 @@ def run_dense(args: argparse.Namespace, kind: str) -> int:
 
 
 def _train(args: argparse.Namespace, kind: str) -> int:
-    from rapidnet.cli.train import load_run_config, run_training
-    from rapidnet.errors import ConfigError
-    from rapidnet.tasks import TASKS
 
     if args.config is None and args.resume is None:
         raise ConfigError(f"give --config (e.g. configs/mosaic_*_rapidnet_ti.yaml) or --resume for a {kind} run")
@@ -126,10 +126,6 @@ def _load(path: str, kind: str, device: torch.device, use_ema: bool = True) -> t
 
 
 def _read_image(path: str) -> torch.Tensor:
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as TF
-
-    from rapidnet.errors import DataError
 
     try:
         with Image.open(path) as img:

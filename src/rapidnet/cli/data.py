@@ -7,11 +7,12 @@ Writes COCO instances (``train/``, ``val/``, ``annotations/instances_{train,val}
 from __future__ import annotations
 
 import argparse
+import sys
+
+from rapidnet.data.mosaic import DEFAULT_MOSAIC_STYLE, MOSAIC_STYLES, build_mosaic
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from rapidnet.data.mosaic import DEFAULT_MOSAIC_STYLE, MOSAIC_STYLES
-
     p = sub.add_parser("data", help="build data sets (the Fashion-MNIST mosaic for detection/segmentation)",
                        description=__doc__)  # fmt: skip
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -33,9 +34,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from rapidnet.data.mosaic import build_mosaic
 
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     out = build_mosaic(

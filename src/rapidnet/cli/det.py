@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 
+from rapidnet.cli._dense import add_dense_parser, run_dense
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from rapidnet.cli._dense import add_dense_parser
 
     return add_dense_parser(sub, "detection", __doc__ or "")
 
 
 def run(args: argparse.Namespace) -> int:
-    from rapidnet.cli._dense import run_dense
 
     return run_dense(args, "detection")

@@ -10,6 +10,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from rapidnet.engine.runlog import read_jsonl
+from rapidnet.errors import DataError
+from rapidnet.utils import atomic_write
+
 #: validation metrics drawn in the second panel, when the log has them: classification, then the dense tasks
 _METRICS = (
     ("val_top1", "val top-1"),
@@ -63,10 +67,6 @@ def plot_run(log_path: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rapidnet.engine.runlog import read_jsonl
-    from rapidnet.errors import DataError
-    from rapidnet.utils import atomic_write
-
     records = [r for r in read_jsonl(log_path) if "epoch" in r]
     if not records:
         raise DataError(f"{log_path} has no epoch records yet: plot after the first epoch has finished")
@@ -109,7 +109,6 @@ def plot_run(log_path: Path, out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rapidnet.errors import DataError
 
     path = Path(args.run)
     log_path = path / "log.jsonl" if path.is_dir() else path

@@ -14,6 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rapidnet.config import load_config
+from rapidnet.engine import Trainer
+from rapidnet.engine.checkpoint import load_training_state
+from rapidnet.tasks.classification import ClassificationTask
+
 #: command-line flag (argparse dest) -> config key
 FLAG_KEYS: dict[str, str] = {
     "model": "model.name",
@@ -134,15 +139,12 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rapidnet.tasks.classification import ClassificationTask
 
     return run_training(args, ClassificationTask)
 
 
 def load_run_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Any:
     """The run's config: ``--config`` (or, resuming without one, the checkpoint's), then flags and ``--set``."""
-    from rapidnet.config import load_config
-    from rapidnet.engine.checkpoint import load_training_state
 
     values = {**(extra or {}), **flag_values(args)}
     base = None
@@ -155,7 +157,6 @@ def load_run_config(args: argparse.Namespace, extra: dict[str, Any] | None = Non
 
 def run_training(args: argparse.Namespace, task_factory: Callable[[Any], Any], cfg: Any = None) -> int:
     """Train ``task_factory(cfg)`` with the engine (``cfg`` default: :func:`load_run_config`); the exit status."""
-    from rapidnet.engine import Trainer
 
     cfg = cfg if cfg is not None else load_run_config(args)
     result = Trainer(task_factory(cfg), cfg, resume=args.resume, progress=args.progress).fit()

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -57,7 +58,6 @@ def detection_transforms(train: bool, hflip: float = 0.5, photometric: bool = Fa
 
 
 def _load_coco(ann_file: Path) -> Any:
-    from pycocotools.coco import COCO
 
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines

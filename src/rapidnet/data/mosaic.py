@@ -42,7 +42,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
+from tqdm.auto import tqdm
 
+from rapidnet.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 from rapidnet.errors import ConfigError
 
 __all__ = [
@@ -214,7 +217,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _coco_annotations(scene: Scene, image_id: int, first_ann_id: int) -> list[dict[str, Any]]:
-    from pycocotools import mask as mask_utils
 
     anns = []
     for k, (mask, cls) in enumerate(zip(scene.masks, scene.classes, strict=True)):
@@ -267,9 +269,6 @@ def build_mosaic(
     The set is assembled in a temporary sibling folder and renamed into place at the end, so an interrupted build
     never leaves a half-written data set under ``out_dir``. An existing mosaic is only replaced with ``overwrite``.
     """
-    from tqdm.auto import tqdm
-
-    from rapidnet.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 
     size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
     cfg = MosaicConfig(size, min_objects, max_objects, min_scale, max_scale, mask_threshold, max_occlusion, style=style)  # type: ignore[arg-type]

@@ -11,7 +11,10 @@ fraction of this machine's measured fp32 matmul peak.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import os
+import platform
 import statistics
 import tempfile
 import time
@@ -24,8 +27,11 @@ import numpy as np
 import timm
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from rapidnet.deploy import cpu
+from rapidnet.deploy.export import export_onnx, ort_session
+from rapidnet.deploy.quantize import quantize_onnx
 from rapidnet.errors import ConfigError
 from rapidnet.models import RapidNet, create_model, is_rapidnet, reparameterize
 from rapidnet.models.complexity import count_gmacs, count_params
@@ -146,13 +152,10 @@ def _cuda_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
 
 
 def _ort_runner(model: nn.Module, x: torch.Tensor, threads: int, workdir: Path, int8: bool) -> Callable[[], Any]:
-    from rapidnet.deploy.export import export_onnx, ort_session
 
     path = workdir / f"{id(model)}_{x.shape[0]}.onnx"
     export_onnx(model, path, resolution=tuple(x.shape[-2:]), batch_size=x.shape[0])
     if int8:
-        from rapidnet.deploy.quantize import quantize_onnx
-
         calibration = [np.random.default_rng(i).standard_normal(tuple(x.shape)).astype(np.float32) for i in range(4)]
         path = quantize_onnx(path, workdir / f"{path.stem}_int8.onnx", calibration)
     # no spin-waiting: idle onnxruntime workers would otherwise steal the cores of the next (interleaved) contestant
@@ -196,7 +199,6 @@ def run_benchmark(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Time every (model, backend, batch) in interleaved rounds; returns a JSON-ready report."""
-    from tqdm import tqdm
 
     hw = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
     if min(hw) < 32:
@@ -244,7 +246,6 @@ def run_benchmark(
 def _copy_for(backend: str, model: nn.Module) -> nn.Module:
     """The model each backend runs: the eager CPU backends get RapidNet's eager-CPU form (a copy), the others the
     plain folded model; backends that convert a model in place (channels_last, CUDA) get their own copy."""
-    import copy
 
     if backend in ("torch", "torch-cl") and any(isinstance(m, RapidNet) for m in model.modules()):
         return cpu.optimize(model)
@@ -252,8 +253,6 @@ def _copy_for(backend: str, model: nn.Module) -> nn.Module:
 
 
 def _machine_info(threads: int, peak: float) -> dict[str, Any]:
-    import os
-    import platform
 
     info = {
         "cpu": platform.processor() or platform.machine(),

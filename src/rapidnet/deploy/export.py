@@ -13,6 +13,7 @@ can feed an exported model correctly without the original checkpoint.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import logging
@@ -27,9 +28,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
 from torch import nn
 
+from rapidnet.deploy.cpu import deoptimize_
 from rapidnet.errors import CheckpointError, ConfigError
+from rapidnet.models import reparameterize
 from rapidnet.models.checkpoint import is_features_model, model_metadata
 
 FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage"}
@@ -107,7 +112,6 @@ def output_names(model: nn.Module) -> list[str]:
 
 def preprocess_config(model: nn.Module, resolution: Sequence[int] | None = None) -> dict[str, Any]:
     """The eval preprocessing of ``model`` (timm's data config), at ``resolution`` when given."""
-    from timm.data import resolve_data_config
 
     cfg = dict(resolve_data_config(model=model))
     cfg = {k: cfg[k] for k in _PREPROCESS_KEYS if k in cfg}
@@ -119,14 +123,12 @@ def preprocess_config(model: nn.Module, resolution: Sequence[int] | None = None)
 
 def eval_transform(config: Mapping[str, Any]) -> Any:
     """timm's eval transform (resize, centre crop, normalise) for a :func:`preprocess_config` dict."""
-    from timm.data import create_transform
 
     return create_transform(**{k: config[k] for k in _PREPROCESS_KEYS if k in config}, is_training=False)
 
 
 def sample_inputs(config: Mapping[str, Any], batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
     """Two check inputs: seeded Gaussian noise of ``batch`` images, and the bundled photo through the eval transform."""
-    from PIL import Image
 
     _, h, w = config["input_size"]
     noise = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
@@ -140,8 +142,6 @@ def prepare_model(model: nn.Module) -> nn.Module:
     The original stays trainable and untouched. A model that went through :func:`rapidnet.deploy.cpu.optimize` is
     turned back into the plain form too: exports never carry the eager-CPU modules or channels_last weights.
     """
-    from rapidnet.deploy.cpu import deoptimize_
-    from rapidnet.models import reparameterize
 
     return deoptimize_(reparameterize(model)).float().cpu().eval()
 
@@ -206,7 +206,6 @@ def quiet_logs(
 
 def require(module: str, purpose: str) -> None:
     """A one-line ConfigError naming the install command when an optional deploy dependency is missing."""
-    import importlib.util
 
     if importlib.util.find_spec(module) is None:
         raise ConfigError(f"{purpose} needs the {module} package: pip install 'rapidnet[deploy]'")

@@ -17,7 +17,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,14 +26,26 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
+from rapidnet.data import (
+    FASHION_MNIST_NAME,
+    IMG_EXTENSIONS,
+    CorruptSample,
+    build_dataset,
+    is_fashion_mnist_folder,
+    load_rgb,
+)
 from rapidnet.deploy.export import (
+    _replace_into,
     check_resolution,
     check_writable,
     eval_transform,
     export_onnx,
+    is_features_model,
     ort_session,
     preprocess_config,
+    quiet_logs,
     read_metadata,
+    require,
 )
 from rapidnet.errors import CheckpointError, ConfigError, DataError
 from rapidnet.utils import atomic_write, subset_indices
@@ -59,7 +71,6 @@ class ImageFiles(Dataset):
     """Every image under a folder (recursively), unlabelled: enough for calibration, which needs no labels."""
 
     def __init__(self, root: str | os.PathLike, transform: Any = None) -> None:
-        from rapidnet.data import IMG_EXTENSIONS
 
         self.root = Path(root)
         self.files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
@@ -75,7 +86,6 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        from rapidnet.data import load_rgb
 
         path = self.files[index]
         try:
@@ -87,7 +97,6 @@ class ImageFiles(Dataset):
 
 def is_labelled_dataset(data: str | os.PathLike) -> bool:
     """Whether ``data`` names a data set with splits and labels (Fashion-MNIST, its IDX folder, an ImageFolder root)."""
-    from rapidnet.data import FASHION_MNIST_NAME, is_fashion_mnist_folder
 
     if str(data) == FASHION_MNIST_NAME:
         return True
@@ -97,7 +106,6 @@ def is_labelled_dataset(data: str | os.PathLike) -> bool:
 
 def calibration_dataset(data: str | os.PathLike, transform: Any = None) -> Dataset:
     """Calibration images: the train split of a labelled data set, or every image in a plain folder."""
-    from rapidnet.data import build_dataset
 
     if is_labelled_dataset(data):
         path = Path(data)
@@ -118,7 +126,6 @@ def numpy_batches(
 
     Unreadable images in ImageFolder data sets (``CorruptSample``) are skipped with a warning, like training does.
     """
-    from rapidnet.data import CorruptSample
 
     images: list[np.ndarray] = []
     labels: list[int] = []
@@ -199,7 +206,6 @@ def quantize_onnx(
     ``reader`` is a ``CalibrationDataReader`` (e.g. :class:`ImageCalibrationReader`) or a sequence of input
     batches. ``op_types=None`` quantizes every op onnxruntime can; the default keeps GELU and residual adds in float.
     """
-    from rapidnet.deploy.export import _replace_into, quiet_logs, require
 
     require("onnxruntime", "int8 quantization")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -410,8 +416,6 @@ def quantize_model(
     held-out split. Inputs are checked before any slow step. The report is returned and written beside ``output``
     (same name, ``.json``).
     """
-    from rapidnet.data import build_dataset
-    from rapidnet.deploy.export import is_features_model
 
     output = Path(output)
     if output.suffix != ".onnx":
@@ -508,15 +512,3 @@ def _ort_version() -> str:
     import onnxruntime
 
     return f"onnxruntime {onnxruntime.__version__}"
-
-
-def class_names_from_metadata(metadata: Mapping[str, str]) -> list[str] | None:
-    """``class_names`` stored in a rapidnet checkpoint's metadata, if any."""
-    raw = metadata.get("class_names")
-    if not raw:
-        return None
-    try:
-        names = json.loads(raw)
-    except json.JSONDecodeError:
-        return None
-    return [str(n) for n in names] if isinstance(names, list) else None

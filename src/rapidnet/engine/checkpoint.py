@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rapidnet.config import config_diff
 from rapidnet.errors import CheckpointError
 from rapidnet.utils import atomic_write, read_checkpoint
 
@@ -111,7 +112,6 @@ def check_resume_config(
     losses the interrupted run would have given, so such a resume is a one-line :class:`CheckpointError` naming the
     first differing keys. Keys in ``may_differ`` (output folder, workers, device...) only change where or how fast.
     """
-    from rapidnet.config import config_diff
 
     allowed = set(may_differ)
     diffs = config_diff(dict(saved), dict(current))

@@ -18,11 +18,13 @@ workers. The global position also makes the split over *N* processes equal, batc
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import Dataset, Sampler
 
 __all__ = [
@@ -63,7 +65,6 @@ def ignore_sigint(worker_id: int) -> None:
 
     A worker killed by SIGINT while the trainer waits for its batch would turn a clean stop into a crash.
     """
-    import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -127,8 +128,6 @@ class SeededSampler(Sampler):
     def epoch_order(self) -> list[int]:
         """This process's indices for the current epoch (whole batches only), before ``start_batch`` is applied."""
         if self.repeats > 1:
-            from timm.data.distributed_sampler import RepeatAugSampler
-
             ra = RepeatAugSampler(
                 range(self.length),
                 num_replicas=self.world_size,
@@ -154,8 +153,6 @@ class SeededSampler(Sampler):
     def num_batches(self) -> int:
         """Full batches per epoch for this process (equal on every process)."""
         if self.repeats > 1:
-            from timm.data.distributed_sampler import RepeatAugSampler
-
             count = len(RepeatAugSampler(range(self.length), self.world_size, self.rank, num_repeats=self.repeats))
         else:
             count = self.length // self.world_size

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+from timm.optim import create_optimizer_v2
 from torch import nn
 
 from rapidnet.config import Config
@@ -136,7 +138,6 @@ class Task(ABC):
 
         A task that trains parts of the model at different rates returns groups from ``param_groups``.
         """
-        from timm.optim import create_optimizer_v2
 
         o = self.cfg.optim
         kwargs: dict[str, Any] = {"eps": o.eps} if o.opt.lower() in ("adamw", "adam", "lamb", "nadamw") else {}
@@ -208,7 +209,6 @@ class Task(ABC):
 
         Default: safetensors of the (unwrapped) model's state dict with :meth:`metadata`.
         """
-        from safetensors.torch import save_file
 
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in unwrap_model(model).state_dict().items()}
         meta = self.metadata(model)

@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.scheduler import create_scheduler_v2
 from torch import nn
+from tqdm import tqdm
 
 from rapidnet.config import Config, config_from_dict, config_to_dict, save_config, scaled_lr
 from rapidnet.engine.callbacks import BEST, BEST_WEIGHTS, BestCheckpoint, Callback, TensorBoard, default_callbacks
@@ -277,8 +279,6 @@ class Trainer:
 
     def _say(self, text: str) -> None:
         if self.info.is_main:
-            from tqdm import tqdm
-
             tqdm.write(text, file=sys.stdout)
             sys.stdout.flush()
 
@@ -377,7 +377,6 @@ class Trainer:
             save_config(cfg, self.output / "config.yaml")
 
     def _build_scheduler(self) -> Any:
-        from timm.scheduler import create_scheduler_v2
 
         s = self.cfg.sched
         try:
@@ -516,7 +515,6 @@ class Trainer:
 
     def _train_epoch(self) -> bool:
         """Run the rest of the current epoch; True when stopped by a signal (``last.pt`` then saved)."""
-        from tqdm import tqdm
 
         cfg, info, task = self.cfg, self.info, self.task
         epoch, epochs, steps = self.epoch, cfg.train.epochs, self.steps

@@ -23,6 +23,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from rapidnet.errors import ConfigError
 from rapidnet.models.checkpoint import load_timm_weights, read_weights
 from rapidnet.models.factory import create_model, is_rapidnet
+from rapidnet.models.rapidnet import DEFAULT_DROP_PATH_RATE
 from rapidnet.models.reparam import reparameterize_
 from rapidnet.utils import jsonable
 
@@ -60,6 +61,7 @@ def build_backbone(
     name: str,
     checkpoint: str | os.PathLike[str] | None = None,
     out_indices: Sequence[int] | None = None,
+    drop_path_rate: float = DEFAULT_DROP_PATH_RATE,
     **kwargs: Any,
 ) -> tuple[nn.Module, list[int], dict[str, Any]]:
     """A feature extractor giving the stride 4/8/16/32 maps of ``name``: ``(body, channels, pretrained_cfg)``.
@@ -67,13 +69,23 @@ def build_backbone(
     RapidNet variants go through :func:`rapidnet.create_model` (any RapidNet checkpoint, classification ones
     included: the head is simply not part of the body); any other name is a timm model (e.g. ``mobilenetv2_140``),
     whose four stride 4..32 outputs are ``out_indices=(1, 2, 3, 4)`` unless given, and whose classification
-    checkpoint loads through :func:`~rapidnet.models.checkpoint.load_timm_weights`.
+    checkpoint loads through :func:`~rapidnet.models.checkpoint.load_timm_weights`. Both take ``drop_path_rate``
+    (stochastic depth; one default for every backbone, so comparisons regularise alike).
     """
+    if drop_path_rate < 0 or drop_path_rate >= 1:
+        raise ConfigError(f"drop_path_rate={drop_path_rate}: use a rate in [0, 1), e.g. 0.1")
     if is_rapidnet(name):
         body = create_model(
-            name, checkpoint=checkpoint, features_only=True, out_indices=out_indices or (0, 1, 2, 3), **kwargs
+            name,
+            checkpoint=checkpoint,
+            features_only=True,
+            out_indices=out_indices or (0, 1, 2, 3),
+            drop_path_rate=drop_path_rate,
+            **kwargs,
         )
     else:
+        if drop_path_rate > 0:  # not every timm model has stochastic depth: ask only for a rate that is used
+            kwargs["drop_path_rate"] = drop_path_rate
         try:
             body = timm.create_model(
                 name, pretrained=False, features_only=True, out_indices=tuple(out_indices or (1, 2, 3, 4)), **kwargs
@@ -197,6 +209,48 @@ def image_normalization(
     mean = list(image_mean or cfg.get("mean", (0.485, 0.456, 0.406)))
     std = list(image_std or cfg.get("std", (0.229, 0.224, 0.225)))
     return mean, std
+
+
+def fpn_backbone(
+    backbone: str,
+    backbone_checkpoint: str | os.PathLike[str] | None,
+    backbone_out_indices: Sequence[int] | None,
+    backbone_kwargs: Mapping[str, Any] | None,
+    drop_path_rate: float,
+    frozen_bn: bool | str,
+    trainable_stages: int,
+    fpn_channels: int,
+    extra_pool: bool,
+    image_mean: Sequence[float] | None,
+    image_std: Sequence[float] | None,
+) -> tuple[BackboneWithFPN, dict[str, Any]]:
+    """What Mask R-CNN and Semantic FPN build alike: the backbone (frozen up to ``trainable_stages``) with its FPN, and
+    the arguments that rebuild it (stored with the weights), normalisation included.
+
+    Returns ``(neck, build_args)``; ``build_args["image_mean"]``/``["image_std"]`` are the resolved normalisation.
+    """
+    bn_mode = resolve_bn_mode(frozen_bn)
+    body, channels, cfg = build_backbone(
+        backbone,
+        backbone_checkpoint,
+        backbone_out_indices,
+        **{"drop_path_rate": drop_path_rate, **(backbone_kwargs or {})},
+    )
+    freeze_stages(body, trainable_stages)
+    neck = BackboneWithFPN(body, channels, fpn_channels, extra_pool=extra_pool, bn_mode=bn_mode)
+    mean, std = image_normalization(cfg, image_mean, image_std)
+    build_args = dict(
+        backbone=backbone,
+        frozen_bn=bn_mode,
+        trainable_stages=trainable_stages,
+        fpn_channels=fpn_channels,
+        image_mean=mean,
+        image_std=std,
+        backbone_out_indices=backbone_out_indices,
+        backbone_kwargs=dict(backbone_kwargs or {}),
+        drop_path_rate=drop_path_rate,
+    )
+    return neck, build_args
 
 
 def attach_build_info(model: nn.Module, class_names: Sequence[str] | None, **build_args: Any) -> nn.Module:

@@ -10,7 +10,7 @@ import timm
 from torch import nn
 
 from rapidnet.errors import ConfigError
-from rapidnet.models.rapidnet import VARIANTS
+from rapidnet.models.rapidnet import DEFAULT_DROP_PATH_RATE, VARIANTS
 
 
 def list_variants() -> list[str]:
@@ -30,7 +30,7 @@ def create_model(
     num_classes: int = 1000,
     distillation: bool = True,
     in_chans: int = 3,
-    drop_path_rate: float = 0.1,
+    drop_path_rate: float = DEFAULT_DROP_PATH_RATE,
     features_only: bool = False,
     out_indices: Sequence[int] = (0, 1, 2, 3),
     **kwargs: Any,

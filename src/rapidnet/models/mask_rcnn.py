@@ -22,13 +22,10 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from rapidnet.errors import ConfigError
 from rapidnet.models.backbone import (
-    BackboneWithFPN,
     attach_build_info,
-    build_backbone,
-    freeze_stages,
-    image_normalization,
-    resolve_bn_mode,
+    fpn_backbone,
 )
+from rapidnet.models.rapidnet import DEFAULT_DROP_PATH_RATE
 from rapidnet.models.roi_align import MatmulRoIAlign
 
 __all__ = ["RapidMaskRCNN", "mask_rcnn"]
@@ -88,6 +85,7 @@ def mask_rcnn(
     image_std: Sequence[float] | None = None,
     backbone_out_indices: Sequence[int] | None = None,
     backbone_kwargs: Mapping[str, Any] | None = None,
+    drop_path_rate: float = DEFAULT_DROP_PATH_RATE,
     class_names: Sequence[str] | None = None,
     roi_canonical_scale: int = 224,
     **kwargs: Any,
@@ -108,50 +106,50 @@ def mask_rcnn(
         anchor_sizes: one anchor size per FPN level (default 32, 64, 128, 256, 512); smaller for small images.
         image_mean, image_std: input normalisation; default the backbone's (ImageNet's).
         backbone_kwargs: extra arguments for the backbone (e.g. ``depths``/``widths`` of a custom RapidNet).
+        drop_path_rate: the backbone's stochastic depth (RapidNet or timm), the one default of every backbone.
         roi_canonical_scale: the box side (pixels) that the RoI heads pool from P4; smaller boxes go to finer
             levels, one level per halving. 224 (Lin et al., torchvision) suits ImageNet backbones.
         kwargs: passed on to torchvision's ``MaskRCNN`` (``box_detections_per_img``, ``rpn_*``, ``box_*`` ...).
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes={num_classes!r}: give the number of object classes (background excluded)")
-    bn_mode = resolve_bn_mode(frozen_bn)
-    body, channels, cfg = build_backbone(
-        backbone, backbone_checkpoint, backbone_out_indices, **dict(backbone_kwargs or {})
+    neck, build_args = fpn_backbone(
+        backbone,
+        backbone_checkpoint,
+        backbone_out_indices,
+        backbone_kwargs,
+        drop_path_rate,
+        frozen_bn,
+        trainable_stages,
+        fpn_channels,
+        True,
+        image_mean,
+        image_std,
     )
-    freeze_stages(body, trainable_stages)
-    neck = BackboneWithFPN(body, channels, fpn_channels, extra_pool=True, bn_mode=bn_mode)
     if anchor_sizes is not None:
         kwargs["rpn_anchor_generator"] = _anchor_generator(anchor_sizes, aspect_ratios)
     elif tuple(aspect_ratios) != (0.5, 1.0, 2.0):
         kwargs["rpn_anchor_generator"] = _anchor_generator((32, 64, 128, 256, 512), aspect_ratios)
     for name, pool in _roi_pools(roi_canonical_scale).items():
         kwargs.setdefault(name, pool)
-    mean, std = image_normalization(cfg, image_mean, image_std)
     model = RapidMaskRCNN(
         neck,
         num_classes=num_classes + 1,
         min_size=min_size,
         max_size=max_size,
-        image_mean=mean,
-        image_std=std,
+        image_mean=build_args["image_mean"],
+        image_std=build_args["image_std"],
         **kwargs,
     )
     return attach_build_info(
         model,
         class_names,
-        backbone=backbone,
+        **build_args,
         num_classes=num_classes,
-        frozen_bn=bn_mode,
-        trainable_stages=trainable_stages,
         min_size=min_size,
         max_size=max_size,
-        fpn_channels=fpn_channels,
         anchor_sizes=anchor_sizes,
         aspect_ratios=aspect_ratios,
-        image_mean=mean,
-        image_std=std,
-        backbone_out_indices=backbone_out_indices,
-        backbone_kwargs=dict(backbone_kwargs or {}),
         roi_canonical_scale=roi_canonical_scale,
         **{k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))},
     )

@@ -33,7 +33,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["VARIANTS", "RapidNet", "default_cfgs"]
+__all__ = ["DEFAULT_DROP_PATH_RATE", "VARIANTS", "RapidNet", "default_cfgs"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -580,6 +580,11 @@ def _cfg(filename: str, **kwargs: Any) -> dict[str, Any]:
     }
 
 
+#: stochastic depth of every RapidNet built without an explicit rate (the paper's 0.1): ``rapidnet.create_model``,
+#: ``timm.create_model("rapidnet_*")``, the dense builders, and ``model.drop_path_rate`` in configs, which the tasks
+#: pass to every backbone, RapidNet or timm peer alike. Eval outputs do not depend on it.
+DEFAULT_DROP_PATH_RATE = 0.1
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "rapidnet_ti": dict(depths=((2, 0), (2, 0), (6, 2), (2, 2)), widths=(32, 64, 112, 224), head_dim=512),
     "rapidnet_s": dict(depths=((3, 0), (3, 0), (9, 3), (3, 3)), widths=(32, 64, 112, 224), head_dim=512),
@@ -619,6 +624,7 @@ def _create_rapidnet(variant: str, pretrained: bool = False, **kwargs: Any) -> n
     from rapidnet.models.checkpoint import checkpoint_filter_fn, hub_weights_file, infer_arch, load_state_dict_file
 
     use_ema = kwargs.pop("use_ema", True)
+    kwargs.setdefault("drop_path_rate", DEFAULT_DROP_PATH_RATE)
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     state_dict = overlay.pop("state_dict", None)
     feature_cfg = {"flatten_sequential": True, "out_indices": (0, 1, 2, 3), **(kwargs.pop("feature_cfg", None) or {})}

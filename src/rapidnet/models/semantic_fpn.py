@@ -26,13 +26,11 @@ from rapidnet.errors import ConfigError
 from rapidnet.models.backbone import (
     BackboneWithFPN,
     attach_build_info,
-    build_backbone,
-    freeze_stages,
-    image_normalization,
+    fpn_backbone,
     pad_images,
     pad_labels,
-    resolve_bn_mode,
 )
+from rapidnet.models.rapidnet import DEFAULT_DROP_PATH_RATE
 
 __all__ = ["SemanticFPN", "SemanticFPNHead", "semantic_fpn"]
 
@@ -158,6 +156,7 @@ def semantic_fpn(
     image_std: Sequence[float] | None = None,
     backbone_out_indices: Sequence[int] | None = None,
     backbone_kwargs: Mapping[str, Any] | None = None,
+    drop_path_rate: float = DEFAULT_DROP_PATH_RATE,
     class_names: Sequence[str] | None = None,
 ) -> SemanticFPN:
     """Semantic FPN over ``backbone`` (a RapidNet variant or a timm model name) for ``num_classes`` classes.
@@ -168,37 +167,21 @@ def semantic_fpn(
     """
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"num_classes={num_classes!r}: a segmentation needs at least 2 classes")
-    bn_mode = resolve_bn_mode(frozen_bn)
-    body, channels, cfg = build_backbone(
-        backbone, backbone_checkpoint, backbone_out_indices, **dict(backbone_kwargs or {})
+    neck, build_args = fpn_backbone(
+        backbone,
+        backbone_checkpoint,
+        backbone_out_indices,
+        backbone_kwargs,
+        drop_path_rate,
+        frozen_bn,
+        trainable_stages,
+        fpn_channels,
+        False,
+        image_mean,
+        image_std,
     )
-    freeze_stages(body, trainable_stages)
-    neck = BackboneWithFPN(body, channels, fpn_channels, extra_pool=False, bn_mode=bn_mode)
-    mean, std = image_normalization(cfg, image_mean, image_std)
+    head = dict(head_channels=head_channels, head_norm=head_norm, dropout=dropout, ignore_index=ignore_index)
     model = SemanticFPN(
-        neck,
-        num_classes,
-        head_channels=head_channels,
-        head_norm=head_norm,
-        dropout=dropout,
-        ignore_index=ignore_index,
-        image_mean=mean,
-        image_std=std,
+        neck, num_classes, **head, image_mean=build_args["image_mean"], image_std=build_args["image_std"]
     )
-    return attach_build_info(
-        model,
-        class_names,
-        backbone=backbone,
-        num_classes=num_classes,
-        frozen_bn=bn_mode,
-        trainable_stages=trainable_stages,
-        fpn_channels=fpn_channels,
-        head_channels=head_channels,
-        head_norm=head_norm,
-        dropout=dropout,
-        ignore_index=ignore_index,
-        image_mean=mean,
-        image_std=std,
-        backbone_out_indices=backbone_out_indices,
-        backbone_kwargs=dict(backbone_kwargs or {}),
-    )
+    return attach_build_info(model, class_names, **build_args, num_classes=num_classes, **head)

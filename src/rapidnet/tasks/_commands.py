@@ -5,15 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from rapidnet.errors import ConfigError
+from rapidnet.models.loading import TASK_KINDS
 
 __all__ = ["TRAIN_COMMANDS", "check_task_name"]
 
-#: ``task.name`` -> the command that trains it
-TRAIN_COMMANDS = {
-    "classification": "rapidnet train",
-    "detection": "rapidnet det train",
-    "segmentation": "rapidnet seg train",
-}
+#: ``task.name`` -> the command that trains it (one table with the loader's, which names them in its errors)
+TRAIN_COMMANDS = TASK_KINDS
 
 
 def check_task_name(name: Any, expected: str) -> None:

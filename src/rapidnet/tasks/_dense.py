@@ -10,6 +10,7 @@ Weights are exported as safetensors whose metadata (``build_args``, ``class_name
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -21,6 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rapidnet.config import Config
+from rapidnet.data.ade20k import ADE20KSegmentation
+from rapidnet.data.coco import CocoInstances
 from rapidnet.data.folder import collate_dense, targets_to_device
 from rapidnet.engine.seeding import SeededDataset, SeededSampler, ignore_sigint
 from rapidnet.engine.task import RunContext, StepOutput, Task
@@ -70,7 +73,6 @@ def evaluate_dense(
     model: nn.Module, loader: Iterable[Any], evaluator: Any, device: torch.device, autocast: Any = None
 ) -> dict[str, float]:
     """Run ``model`` (eval mode) over ``loader`` and return ``evaluator``'s metrics, reduced over processes."""
-    import contextlib
 
     model.eval()
     for images, targets in loader:
@@ -89,10 +91,7 @@ def evaluate_dense(
 def build_dense_eval_dataset(kind: str, root: str | os.PathLike[str], eval_args: dict[str, Any]) -> Any:
     """The validation split of ``root`` with the evaluation settings a checkpoint stored (``eval_args``)."""
     if kind == "detection":
-        from rapidnet.data.coco import CocoInstances
-
         return CocoInstances(root, eval_args.get("val_split") or _coco_split(Path(root), "val"), train=False)
-    from rapidnet.data.ade20k import ADE20KSegmentation
 
     return ADE20KSegmentation(
         root,
@@ -147,6 +146,31 @@ class _DenseTask(Task):
 
     def _backbone_checkpoint(self) -> str | None:
         return self.opts["backbone_checkpoint"] or self.cfg.model.checkpoint
+
+    #: the model builder (``mask_rcnn`` / ``semantic_fpn``); a staticmethod on each task
+    builder: Any = None
+
+    def builder_args(self) -> dict[str, Any]:
+        """The builder arguments that only this task has (the shared ones come from ``model:`` and ``task:``)."""
+        return {}
+
+    def build_model(self) -> nn.Module:
+        o, m = self.opts, self.cfg.model
+        model = self.builder(
+            backbone=m.name,
+            num_classes=len(self.classes),
+            backbone_checkpoint=self._backbone_checkpoint(),
+            frozen_bn=o["frozen_bn"],
+            trainable_stages=int(o["trainable_stages"]),
+            backbone_kwargs=m.kwargs,
+            drop_path_rate=m.drop_path_rate,
+            class_names=self.classes,
+            **self.builder_args(),
+            **o["model_kwargs"],
+        )
+        self.build_args = dict(model.build_args)
+        self.params = sum(p.numel() for p in model.parameters())
+        return model
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
         """With ``backbone_lr_scale`` != 1: the pretrained body learns at that fraction of the heads' (and FPN's) rate,

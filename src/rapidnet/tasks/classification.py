@@ -22,9 +22,15 @@ from typing import Any
 
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
+from timm.data import Mixup, create_transform, resolve_data_config
+from timm.data.random_erasing import RandomErasing
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from rapidnet.config import Config, DataConfig, DistillConfig, ModelConfig
 from rapidnet.data import build_dataset, check_same_classes, collate_skip_corrupt, load_rgb
@@ -184,7 +190,6 @@ class DistillationLoss(nn.Module):
 
 def eval_data_config(model: nn.Module, data: DataConfig | None = None, input_size: int | None = None) -> dict[str, Any]:
     """The eval transform settings: the model's ``pretrained_cfg`` with the config's overrides."""
-    from timm.data import resolve_data_config
 
     cfg = dict(resolve_data_config({}, model=model))
     cfg.setdefault("crop_mode", "center")
@@ -202,14 +207,12 @@ def eval_data_config(model: nn.Module, data: DataConfig | None = None, input_siz
 
 
 def build_eval_transform(data_config: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
-    from timm.data import create_transform
 
     return create_transform(**data_config, is_training=False)
 
 
 def build_train_transform(cfg: Config, data_config: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
     """timm's ImageNet training transform with the recipe in ``cfg.aug`` (random erasing per sample)."""
-    from timm.data import create_transform
 
     a = cfg.aug
     try:
@@ -268,7 +271,6 @@ def evaluate_classifier(
     desc: str = "eval",
 ) -> dict[str, float]:
     """Top-1, top-5 (top-k for fewer classes) in percent, mean cross-entropy, image count: over all processes."""
-    from tqdm import tqdm
 
     was_training = model.training
     model.eval()
@@ -406,8 +408,6 @@ def _crop_each(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w
 
 def _resize_in_memory(dataset: Any, indices: Sequence[int], data_config: dict[str, Any]) -> torch.Tensor:
     """Apply the eval geometry (resize + centre crop, no normalisation) once to every image: uint8 (N, C, S, S)."""
-    from PIL import Image
-    from timm.data import create_transform
 
     geometry = create_transform(**data_config, is_training=False, normalize=False)
     images = dataset.images
@@ -492,8 +492,6 @@ class ClassificationTask(Task):
         return model
 
     def _build_loss(self) -> None:
-        from timm.data import Mixup
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
         a = self.cfg.aug
         self.mixup = None
@@ -527,8 +525,6 @@ class ClassificationTask(Task):
         self.tensor_batches: TensorBatches | None = None
         self.train_loader: DataLoader | None = None
         if d.pipeline == "tensor":
-            from timm.data.random_erasing import RandomErasing
-
             erasing = None
             if a.re_prob > 0:
                 erasing = RandomErasing(a.re_prob, mode=a.re_mode, max_count=a.re_count, device="cpu")
@@ -696,8 +692,6 @@ class ClassificationTask(Task):
         skipped = set(self.skipped)
         info = self.context.dist
         if info.distributed:
-            import torch.distributed as dist
-
             gathered: list[Any] = [None] * info.world_size
             dist.all_gather_object(gathered, sorted(skipped))
             skipped = {p for part in gathered for p in (part or [])}

@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
+from rapidnet.data.coco import CocoInstances
 from rapidnet.errors import ConfigError, DataError
+from rapidnet.metrics import CocoEvaluator
+from rapidnet.models.mask_rcnn import mask_rcnn
 from rapidnet.tasks._dense import _coco_split, _DenseTask
 
 __all__ = ["DETECTION_DEFAULTS", "DetectionTask"]
@@ -34,13 +35,13 @@ class DetectionTask(_DenseTask):
     """Mask R-CNN + FPN on a COCO-format data set; best weights by box AP."""
 
     kind = "detection"
+    builder = staticmethod(mask_rcnn)
     defaults = DETECTION_DEFAULTS
     primary_metric = "bbox_AP"
     higher_is_better = True
     metric_names = {"bbox_AP": "box AP", "segm_AP": "mask AP", "bbox_AP50": "box AP50"}
 
     def _open_data(self) -> tuple[Any, Any]:
-        from rapidnet.data.coco import CocoInstances
 
         root = Path(self.cfg.data.path).expanduser()
         o = self.opts
@@ -55,28 +56,10 @@ class DetectionTask(_DenseTask):
             raise ConfigError(f"task.num_classes is {n} but {root} has {len(train.classes)} categories: leave it out")
         return train, val
 
-    def build_model(self) -> nn.Module:
-        from rapidnet.models.mask_rcnn import mask_rcnn
-
-        o = self.opts
-        model = mask_rcnn(
-            backbone=self.cfg.model.name,
-            num_classes=len(self.classes),
-            backbone_checkpoint=self._backbone_checkpoint(),
-            frozen_bn=o["frozen_bn"],
-            trainable_stages=int(o["trainable_stages"]),
-            min_size=o["min_size"],
-            max_size=int(o["max_size"]),
-            backbone_kwargs=self.cfg.model.kwargs,
-            class_names=self.classes,
-            **o["model_kwargs"],
-        )
-        self.build_args = dict(model.build_args)
-        self.params = sum(p.numel() for p in model.parameters())
-        return model
+    def builder_args(self) -> dict[str, Any]:
+        return {"min_size": self.opts["min_size"], "max_size": int(self.opts["max_size"])}
 
     def make_evaluator(self) -> Any:
-        from rapidnet.metrics import CocoEvaluator
 
         return CocoEvaluator.from_dataset(self.val_set)
 

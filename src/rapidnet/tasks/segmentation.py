@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
+from rapidnet.data.ade20k import ADE20KSegmentation
+from rapidnet.metrics import SegmentationMetrics
+from rapidnet.models.semantic_fpn import semantic_fpn
 from rapidnet.tasks._dense import _DenseTask, build_dense_eval_dataset
 
 __all__ = ["SEGMENTATION_DEFAULTS", "SegmentationTask"]
@@ -35,13 +36,13 @@ class SegmentationTask(_DenseTask):
     """Semantic FPN on an ADE20K-layout data set; best weights by mIoU."""
 
     kind = "segmentation"
+    builder = staticmethod(semantic_fpn)
     defaults = SEGMENTATION_DEFAULTS
     primary_metric = "mIoU"
     higher_is_better = True
     metric_names = {"mIoU": "mIoU", "mAcc": "mAcc", "aAcc": "aAcc"}
 
     def _open_data(self) -> tuple[Any, Any]:
-        from rapidnet.data.ade20k import ADE20KSegmentation
 
         o = self.opts
         common = dict(num_classes=o["num_classes"], reduce_zero_label=o["reduce_zero_label"])
@@ -62,27 +63,10 @@ class SegmentationTask(_DenseTask):
         self.ignore_index = train.ignore_index
         return train, val
 
-    def build_model(self) -> nn.Module:
-        from rapidnet.models.semantic_fpn import semantic_fpn
-
-        o = self.opts
-        model = semantic_fpn(
-            backbone=self.cfg.model.name,
-            num_classes=len(self.classes),
-            backbone_checkpoint=self._backbone_checkpoint(),
-            frozen_bn=o["frozen_bn"],
-            trainable_stages=int(o["trainable_stages"]),
-            ignore_index=self.ignore_index,
-            backbone_kwargs=self.cfg.model.kwargs,
-            class_names=self.classes,
-            **o["model_kwargs"],
-        )
-        self.build_args = dict(model.build_args)
-        self.params = sum(p.numel() for p in model.parameters())
-        return model
+    def builder_args(self) -> dict[str, Any]:
+        return {"ignore_index": self.ignore_index}
 
     def make_evaluator(self) -> Any:
-        from rapidnet.metrics import SegmentationMetrics
 
         return SegmentationMetrics(len(self.classes), self.ignore_index, self.classes)
 
