@@ -139,7 +139,71 @@ def test_coreml_package_spec(tmp_path):
     assert any("input shape" in p for p in wrong) and any("outputs are" in p for p in wrong)
 
 
+# ---- OpenVINO and ExecuTorch ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("features_only", [False, True])
+def test_openvino_ir_matches_pytorch_in_openvino(tmp_path, features_only):
+    """The IR (``.xml`` + float32 ``.bin``) runs in OpenVINO's CPU plugin within 1e-4 of the unfused model, at a batch
+    size the export never saw (dynamic batch), with named inputs and outputs and the preprocessing metadata."""
+    import openvino as ov
+
+    from rapidnet.deploy.export import openvino_session, run_openvino
+
+    model = _micro(features_only=features_only)
+    result = export(model, tmp_path / "m.xml", "openvino", resolution=(64, 64), dynamic_batch=True)
+    assert result.ok, result.lines()
+    assert result.checks[0].input_shape == (3, 3, 64, 64) and (tmp_path / "m.bin").is_file()
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temporary files left
+    ir = ov.Core().read_model(str(result.path))
+    names = [f"features_{i}" for i in range(4)] if features_only else ["logits"]
+    assert [o.get_any_name() for o in ir.outputs] == names and ir.inputs[0].get_any_name() == "input"
+    assert {op.get_type_name() for op in ir.get_ops()}.isdisjoint({"BatchNormInference", "Convert"})  # fused, fp32
+    meta = json.loads(ir.get_rt_info("rapidnet").astype(str))
+    assert meta["preprocess"]["input_size"] == [3, 64, 64] and meta["outputs"] == names
+    x = torch.randn(5, 3, 64, 64)
+    assert _close(run_openvino(openvino_session(result.path, threads=1), x), _outputs(model, x))
+
+
+@pytest.mark.parametrize("features_only", [False, True])
+def test_executorch_program_matches_pytorch_in_executorch(tmp_path, features_only):
+    """The ``.pte`` (XNNPACK delegate) runs in ExecuTorch's runtime within 1e-4 of the unfused model; the lowering
+    takes the plain folded graph (it fails on channels_last weights)."""
+    from rapidnet.deploy.export import executorch_method, run_executorch
+
+    model = rapidnet.deploy.cpu.optimize(_micro(features_only=features_only))  # handed an optimized model: undone
+    result = export(model, tmp_path / "m.pte", "executorch", resolution=(64, 64))
+    assert result.ok, result.lines()
+    assert [c.input_shape for c in result.checks] == [(1, 3, 64, 64), (1, 3, 64, 64)]
+    x = torch.randn(1, 3, 64, 64)
+    ours = run_executorch(executorch_method(result.path), x)
+    assert len(ours) == (4 if features_only else 1) and _close(ours, _outputs(model, x))
+
+
+def test_new_formats_refuse_what_they_cannot_do(tmp_path):
+    from rapidnet.deploy.export import export_executorch, export_openvino
+    from rapidnet.errors import ConfigError
+
+    model = _micro()
+    with pytest.raises(ConfigError, match="one batch size"):
+        export(model, tmp_path / "m.pte", "executorch", resolution=(32, 32), dynamic_batch=True)
+    with pytest.raises(ConfigError, match=r"must end in \.xml"):
+        export_openvino(model, tmp_path / "m.onnx", (32, 32))
+    with pytest.raises(ConfigError, match=r"must end in \.pte"):
+        export_executorch(model, tmp_path / "m.onnx", (32, 32))
+    assert not list(tmp_path.iterdir())
+
+
 # ---- CLI -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["openvino", "executorch"])
+def test_cli_export_openvino_and_executorch(capsys, tmp_path, micro_file, fmt):
+    out_path = tmp_path / f"micro{'.xml' if fmt == 'openvino' else '.pte'}"
+    code, out, err = run_cli(capsys, "export", "--checkpoint", str(micro_file), "--format", fmt, "--resolution", "32",
+                             "32", "--output", str(out_path))  # fmt: skip
+    assert code == 0 and out_path.is_file(), err
+    assert f"max |{fmt} - pytorch|" in out and out.count(": ok)") == 2 and "cpuinfo" not in err
 
 
 def test_cli_export_onnx_from_checkpoint(capsys, tmp_path, micro_file):

@@ -1,4 +1,5 @@
-"""Deployment: export the fused RapidNet (ONNX, TorchScript, Core ML) and quantize it to int8 for onnxruntime.
+"""Deployment: export the fused RapidNet (ONNX, TorchScript, Core ML, OpenVINO IR, ExecuTorch) and quantize it to int8
+for onnxruntime.
 
 ``ort_session`` and ``export_onnx`` are the building blocks the benchmark uses for its onnxruntime runs.
 :func:`optimize` (``rapidnet.deploy.cpu``) is the explicit eager-CPU inference pass; exports never take it.
@@ -12,7 +13,9 @@ from rapidnet.deploy.export import (
     eval_transform,
     export,
     export_coreml,
+    export_executorch,
     export_onnx,
+    export_openvino,
     export_torchscript,
     ort_session,
     prepare_model,
@@ -47,7 +50,9 @@ __all__ = [
     "eval_transform",
     "export",
     "export_coreml",
+    "export_executorch",
     "export_onnx",
+    "export_openvino",
     "export_torchscript",
     "numpy_batches",
     "optimize",

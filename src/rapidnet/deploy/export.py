@@ -1,10 +1,13 @@
-"""Export the fused (reparameterized) RapidNet to ONNX, TorchScript and Core ML, and check the result against PyTorch.
+"""Export the fused (reparameterized) RapidNet to ONNX, TorchScript, Core ML, OpenVINO IR and ExecuTorch (XNNPACK),
+and check the result against PyTorch in that runtime.
 
 Every export starts from :func:`rapidnet.reparameterize`: deployment never needs BatchNorm, layer scales or the
 distillation head, and the fused graph is the one that is fast. The exported file is then run on a random input and
 on a real photo (the bundled ankle boot through the model's eval transform), and its largest deviation from PyTorch
-is reported. Core ML packages cannot be run off macOS, so there the saved package's spec (input and output names,
-shapes) is checked instead and the result says so.
+is reported: ONNX through onnxruntime, TorchScript through ``torch.jit.load``, OpenVINO IR through OpenVINO's CPU
+plugin (fp32 inference precision), ``.pte`` through ExecuTorch's runtime with the XNNPACK delegate. Core ML packages
+cannot be run off macOS, so there the saved package's spec (input and output names, shapes) is checked instead and
+the result says so. Every exporter takes the plain folded graph (:func:`prepare_model`), never the eager-CPU pass.
 
 Preprocessing (mean, std, resize, crop) is stored in each file's metadata so that tools like ``rapidnet quantize``
 can feed an exported model correctly without the original checkpoint.
@@ -19,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -37,7 +41,13 @@ from rapidnet.errors import CheckpointError, ConfigError
 from rapidnet.models import reparameterize
 from rapidnet.models.checkpoint import is_features_model, model_metadata
 
-FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage"}
+FORMATS: dict[str, str] = {
+    "onnx": ".onnx",
+    "torchscript": ".pt",
+    "coreml": ".mlpackage",
+    "openvino": ".xml",
+    "executorch": ".pte",
+}
 INPUT_NAME = "input"
 MIN_RESOLUTION = 32  # five stride-2 convolutions: below 32 pixels the last stage has no spatial extent left
 DEFAULT_OPSET = 20  # opset 20 has a native Gelu op: onnxruntime runs it fused (1.8x faster than the erf chain)
@@ -465,6 +475,165 @@ def verify_torchscript(path: str | os.PathLike, model: nn.Module, inputs: Mappin
     return [compare_outputs(k, _torch_outputs(loaded, x), _torch_outputs(fused, x), x.shape) for k, x in inputs.items()]
 
 
+def _openvino() -> Any:
+    require("openvino", "OpenVINO export")
+    import openvino as ov
+
+    return ov
+
+
+def export_openvino(
+    model: nn.Module,
+    path: str | os.PathLike,
+    resolution: Sequence[int] = (224, 224),
+    dynamic_batch: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the fused ``model`` as OpenVINO IR: ``path`` (``.xml``, the graph) and the ``.bin`` beside it (weights).
+
+    Weights stay float32 (OpenVINO's ``save_model`` would compress them to float16 by default: 1e-3 off on logits);
+    the input is named ``input``, the outputs as in the other formats, and the preprocessing metadata is stored in
+    the IR's ``rt_info`` under ``rapidnet``. Both files are written to temporary names and renamed.
+    """
+    ov = _openvino()
+    h, w = check_resolution(resolution)
+    path = Path(path)
+    if path.suffix != ".xml":
+        raise ConfigError(f"OpenVINO output {path} must end in .xml (the weights go to {path.stem}.bin beside it)")
+    path = check_writable(path)
+    fused = prepare_model(model)
+    example = torch.zeros(1, 3, h, w)
+    with warnings.catch_warnings(), quiet_logs(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        ov_model = ov.convert_model(
+            fused, example_input=example, input=[ov.PartialShape([-1 if dynamic_batch else 1, 3, h, w])]
+        )
+    ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
+    for port, name in zip(ov_model.outputs, output_names(fused), strict=True):
+        port.get_tensor().set_names({name})
+    ov_model.set_rt_info(export_metadata(fused, preprocess_config(fused, (h, w)), metadata), METADATA_KEY)
+    weights = path.with_suffix(".bin")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.xml")
+    try:
+        ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), weights)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path} ({e.strerror or e}): choose a writable output path") from None
+    finally:
+        for leftover in (tmp, tmp.with_suffix(".bin")):
+            leftover.unlink(missing_ok=True)
+    return path
+
+
+def _executorch_lowering() -> tuple[Any, Any]:
+    require("executorch", "ExecuTorch export")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    return to_edge_transform_and_lower, XnnpackPartitioner
+
+
+def export_executorch(
+    model: nn.Module,
+    path: str | os.PathLike,
+    resolution: Sequence[int] = (224, 224),
+    batch_size: int = 1,
+) -> Path:
+    """Write the fused ``model`` as an ExecuTorch program (``.pte``) delegated to XNNPACK, the CPU kernels that
+    ExecuTorch runs on Android and iOS: ``torch.export`` of the plain folded graph (contiguous weights, as the
+    XNNPACK lowering needs), ``to_edge_transform_and_lower`` with the XNNPACK partitioner, ``to_executorch``.
+
+    The batch size is fixed (``batch_size``): a ``.pte`` plans its memory for the shapes it was exported with.
+    """
+    to_edge_transform_and_lower, partitioner = _executorch_lowering()
+    h, w = check_resolution(resolution)
+    path = Path(path)
+    if path.suffix != ".pte":
+        raise ConfigError(f"ExecuTorch output {path} must end in .pte")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    path = check_writable(path)
+    fused = prepare_model(model)
+    with warnings.catch_warnings(), quiet_logs(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(fused, (torch.zeros(batch_size, 3, h, w),))
+        buffer = to_edge_transform_and_lower(program, partitioner=[partitioner()]).to_executorch().buffer
+    return _replace_into(path, lambda tmp: tmp.write_bytes(buffer))
+
+
+@contextlib.contextmanager
+def _native_stderr_to_devnull() -> Any:
+    """Hold native libraries' stderr chatter (ExecuTorch's cpuinfo probes print a line per file they try)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def openvino_session(path: str | os.PathLike, threads: int | None = None) -> Any:
+    """OpenVINO's CPU plugin compiled for ``path`` (``.xml``) at float32 precision with ``threads`` threads."""
+    ov = _openvino()
+    path = Path(path)
+    if not path.is_file() or not path.with_suffix(".bin").is_file():
+        raise CheckpointError(f"OpenVINO model not found: {path} (and {path.stem}.bin beside it): check the path")
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # bf16 on AMX CPUs otherwise: 1e-2 off
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    try:
+        return ov.Core().compile_model(str(path), "CPU", config)
+    except RuntimeError as e:
+        raise CheckpointError(f"OpenVINO cannot load {path} ({_one_line(e)[:160]})") from None
+
+
+def run_openvino(compiled: Any, x: np.ndarray | torch.Tensor) -> list[np.ndarray]:
+    arr = x.numpy() if isinstance(x, torch.Tensor) else x
+    result = compiled(np.ascontiguousarray(arr, dtype=np.float32))
+    return [np.asarray(result[port]) for port in compiled.outputs]
+
+
+def executorch_method(path: str | os.PathLike) -> Any:
+    """The ``forward`` method of a ``.pte`` program, loaded through ExecuTorch's Python runtime."""
+    require("executorch", "running ExecuTorch programs")
+    from executorch.runtime import Runtime
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"ExecuTorch program not found: {path}: check the path")
+    try:
+        with _native_stderr_to_devnull():
+            return Runtime.get().load_program(str(path)).load_method("forward")
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"ExecuTorch cannot load {path} ({_one_line(e)[:160]})") from None
+
+
+def run_executorch(method: Any, x: torch.Tensor) -> list[np.ndarray]:
+    with _native_stderr_to_devnull():
+        outputs = method.execute([x.contiguous()])
+    return [o.detach().numpy() for o in outputs]
+
+
+def verify_openvino(
+    path: str | os.PathLike, model: nn.Module, inputs: Mapping[str, torch.Tensor], threads: int | None = None
+) -> list[Check]:
+    """Run the IR through OpenVINO's CPU plugin and the fused model through PyTorch on each input."""
+    fused = prepare_model(model)
+    compiled = openvino_session(path, threads)
+    return [compare_outputs(k, run_openvino(compiled, x), _torch_outputs(fused, x), x.shape) for k, x in inputs.items()]
+
+
+def verify_executorch(path: str | os.PathLike, model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> list[Check]:
+    """Run the ``.pte`` through ExecuTorch (XNNPACK) and the fused model through PyTorch on each input."""
+    fused = prepare_model(model)
+    method = executorch_method(path)
+    return [compare_outputs(k, run_executorch(method, x), _torch_outputs(fused, x), x.shape) for k, x in inputs.items()]
+
+
 def coreml_spec_problems(
     path: str | os.PathLike, input_shape: Sequence[int], outputs: Mapping[str, Sequence[int]]
 ) -> list[str]:
@@ -556,13 +725,15 @@ def export(
     ``resolution`` defaults to the model's ``pretrained_cfg`` input size. The random check input has batch 3 when
     ``dynamic_batch`` is set, so the symbolic batch is exercised too. A check passes when
     ``allclose(exported, pytorch, rtol=tolerance, atol=tolerance)`` (see :class:`Check`).
-    ``threads`` is onnxruntime's for the check: one by default, as a check needs no speed and spinning worker
-    threads on a busy machine can make a small model hundreds of times slower.
+    ``threads`` is onnxruntime's (and OpenVINO's) for the check: one by default, as a check needs no speed and
+    spinning worker threads on a busy machine can make a small model hundreds of times slower.
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
     if fp16 and format != "coreml":
-        raise ConfigError("--fp16 applies to Core ML only: ONNX and TorchScript export fp32 (see rapidnet quantize)")
+        raise ConfigError("--fp16 applies to Core ML only: the other formats export fp32 (see rapidnet quantize)")
+    if dynamic_batch and format == "executorch":
+        raise ConfigError("--dynamic-batch: an ExecuTorch program is exported for one batch size: export one per size")
     fused = prepare_model(model)
     config = preprocess_config(fused, resolution)
     hw = tuple(config["input_size"][1:])
@@ -584,6 +755,14 @@ def export(
         export_torchscript(fused, path, hw, metadata=metadata)
         seconds = time.perf_counter() - start
         checks = verify_torchscript(path, fused, inputs) if verify else []
+    elif format == "openvino":
+        export_openvino(fused, path, hw, dynamic_batch=dynamic_batch, metadata=metadata)
+        seconds = time.perf_counter() - start
+        checks = verify_openvino(path, fused, inputs, threads) if verify else []
+    elif format == "executorch":
+        export_executorch(fused, path, hw)
+        seconds = time.perf_counter() - start
+        checks = verify_executorch(path, fused, inputs) if verify else []
     else:
         export_coreml(fused, path, hw, fp16=fp16, dynamic_batch=dynamic_batch, metadata=metadata)
         seconds = time.perf_counter() - start
