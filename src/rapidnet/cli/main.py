@@ -47,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not args.verbose:  # timm narrates every weight load ("Loading pretrained weights from state dict")
+        logging.getLogger("timm").setLevel(logging.WARNING)
     try:
         return int(args._run(args) or 0)
     except RapidNetError as e:
