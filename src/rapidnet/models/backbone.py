@@ -21,7 +21,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from rapidnet.errors import ConfigError
-from rapidnet.models.checkpoint import load_timm_weights, read_weights
+from rapidnet.models.checkpoint import load_timm_checkpoint
 from rapidnet.models.factory import create_model, is_rapidnet
 from rapidnet.models.rapidnet import DEFAULT_DROP_PATH_RATE
 from rapidnet.models.reparam import reparameterize_
@@ -103,8 +103,7 @@ def build_backbone(
                 "pass backbone_out_indices for its stride 4, 8, 16 and 32 outputs"
             ) from None
         if checkpoint is not None:
-            state_dict, _ = read_weights(checkpoint)
-            load_timm_weights(body, state_dict, checkpoint, name)
+            load_timm_checkpoint(body, checkpoint, name)
     reductions = list(body.feature_info.reduction())
     if reductions != [4, 8, 16, 32]:
         raise ConfigError(

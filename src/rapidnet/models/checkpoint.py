@@ -43,6 +43,7 @@ __all__ = [
     "is_features_model",
     "is_official_format",
     "load_state_dict_file",
+    "load_timm_checkpoint",
     "load_timm_weights",
     "model_arch",
     "model_metadata",
@@ -452,6 +453,13 @@ def is_features_model(model: nn.Module) -> bool:
 def _classifier_names(model: nn.Module) -> tuple[str, ...]:
     names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
     return (names,) if isinstance(names, str) else tuple(names)
+
+
+def load_timm_checkpoint(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
+    """Read a timm classifier's checkpoint file and load it with :func:`load_timm_weights` (the raw weights' reader
+    for fine-tuning and for timm backbones, which know no architecture metadata)."""
+    state_dict, _ = read_weights(path)
+    return load_timm_weights(model, state_dict, path, name)
 
 
 def load_timm_weights(

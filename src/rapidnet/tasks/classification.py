@@ -45,7 +45,7 @@ from rapidnet.engine.seeding import (
 from rapidnet.engine.task import RunContext, StepOutput, Task
 from rapidnet.errors import CheckpointError, ConfigError, DataError
 from rapidnet.models import create_model, is_rapidnet, load, model_metadata, save_weights
-from rapidnet.models.checkpoint import load_timm_weights, read_weights
+from rapidnet.models.checkpoint import load_timm_checkpoint
 from rapidnet.tasks._commands import check_task_name
 from rapidnet.utils import subset_indices
 
@@ -104,8 +104,7 @@ def create_classifier(model_cfg: ModelConfig, num_classes: int, distillation: bo
             ) from None
         raise
     if model_cfg.checkpoint:
-        state_dict, _ = read_weights(model_cfg.checkpoint)
-        load_timm_weights(model, state_dict, model_cfg.checkpoint, model_cfg.name)
+        load_timm_checkpoint(model, model_cfg.checkpoint, model_cfg.name)
     return model
 
 
