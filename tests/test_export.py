@@ -245,3 +245,40 @@ def test_cli_checkpoint_that_does_not_fit(capsys, tmp_path):
     torch.save({"model": {"stem.0.conv.weight": torch.zeros(8, 3, 3, 3)}}, path)
     code, _, err = run_cli(capsys, "export", "--checkpoint", str(path), "--output", str(tmp_path / "m.onnx"))
     assert code == 2 and err.startswith("rapidnet export: error: ") and err.count("\n") == 1
+
+
+# ---- XNNPACK rewrites (issue 15 item 4): large depthwise convs as strips XNNPACK runs with its own kernels --------
+
+
+@pytest.mark.parametrize(("kernel", "padding", "bias"), [(7, 3, True), (7, 3, False), (9, 4, True), (7, 0, True)])
+def test_striped_depthwise_equals_the_conv(kernel, padding, bias):
+    from rapidnet.deploy.xnnpack import MAX_DEPTHWISE_TAPS, StripedDepthwiseConv2d
+
+    torch.manual_seed(kernel + padding)
+    conv = torch.nn.Conv2d(12, 12, kernel, padding=padding, groups=12, bias=bias).eval()
+    striped = StripedDepthwiseConv2d(conv)
+    assert all(s.kernel_size[0] * s.kernel_size[1] <= MAX_DEPTHWISE_TAPS for s in striped.strips)
+    assert sum(s.kernel_size[1] for s in striped.strips) == kernel and len(striped.strips) > 1
+    x = torch.randn(2, 12, 15, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(striped(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_for_xnnpack_rewrites_only_large_stride_one_depthwise_convs():
+    from rapidnet.deploy.xnnpack import StripedDepthwiseConv2d, for_xnnpack
+
+    model = rapidnet.reparameterize(rapidnet.create_model("rapidnet_ti", num_classes=10, **MICRO)).eval()
+    rewritten = for_xnnpack(model)
+    dilated_blocks = sum(1 for m in model.modules() if type(m).__name__ == "DilatedConvBlock")
+    striped = [m for m in rewritten.modules() if isinstance(m, StripedDepthwiseConv2d)]
+    assert len(striped) == 2 * dilated_blocks > 0  # the 7x7 CPE and FFN convs of every block
+    assert not any(isinstance(m, StripedDepthwiseConv2d) for m in model.modules())  # the original is untouched
+    others = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 8, 5, padding=2, groups=8),  # 25 taps: XNNPACK's own tile already
+        torch.nn.Conv2d(8, 8, 7, stride=2, padding=3, groups=8),  # strided: left alone
+        torch.nn.Conv2d(8, 8, 7, padding=3),  # dense
+    )
+    assert not any(isinstance(m, StripedDepthwiseConv2d) for m in for_xnnpack(others).modules())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(x), model(x), rtol=1e-5, atol=1e-5)

@@ -225,3 +225,141 @@ def test_quantize_refuses_mismatched_classes(capsys, tmp_path, fmnist):
     code = main([*argv, "--output", str(tmp_path / "q.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and "predicts 5 classes" in err and not (tmp_path / "q.onnx").exists()
+
+
+# ---- OpenVINO (NNCF) and ExecuTorch (pt2e + XNNPACKQuantizer), issue 15 item 2 ------------------------------------
+
+
+@pytest.fixture(scope="module", params=["openvino", "executorch"])
+def runtime_quantized(request, tmp_path_factory, fmnist, micro_file) -> tuple[str, int, Path]:
+    """One ``rapidnet quantize`` run per runtime, the runtime chosen by the output's suffix."""
+    pytest.importorskip("nncf" if request.param == "openvino" else "executorch")
+    suffix = {"openvino": ".xml", "executorch": ".pte"}[request.param]
+    out = tmp_path_factory.mktemp(request.param) / f"micro_int8{suffix}"
+    argv = ["quantize", "--checkpoint", str(micro_file), "--calib", str(fmnist), "--calib-size", "16"]
+    argv += ["--eval-data", str(fmnist), "--eval-size", "0", "--output", str(out), "--resolution", "32", "32"]
+    argv += ["--save-fp32", str(out.with_name(f"micro_fp32{suffix}")), "--threads", "1"]
+    return request.param, main(argv), out
+
+
+def test_runtime_int8_is_quantized_and_agrees_with_fp32(runtime_quantized, fmnist, micro_file):
+    from rapidnet.deploy.runtimes import load_runner
+
+    runtime, code, out = runtime_quantized
+    assert code == 0 and out.is_file()
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["quantization"]["runtime"].startswith(runtime)
+    assert report["calibration"]["images"] == 16 and report["evaluation"]["images"] == 40
+    if runtime == "openvino":  # int8 weights: FakeQuantize nodes in the graph, a smaller .bin
+        import openvino as ov
+
+        ops = {op.get_type_name() for op in ov.Core().read_model(str(out)).get_ops()}
+        assert "FakeQuantize" in ops and out.with_suffix(".bin").is_file()
+    assert report["sizes_bytes"]["int8"] < 0.7 * report["sizes_bytes"]["fp32"]
+
+    images, labels = _eval_images(fmnist)
+    fp32, int8 = (load_runner(p, threads=1)(images)[0] for p in (out.with_name(f"micro_fp32{out.suffix}"), out))
+    assert fp32.shape == int8.shape == (40, 10) and np.abs(int8 - fp32).max() > 0
+    cosine = (fp32 * int8).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))
+    assert cosine.min() > 0.95, cosine.min()
+    # the report's fp32 top-1 is the fp32 file's, which equals PyTorch's on these images
+    model = rapidnet.load_model(micro_file).eval()
+    with torch.no_grad():
+        torch_top1 = 100 * float((model(torch.from_numpy(images)).argmax(1).numpy() == labels).mean())
+    assert report["evaluation"]["fp32_top1"] == pytest.approx(torch_top1, abs=1e-3)
+    assert report["evaluation"]["agreement"] == pytest.approx(100 * float((fp32.argmax(1) == int8.argmax(1)).mean()))
+
+
+@pytest.mark.parametrize(
+    ("extra", "output", "message"),
+    [
+        (["--runtime", "openvino"], "q.onnx", "for openvino must end in .xml"),
+        ([], "q.tflite", "must end in .onnx (onnxruntime), .xml (OpenVINO) or .pte"),
+        (["--all-ops"], "q.xml", "onnxruntime options"),
+        (["--per-tensor"], "q.xml", "per channel"),
+        (["--save-fp32", "{tmp}/f.onnx"], "q.pte", "must be a executorch file ending in .pte"),
+    ],
+)
+def test_runtime_quantize_bad_options_are_one_line(capsys, tmp_path, fmnist, micro_file, extra, output, message):
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    argv = ["quantize", "--checkpoint", str(micro_file), "--calib", str(fmnist), "--output", str(tmp_path / output)]
+    code = main([*argv, *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1 and not (tmp_path / output).exists()
+
+
+def test_runner_chunks_a_fixed_batch_program():
+    """A fixed-batch file runs any batch: chunks of its batch, the last one padded and cut back."""
+    from rapidnet.deploy.runtimes import Runner
+
+    calls: list[int] = []
+
+    def double(x: np.ndarray) -> list[np.ndarray]:
+        calls.append(len(x))
+        assert len(x) == 2
+        return [2 * x.reshape(len(x), -1)]
+
+    out = Runner(Path("m.pte"), "executorch", 2, double)(np.arange(5 * 3, dtype=np.float32).reshape(5, 3))
+    assert calls == [2, 2, 2] and out[0].shape == (5, 3)
+    np.testing.assert_array_equal(out[0], 2 * np.arange(15, dtype=np.float32).reshape(5, 3))
+
+
+def _with_external_data(tmp_path: Path, fp32: Path, location: str) -> Path:
+    """A copy of ``fp32`` whose first initializer's bytes live in an external file named ``location``."""
+    import onnx
+
+    proto = onnx.load(str(fp32))
+    tensor = proto.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    out = tmp_path / "model" / "ext.onnx"
+    out.parent.mkdir(exist_ok=True)
+    onnx.save(proto, str(out))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("../outside.bin", "outside the model's folder"),
+        ("/etc/passwd", "outside"),
+        ("link.bin", "outside"),
+        ("gone.bin", "is missing"),
+    ],
+)
+def test_quantize_refuses_unsafe_external_data(capsys, tmp_path, quantized, fmnist, location, message):
+    _, out, _ = quantized
+    model = _with_external_data(tmp_path, out.with_name("micro_fp32.onnx"), location)
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 64)
+    (model.parent / "link.bin").symlink_to(tmp_path / "outside.bin")
+    argv = ["quantize", "--checkpoint", str(model), "--calib", str(fmnist), "--output", str(tmp_path / "q.onnx")]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1 and not (tmp_path / "q.onnx").exists()
+
+
+def test_quantize_refuses_to_overwrite_its_source(capsys, tmp_path, fmnist, micro_file):
+    import shutil
+
+    source = tmp_path / "m.safetensors"
+    shutil.copy(micro_file, source)
+    before = source.read_bytes()
+    for output in (source, tmp_path / "m.json"):
+        argv = ["quantize", "--checkpoint", str(source), "--calib", str(fmnist), "--output", str(output)]
+        if output.suffix == ".json":  # the report of m.onnx is m.json: refused when m.json is the checkpoint
+            source.rename(output)
+            argv = [
+                "quantize",
+                "--checkpoint",
+                str(output),
+                "--calib",
+                str(fmnist),
+                "--output",
+                str(tmp_path / "m.onnx"),
+            ]
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and "same file as the input" in err and err.count("\n") == 1
+    assert (tmp_path / "m.json").read_bytes() == before

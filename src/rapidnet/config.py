@@ -11,8 +11,10 @@ that the task itself validates), or add a typed section here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -193,6 +195,70 @@ class Config:
 
 # ---- reading ------------------------------------------------------------------------------------------------------
 
+#: a config is a page of settings: more than this is not a config (and is not read into memory whole)
+_MAX_CONFIG_BYTES = 1 << 20
+#: nesting deeper than this is not a config either (and deep enough recursion would crash the reader)
+_MAX_YAML_DEPTH = 32
+#: the largest image side a config may train or evaluate at (as for a checkpoint's eval transform)
+_MAX_SIDE = 4096
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` without aliases, explicit tags or deep nesting.
+
+    An alias (``*name``) repeats a whole subtree: nine nested levels of nine aliases in 500 bytes ("billion laughs")
+    expand to a billion nodes and exhaust memory. No config needs them, so the first alias is a one-line error at its
+    line; anchors alone (``&name``) are harmless and allowed. Explicit tags (``!!timestamp``, ``!!python/...``) are
+    refused the same way: a config holds plain numbers, strings, lists and mappings.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not allowed in configs: write the value out", mark
+            )
+        tag = getattr(self.peek_event(), "tag", None)
+        if tag not in (None, "!"):  # an explicit tag skips the safe resolver's checks (!!timestamp 2001 crashes it)
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML tags ({tag}) are not allowed in configs: write a plain value", mark
+            )
+        if self._depth >= _MAX_YAML_DEPTH:
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, f"nested more than {_MAX_YAML_DEPTH} levels deep", mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _safe_yaml(text: str) -> Any:
+    """Parse YAML text with :class:`_ConfigLoader` (safe types only, no aliases, bounded depth)."""
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _read_text(path: Path) -> str:
+    """A config file's text, refused when larger than :data:`_MAX_CONFIG_BYTES` or not UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path} ({e.strerror or e})") from None
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {_MAX_CONFIG_BYTES >> 20} MB: is it a config?")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): is it a config?") from None
+
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read one file and, recursively, its ``base:`` files (relative to it), later values winning."""
@@ -204,23 +270,25 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     resolved = path.resolve()
     if resolved in seen:
         raise ConfigError(f"config file {path} inherits from itself through 'base:': break the cycle")
+    text = _read_text(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _safe_yaml(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or type(e).__name__
+        problem = " ".join(str(getattr(e, "problem", None) or type(e).__name__).split())
         raise ConfigError(f"config file {path}{where} is not valid YAML ({problem})") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path} ({e.strerror or e})") from None
+    except ValueError as e:  # the YAML is well formed but a value is not (an integer of 5000 digits)
+        detail = " ".join(str(e).split())[:100]
+        raise ConfigError(f"config file {path} holds a value that cannot be read ({detail})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not a {type(data).__name__}")
     bases = data.pop("base", None)
     if bases is None:
         return data
     merged: dict[str, Any] = {}
-    for base in [bases] if isinstance(bases, str) else list(bases):
-        if not isinstance(base, str):
+    for base in [bases] if isinstance(bases, str) else bases if isinstance(bases, list) else [bases]:
+        if not isinstance(base, str) or not base or "\0" in base:
             raise ConfigError(f"config file {path}: 'base' must be a file name or a list of them")
         merged = _deep_merge(merged, _read_yaml(path.parent / base, (*seen, resolved)))
     return _deep_merge(merged, data)
@@ -243,8 +311,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} is not KEY=VALUE with a dotted key, e.g. optim.lr=1e-3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = _safe_yaml(raw) if raw.strip() else None
+    except (yaml.YAMLError, ValueError):  # not YAML (or an alias): the text itself, which the schema then checks
         value = raw
     return key.split("."), value
 
@@ -312,16 +380,16 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _coerce(value, arg, key, source)
             except ConfigError:
                 continue
-        raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {_show(value)}")
     if origin is list:
         if isinstance(value, (list, tuple)):
             (inner,) = typing.get_args(tp)
             return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
-        raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {_show(value)}")
     if origin is dict:
         if isinstance(value, dict):
             return dict(value)
-        raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        raise ConfigError(f"{source}: {key} must be a mapping, got {_show(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -331,13 +399,17 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
             try:
-                return float(value)
-            except ValueError:
-                pass
+                number = float(value)
+            except OverflowError:  # an integer of hundreds of digits
+                number = None
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None and math.isfinite(number):
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -345,12 +417,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return str(value)
     elif tp is Any:
         return value
-    raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {_show(value)}")
 
 
 def _build(cls: type, values: Any, prefix: str, source: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"{source}: {prefix or 'the config'} must be a mapping, got {values!r}")
+        raise ConfigError(f"{source}: {prefix or 'the config'} must be a mapping, got {_show(values)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -358,7 +430,8 @@ def _build(cls: type, values: Any, prefix: str, source: str) -> Any:
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
             known = ", ".join(fields)
-            raise ConfigError(f"{source}: unknown config key '{full}' (known {prefix or 'sections'}: {known})")
+            shown = _show(full)[1:-1] if isinstance(key, str) else _show(full)
+            raise ConfigError(f"{source}: unknown config key '{shown}' (known {prefix or 'sections'}: {known})")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, full, source)
@@ -381,14 +454,22 @@ def _validate(cfg: Config, source: str) -> None:
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
             value = _get(cfg, key)
-            raise ConfigError(f"{source}: {key} must be {what}, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be {what}, got {_show(value)}")
 
     for key, choices in _CHOICES.items():
         need(_get(cfg, key) in choices, key, "one of " + ", ".join(map(str, choices)))
     need(cfg.train.epochs >= 1, "train.epochs", "at least 1")
     need(cfg.data.batch_size >= 1, "data.batch_size", "at least 1")
     need(cfg.data.eval_batch_size is None or cfg.data.eval_batch_size >= 1, "data.eval_batch_size", "at least 1")
-    need(cfg.data.input_size >= 16, "data.input_size", "at least 16 pixels")
+    twice = sorted(k for k in cfg.model.kwargs if k in {f.name for f in dataclasses.fields(ModelConfig)})
+    if twice:  # the task passes model.X itself: the same key in model.kwargs would reach the constructor twice
+        raise ConfigError(f"{source}: set model.{twice[0]}, not model.kwargs.{twice[0]}")
+    need(16 <= cfg.data.input_size <= _MAX_SIDE, "data.input_size", f"16..{_MAX_SIDE} pixels")
+    for key in ("model.checkpoint", "distill.teacher_checkpoint", "distill.teacher"):
+        need(_get(cfg, key) is None or _get(cfg, key).strip() != "", key, "a file (or model name), or null")
+    need(0 <= cfg.model.drop_path_rate < 1, "model.drop_path_rate", "in [0, 1)")
+    need(0 <= cfg.model.drop_rate < 1, "model.drop_rate", "in [0, 1)")
+    need(cfg.model.num_classes is None or 1 <= cfg.model.num_classes <= 100_000, "model.num_classes", "1..100000")
     need(cfg.data.workers >= 0, "data.workers", "0 or more")
     need(cfg.data.limit_train is None or cfg.data.limit_train >= 1, "data.limit_train", "at least 1")
     need(cfg.data.limit_val is None or cfg.data.limit_val >= 1, "data.limit_val", "at least 1")
@@ -404,10 +485,12 @@ def _validate(cfg: Config, source: str) -> None:
     need(cfg.distill.tau > 0, "distill.tau", "positive")
     need(0 <= cfg.aug.smoothing < 1, "aug.smoothing", "in [0, 1)")
     need(cfg.aug.repeats >= 1, "aug.repeats", "at least 1")
-    need(cfg.aug.crop_padding >= 0, "aug.crop_padding", "0 or more")
+    need(cfg.aug.repeats <= 64, "aug.repeats", "at most 64")
+    need(0 <= cfg.aug.re_count <= 64, "aug.re_count", "0..64")
+    need(0 <= cfg.aug.crop_padding <= _MAX_SIDE, "aug.crop_padding", f"0..{_MAX_SIDE}")
     zoom = cfg.aug.zoom
-    zoom_ok = zoom is None or (len(zoom) == 2 and 4 <= zoom[0] <= zoom[1])
-    need(zoom_ok, "aug.zoom", "null or [min, max] with 4 <= min <= max")
+    zoom_ok = zoom is None or (len(zoom) == 2 and 4 <= zoom[0] <= zoom[1] <= _MAX_SIDE)
+    need(zoom_ok, "aug.zoom", f"null or [min, max] with 4 <= min <= max <= {_MAX_SIDE}")
     need(cfg.aug.noise >= 0, "aug.noise", "0 or more")
     need(cfg.train.log_interval >= 1, "train.log_interval", "at least 1")
     need(cfg.train.eval_interval >= 1, "train.eval_interval", "at least 1")
@@ -424,6 +507,12 @@ def _validate(cfg: Config, source: str) -> None:
         )
     if cfg.distill.type != "none" and cfg.model.distillation is False:
         raise ConfigError(f"{source}: distill.type {cfg.distill.type!r} needs model.distillation true (or null)")
+
+
+def _show(value: Any) -> str:
+    """A value for a one-line message: its repr, cut short (a key may hold a list of a million numbers)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _get(cfg: Config, dotted: str) -> Any:

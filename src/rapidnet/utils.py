@@ -7,9 +7,12 @@ Nothing here imports another part of rapidnet except :mod:`rapidnet.errors`, so 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pickle
-from collections.abc import Callable, Mapping
+import re
+import shutil
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,17 @@ from torch import nn
 
 from rapidnet.errors import CheckpointError, ConfigError
 
-__all__ = ["atomic_write", "jsonable", "read_checkpoint", "subset_indices", "unwrap_model"]
+__all__ = [
+    "atomic_write",
+    "jsonable",
+    "read_checkpoint",
+    "refuse_overwriting_input",
+    "remove_stale_temp_files",
+    "subset_indices",
+    "temp_path",
+    "unwrap_model",
+    "write_error",
+]
 
 
 # ---- files ---------------------------------------------------------------------------------------------------------
@@ -44,13 +57,14 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        if "GLOBAL" in str(e) or "Unsupported global" in str(e):  # a class or function by name: it could run code
             raise CheckpointError(
                 f"{path} holds Python objects that safe loading refuses (they could run code): "
                 "re-save just the state_dict with torch.save(model.state_dict(), ...)"
             ) from None
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({detail}): is it truncated?") from None
+        detail = next((line for line in lines if line.startswith("Unsupported operand")), lines[0])[:120]
+        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({detail}): re-download it") from None
     except Exception as e:  # a cut file fails in many ways: zip, unpickler (KeyError), EOF, ...
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
@@ -71,20 +85,202 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file behind."""
+#: the temporary name :func:`atomic_write` writes to: ``.NAME.tmpPID`` beside ``NAME``
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>[0-9]+)$")
+
+#: errno -> (what happened to the folder, the fix); other OSErrors keep the generic message
+_DISK_ERRORS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("the disk holding {folder} is full", "free space there or choose an output folder on another disk"),
+    errno.EDQUOT: ("your disk quota on {folder} is used up", "free space there or choose another output folder"),
+    errno.EROFS: ("{folder} is on a read-only file system", "choose a writable output folder"),
+    errno.EACCES: ("permission denied in {folder}", "choose an output folder you can write to"),
+    errno.EPERM: ("permission denied in {folder}", "choose an output folder you can write to"),
+    errno.EFBIG: ("the file is larger than {folder} (or `ulimit -f`) allows", "choose another output folder"),
+}
+#: how Rust writers (safetensors) report an OS error inside their own exception type
+_OS_ERROR_TEXT = re.compile(r"os error ([0-9]+)")
+#: what torch's zip writer (a RuntimeError) and safetensors (their own error) say when the disk fills up mid-write
+_FULL_DISK_TEXT = ("unexpected pos", "file write failed", "no space left", "storagefull", "quota exceeded")
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """Where :func:`atomic_write` writes ``path`` first: a hidden ``.NAME.tmpPID`` beside it (same file system, so
+    the final rename is atomic; the PID tells a stale file of a killed process from one being written)."""
     path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _free_space(folder: Path) -> str:
+    """``" (now 12.3 MB free)"`` for the file system holding ``folder`` (or its nearest existing parent), else ``""``
+    (measured after the partial file was removed, so it tells how far the disk was from holding the file)."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            try:
+                free = float(shutil.disk_usage(candidate).free)
+            except OSError:
+                return ""
+            unit = "bytes"
+            for unit in ("bytes", "kB", "MB", "GB", "TB"):
+                if free < 1000 or unit == "TB":
+                    break
+                free /= 1000
+            return f" (now {free:.0f} bytes free)" if unit == "bytes" else f" (now {free:.1f} {unit} free)"
+    return ""
+
+
+def write_error(path: str | os.PathLike, error: BaseException) -> CheckpointError | None:
+    """The one-line error for a failed write of ``path``, naming the folder and the fix; None for an exception that
+    is not about the disk (a bug, which should keep its traceback).
+
+    Disk full, quota, read-only file system and permissions are told apart by ``errno``; torch's zip writer reports
+    a full disk only as a ``RuntimeError`` ("unexpected pos", "file write failed") and safetensors as its own error
+    type ("os error 28"), so those are recognised by their text.
+    """
+    path = Path(path)
+    folder = path.parent.absolute()
+    if isinstance(error, OSError):
+        known = _DISK_ERRORS.get(error.errno or -1)
+        if known is None:
+            return CheckpointError(f"cannot write {path} ({error.strerror or error}): choose a writable output path")
+        what, fix = known
+        space = _free_space(folder) if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        return CheckpointError(f"cannot write {path}: {what.format(folder=folder)}{space}: {fix}")
+    text = " ".join(str(error).split())
+    code = _OS_ERROR_TEXT.search(text)
+    if isinstance(error, Exception) and code is not None:
+        number = int(code.group(1))
+        return write_error(path, OSError(number, os.strerror(number)))
+    if isinstance(error, Exception) and any(marker in text.lower() for marker in _FULL_DISK_TEXT):
+        detail = text[-100:] if len(text) > 100 else text
+        return CheckpointError(
+            f"cannot write {path}: the write stopped part-way ({detail}), most likely because the disk holding "
+            f"{folder} is full{_free_space(folder)}: free space there or choose an output folder on another disk"
+        )
+    return None
+
+
+def _discard(path: Path) -> None:
+    """Remove a temporary file (or folder) if it is there; never raises, as it runs while another error unwinds."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file behind.
+
+    On any failure (an exception of the writer, a full disk, Ctrl-C) the temporary file is removed and ``path``
+    keeps its previous content; disk problems become a one-line :class:`CheckpointError` (:func:`write_error`).
+    A SIGKILL cannot be cleaned up after: :func:`remove_stale_temp_files` removes such leftovers later.
+    """
+    path = Path(path)
+    tmp = temp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 temp files: give the usual permissions
         os.replace(tmp, path)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path} ({e.strerror or e}): choose a writable output path") from None
+    except BaseException as e:
+        _discard(tmp)
+        error = write_error(path, e)
+        if error is not None:
+            raise error from None
+        raise
     return path
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs here (one of another user counts as running)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``.NAME.tmpPID`` files (:func:`temp_path`) in ``folder`` that no running process is writing.
+
+    A process killed during a save (SIGKILL, power loss) leaves its temporary file, possibly tens of MB. A file of
+    this process's own id counts as stale too: call this before the process starts writing into ``folder`` (a
+    restarted container often reuses the ids of the one before). Returns the files removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed: list[Path] = []
+    for entry in sorted(folder.iterdir()):
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or entry.is_dir():
+            continue
+        pid = int(match["pid"])
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:
+            entry.unlink()
+        except OSError:
+            continue
+        removed.append(entry)
+    return removed
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` name one file: the same resolved path (symbolic links followed) or, when both exist, the same
+    inode (hard links, bind mounts, case-insensitive names)."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return os.path.samefile(a, b)
+    except (OSError, RuntimeError):  # a missing file, or a loop of symbolic links
+        return False
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """``path`` lies somewhere under ``folder``, symbolic links followed."""
+    try:
+        return folder.resolve() in path.resolve().parents
+    except (OSError, RuntimeError):
+        return False
+
+
+def refuse_overwriting_input(
+    outputs: str | os.PathLike | Iterable[str | os.PathLike], *inputs: str | os.PathLike | None
+) -> None:
+    """Raise a one-line :class:`ConfigError` when writing ``outputs`` would replace one of ``inputs``.
+
+    ``outputs`` is one path or several (e.g. OpenVINO's ``.xml`` and its ``.bin``); ``None`` inputs are skipped. An
+    output is refused when it is the same file as an input (:func:`_same_file`) or a folder holding an input (a
+    folder output, e.g. a ``.mlpackage`` or a data set, is replaced as a whole). Call it before any work, so that a
+    command never reads its source, computes for minutes and then destroys that source with its result.
+    """
+    paths = [outputs] if isinstance(outputs, (str, os.PathLike)) else list(outputs)
+    for output in (Path(p).expanduser() for p in paths):
+        for given in inputs:
+            if given is None or str(given) == "":
+                continue
+            source = Path(given).expanduser()
+            if _same_file(output, source):
+                raise ConfigError(
+                    f"output {output} is the same file as the input {source}: writing it would destroy the input; "
+                    "choose another output path"
+                )
+            if _inside(source, output):
+                raise ConfigError(
+                    f"output {output} is a folder holding the input {source}: writing it would destroy the input; "
+                    "choose another output path"
+                )
 
 
 # ---- models and data -----------------------------------------------------------------------------------------------

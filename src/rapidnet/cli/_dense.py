@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from rapidnet.cli.train import add_train_options, load_run_config, run_training
+from rapidnet.data import load_rgb
 from rapidnet.data.ade20k import SegEvalTransform
 from rapidnet.engine.distributed import resolve_device
 from rapidnet.errors import ConfigError, DataError
@@ -22,7 +22,7 @@ from rapidnet.metrics import CocoEvaluator, SegmentationMetrics
 from rapidnet.models import load
 from rapidnet.tasks import TASKS
 from rapidnet.tasks import _dense as dense_tasks  # called through the module: tests patch its functions
-from rapidnet.utils import subset_indices
+from rapidnet.utils import refuse_overwriting_input, subset_indices
 from rapidnet.visualize import draw_instances, draw_semantic, save_png
 
 _NAMES = {"detection": ("det", "Mask R-CNN", "a COCO-format folder (annotations/instances_{train,val}.json)"),
@@ -128,8 +128,7 @@ def _load(path: str, kind: str, device: torch.device, use_ema: bool = True) -> t
 def _read_image(path: str) -> torch.Tensor:
 
     try:
-        with Image.open(path) as img:
-            pil = img.convert("RGB")
+        pil = load_rgb(path)  # refuses decompression bombs, scales 16-bit images
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read image {path} ({' '.join(str(e).split())[:120]}): pass an image file") from None
     return TF.to_dtype(TF.pil_to_tensor(pil), torch.float32, scale=True)
@@ -137,11 +136,13 @@ def _read_image(path: str) -> torch.Tensor:
 
 @torch.no_grad()
 def _predict(args: argparse.Namespace, kind: str) -> int:
+    out = Path(args.output).expanduser()
+    # an overlay OUT/STEM.png must not replace one of the images (or the checkpoint) it is drawn from
+    refuse_overwriting_input([out / f"{Path(p).stem}.png" for p in args.images], *args.images, args.checkpoint)
     device = resolve_device(args.device)
     images = [(path, _read_image(path)) for path in args.images]  # every file is checked before the model loads
     model, meta = _load(args.checkpoint, kind, device)
     names = meta["class_names"]
-    out = Path(args.output).expanduser()
     for path, image in images:
         if kind == "detection":
             pred = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}

@@ -10,6 +10,7 @@ from rapidnet.deploy.bench import (
     BACKENDS,
     DEFAULT_MODELS,
     format_table,
+    installed_backends,
     load_accuracies,
     plot_latency_vs_accuracy,
     run_benchmark,
@@ -23,13 +24,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--backends",
         nargs="+",
-        default=["torch", "torch-cl", "ort-fp32", "ort-int8", "cuda"],
-        help=f"of {', '.join(BACKENDS)} (cuda is skipped where absent)",
+        help=f"of {', '.join(BACKENDS)} (default: every one installed here; cuda is skipped where absent)",
     )
     p.add_argument("--resolution", type=int, nargs="+", default=[224], metavar="PX", help="H [W]")
     p.add_argument("--batch", type=int, default=1, help="latency batch size")
     p.add_argument("--throughput-batch", type=int, default=0, help="also time this batch size (0: skip)")
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads for PyTorch and onnxruntime")
+    p.add_argument("--threads", type=int, default=2, help="threads for every backend (PyTorch, each runtime)")
     p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
     p.add_argument("--accuracies", help="JSON {model: top1} of measured accuracies for the plot")
     p.add_argument("--output", default="runs/bench", help="folder for bench.json and latency_vs_top1.png")
@@ -44,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--threads, --rounds and --batch must be at least 1")
     batches = [args.batch] + ([args.throughput_batch] if args.throughput_batch else [])
     accuracies = load_accuracies(args.accuracies)
+    backends = args.backends or installed_backends()
     report = run_benchmark(
-        args.models, args.backends, (args.resolution[0], args.resolution[-1]), batches, args.threads, args.rounds
+        args.models, backends, (args.resolution[0], args.resolution[-1]), batches, args.threads, args.rounds
     )
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

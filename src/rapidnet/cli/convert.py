@@ -11,6 +11,7 @@ import json
 
 from rapidnet.models import RapidNet, load, reparameterize, save_weights
 from rapidnet.models.checkpoint import model_arch
+from rapidnet.utils import refuse_overwriting_input
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -24,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_overwriting_input(args.dst, args.src)
     model, meta = load(args.src, model=args.model, use_ema=not args.raw_weights, task="classification")
     if args.reparameterize:
         model = reparameterize(model)

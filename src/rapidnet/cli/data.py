@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from rapidnet.data.mosaic import DEFAULT_MOSAIC_STYLE, MOSAIC_STYLES, build_mosaic
+from rapidnet.utils import refuse_overwriting_input
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
 
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    refuse_overwriting_input(args.out, args.fashion_mnist)  # --overwrite replaces the whole --out folder
     out = build_mosaic(
         args.out,
         seed=args.seed,

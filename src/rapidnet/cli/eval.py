@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from rapidnet.cli._args import fraction, int_in
 from rapidnet.config import Config
 from rapidnet.data import build_dataset
 from rapidnet.deploy.cpu import optimize_
@@ -21,6 +22,7 @@ from rapidnet.engine.distributed import DistInfo, resolve_device
 from rapidnet.engine.task import RunContext
 from rapidnet.errors import ConfigError, DataError
 from rapidnet.models import RapidNet, load, reparameterize
+from rapidnet.models.checkpoint import INTERPOLATIONS, MAX_SIDE, MIN_SIDE, check_resize
 from rapidnet.tasks.classification import (
     build_eval_loader,
     build_eval_transform,
@@ -48,9 +50,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action="store_true", help="bfloat16 (CPU) / float16 (CUDA) autocast")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--input-size", type=int, metavar="PX", help="override the checkpoint's input size")
-    p.add_argument("--crop-pct", type=float, help="override the checkpoint's crop_pct")
-    p.add_argument("--interpolation", help="override the checkpoint's resize interpolation")
+    p.add_argument(
+        "--input-size",
+        type=int_in(MIN_SIDE, MAX_SIDE),
+        metavar="PX",
+        help=f"override the checkpoint's input size ({MIN_SIDE}..{MAX_SIDE})",
+    )
+    p.add_argument("--crop-pct", type=fraction, help="override the checkpoint's crop_pct, in (0, 1]")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, help="override the checkpoint's resize interpolation")
     p.add_argument("--limit", type=int, metavar="N", help="a fixed random subset of N images (as --limit-val)")
     p.add_argument("--reparameterize", action="store_true", help="evaluate the fused inference model")
     p.add_argument("--raw-weights", action="store_true", help="the raw weights, not the EMA ones, when both exist")
@@ -89,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         model = optimize_(model) if device.type == "cpu" else reparameterize(model)
     data_config = eval_data_config(model, input_size=args.input_size)
     if args.crop_pct is not None:
+        try:
+            check_resize(max(data_config["input_size"][1:]), args.crop_pct)
+        except ValueError as e:
+            raise ConfigError(f"--crop-pct {args.crop_pct}: {e}: use a larger fraction, e.g. 0.875") from None
         data_config["crop_pct"] = args.crop_pct
     if args.interpolation is not None:
         data_config["interpolation"] = args.interpolation

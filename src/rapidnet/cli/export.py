@@ -18,6 +18,7 @@ import torch
 from rapidnet.deploy.export import DEFAULT_OPSET, FORMATS, check_resolution, check_writable, export
 from rapidnet.errors import ConfigError
 from rapidnet.models import create_model, load
+from rapidnet.utils import refuse_overwriting_input
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -69,6 +70,9 @@ def _export(args: argparse.Namespace) -> int:
         raise ConfigError("--fp16 applies to --format coreml only: the other formats export fp32")
     stem = args.model or (Path(args.checkpoint).stem if args.checkpoint else "rapidnet_ti")
     output = args.output or f"{stem}{'_features' if args.features_only else ''}{FORMATS[args.format]}"
+    # OpenVINO writes its weights to NAME.bin beside NAME.xml: that file must not be the source either
+    written = [Path(output), Path(output).with_suffix(".bin")] if args.format == "openvino" else [Path(output)]
+    refuse_overwriting_input(written, args.checkpoint)
     check_writable(output)
     if args.checkpoint is not None:
         model, _ = load(args.checkpoint, model=args.model, features_only=args.features_only, task="classification")

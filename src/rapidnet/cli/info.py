@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from rapidnet.cli._args import int_in
 from rapidnet.errors import ConfigError
 from rapidnet.models import VARIANTS, create_model, reparameterize
+from rapidnet.models.checkpoint import MAX_CLASSES, MAX_SIDE
 from rapidnet.models.complexity import count_gmacs, count_params
 
 
@@ -14,7 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="table of variants: parameters and GMACs", description=__doc__)
     p.add_argument("variants", nargs="*", help=f"variants to show (default: all of {', '.join(VARIANTS)})")
     p.add_argument("--resolution", type=int, nargs="+", default=[224], metavar="PX", help="H [W] (default 224)")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument(
+        "--num-classes", type=int_in(0, MAX_CLASSES), default=1000, help="classifier outputs (0: none; default 1000)"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
@@ -55,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     for n in names:
         if n not in VARIANTS:
             raise ConfigError(f"unknown variant {n!r}: choose from {', '.join(VARIANTS)}")
-    if len(args.resolution) not in (1, 2) or min(args.resolution) < 32:
-        raise ConfigError("--resolution takes H or H W, each at least 32 pixels")
+    if len(args.resolution) not in (1, 2) or min(args.resolution) < 32 or max(args.resolution) > MAX_SIDE:
+        raise ConfigError(f"--resolution takes H or H W, each at least 32 and at most {MAX_SIDE} pixels")
     hw = (args.resolution[0], args.resolution[-1])
     rows = [variant_info(n, hw, args.num_classes) for n in names]
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))

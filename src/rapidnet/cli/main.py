@@ -1,7 +1,9 @@
 """The ``rapidnet`` command: one entry point, a module per subcommand.
 
 Bad input raises :class:`~rapidnet.errors.RapidNetError`; here it becomes one line on stderr and exit status 2,
-never a traceback. Ctrl-C exits with 130.
+never a traceback. Ctrl-C exits with 130. Output piped into a reader that stops early (``rapidnet info | head -1``)
+ends quietly with 141 (128 + SIGPIPE, what a shell reports for a program the pipe killed). Running out of memory
+is one line too (exit status 2), as a last resort: inputs are bounded where they are read, so it should not happen.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -50,13 +53,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # timm narrates every weight load ("Loading pretrained weights from state dict")
         logging.getLogger("timm").setLevel(logging.WARNING)
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not as a traceback at interpreter exit
+        return code
     except RapidNetError as e:
-        print(f"rapidnet {args.command}: error: {e}", file=sys.stderr)
+        print(f"rapidnet {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"rapidnet {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+    except MemoryError:
+        advice = "use smaller inputs (batch size, image size) or a machine with more memory"
+        print(f"rapidnet {args.command}: error: out of memory: {advice}", file=sys.stderr)
+        return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """The message on one line, whatever a value quoted in it holds."""
+    return " ".join(str(error).split())
+
+
+def _silence_stdout() -> None:
+    """What the Python docs advise on ``BrokenPipeError`` (library/signal.html, "Note on SIGPIPE"): point stdout at
+    devnull, so that the flush at interpreter exit does not raise a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (stdout replaced, as under pytest's capture)
+        pass
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ term by optimizer update (from ``steps.jsonl``; from the epoch means of ``log.js
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
 from rapidnet.engine.runlog import read_jsonl
 from rapidnet.errors import DataError
-from rapidnet.utils import atomic_write
+from rapidnet.utils import atomic_write, refuse_overwriting_input
 
 #: validation metrics drawn in the second panel, when the log has them: classification, then the dense tasks
 _METRICS = (
@@ -36,8 +37,27 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _series(records: list[dict[str, Any]], key: str) -> list[float] | None:
+    """The values of ``key`` per record (NaN where absent), None when no record has it; a value that is not a number
+    (a log edited by hand, or written by another program) is a one-line error naming the key and the epoch."""
     values = [r.get(key) for r in records]
-    return [float("nan") if v is None else float(v) for v in values] if any(v is not None for v in values) else None
+    if all(v is None for v in values):
+        return None
+    out = []
+    for record, value in zip(records, values, strict=True):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            where = f"epoch {record['epoch']!r}" if "epoch" in record else "a record"
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise DataError(f"log {key} of {where} is {shown}, not a number: was the log edited by hand?")
+        out.append(float("nan") if value is None else float(value))
+    return out
+
+
+def _axis(records: list[dict[str, Any]], key: str) -> list[float]:
+    """x values: ``key`` of each record (checked to be numbers), the record's index where it is absent."""
+    values = _series(records, key)
+    if values is None:
+        return [float(i) for i in range(len(records))]
+    return [float(i) if math.isnan(v) else v for i, v in enumerate(values)]
 
 
 def loss_terms(log_records: list[dict[str, Any]], step_records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -49,7 +69,7 @@ def loss_terms(log_records: list[dict[str, Any]], step_records: list[dict[str, A
     if names:
         terms = {name: _series(step_records, name) for name in names}
         return {
-            "x": [r.get("update", i) for i, r in enumerate(step_records)],
+            "x": _axis(step_records, "update"),
             "xlabel": "optimizer update",
             "terms": terms,
         }
@@ -57,7 +77,16 @@ def loss_terms(log_records: list[dict[str, Any]], step_records: list[dict[str, A
     if not keys:
         return {}
     terms = {key[len("train_") :]: _series(log_records, key) for key in keys}
-    return {"x": [r["epoch"] for r in log_records], "xlabel": "epoch", "terms": terms}
+    return {"x": _series(log_records, "epoch"), "xlabel": "epoch", "terms": terms}
+
+
+def _read_log(path: Path, missing_ok: bool = False) -> list[dict[str, Any]]:
+    """``read_jsonl`` with a one-line error for a log that is not a readable text file."""
+    try:
+        return read_jsonl(path, missing_ok=missing_ok)
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise DataError(f"cannot read log {path} ({reason}): pass the folder written by `rapidnet train`") from None
 
 
 def plot_run(log_path: Path, out: Path) -> Path:
@@ -67,11 +96,11 @@ def plot_run(log_path: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in read_jsonl(log_path) if "epoch" in r]
+    records = [r for r in _read_log(log_path) if "epoch" in r]
     if not records:
         raise DataError(f"{log_path} has no epoch records yet: plot after the first epoch has finished")
-    epochs = [r["epoch"] for r in records]
-    terms = loss_terms(records, read_jsonl(log_path.parent / "steps.jsonl", missing_ok=True))
+    epochs = _series(records, "epoch")
+    terms = loss_terms(records, _read_log(log_path.parent / "steps.jsonl", missing_ok=True))
 
     panels = 3 if terms else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
@@ -115,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     if not path.exists():
         raise DataError(f"run folder {path} does not exist: pass the --output folder of `rapidnet train`")
     out = Path(args.output) if args.output else log_path.parent / "curves.png"
+    refuse_overwriting_input(out, log_path)
     plot_run(log_path, out)
     print(f"wrote {out}")
     return 0

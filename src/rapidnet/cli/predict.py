@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
+from rapidnet.cli._args import int_in
+from rapidnet.data import load_rgb
 from rapidnet.deploy.cpu import optimize_
 from rapidnet.errors import DataError
 from rapidnet.models import create_model, load
+from rapidnet.models.checkpoint import MAX_CLASSES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
 
@@ -28,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="variant without a checkpoint (default rapidnet_ti, random weights); with one, the timm model a file "
         "without metadata holds, or the variant to check the file against",
     )
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int_in(1, MAX_CLASSES), default=5, help="classes to show per image (default 5)")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -46,6 +48,30 @@ def collect_images(paths: list[str]) -> list[Path]:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise DataError(f"no images in {', '.join(paths)}: expected files ending in {suffixes}")
     return found
+
+
+def read_image(path: Path) -> Any:
+    """An image as RGB (16-bit scaled, oversized refused: :func:`rapidnet.data.load_rgb`), or a one-line error."""
+    try:
+        return load_rgb(path)
+    except DataError:
+        raise
+    except Exception as e:  # Pillow raises many types for a file it cannot decode (OSError, ValueError, SyntaxError)
+        detail = " ".join(f"{type(e).__name__}: {e}".split())[:120]
+        raise DataError(f"cannot read image {path} ({detail}): is it a valid image file?") from None
+
+
+def channel_config(data_config: dict[str, Any]) -> dict[str, Any]:
+    """The eval transform for the model's input channels: RGB, or greyscale with one mean and one std (the mean of
+    the stored three, as timm's ``adapt_input_conv`` sums the RGB filters of a grey model)."""
+    chans = data_config["input_size"][0]
+    if chans not in (1, 3):
+        raise DataError(f"the model takes {chans}-channel input: predict reads RGB or greyscale images")
+    if chans == 1:
+        for key in ("mean", "std"):
+            values = tuple(data_config[key])
+            data_config[key] = (sum(values) / len(values),)
+    return data_config
 
 
 def class_names(metadata: Mapping[str, Any], num_classes: int) -> list[str]:
@@ -67,14 +93,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: no --checkpoint: {name} has RANDOM weights, so these predictions mean nothing")
         model, metadata = create_model(name), {}
     model = optimize_(model)  # folded, plus the eager-CPU kernels (rapidnet.deploy.cpu); in place: ours
-    transform = create_transform(**resolve_data_config(model=model))
+    data_config = channel_config(resolve_data_config(model=model))
+    transform = create_transform(**data_config)
+    mode = "L" if data_config["input_size"][0] == 1 else "RGB"
     names = class_names(metadata, model.num_classes)
     results = []
     for f in files:
-        try:
-            image = Image.open(f).convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(f"cannot read image {f} ({e.__class__.__name__}): is it a valid image file?") from None
+        image = read_image(f).convert(mode)
         with torch.no_grad():
             probs = model(transform(image).unsqueeze(0)).softmax(-1)[0]
         top = probs.topk(min(args.top_k, probs.numel()))

@@ -3,6 +3,8 @@
 Examples: ``rapidnet train --config configs/fashion_mnist_rapidnet_ti.yaml --output runs/fm``;
 ``torchrun --nproc_per_node 8 -m rapidnet.cli.main train --config configs/imagenet_rapidnet_ti.yaml --data /imagenet``;
 ``rapidnet train --resume runs/fm/last.pt`` continues a stopped run exactly (it reuses the checkpoint's config).
+An --output folder that holds another run is refused (a new run there, or a resume of another run into it) unless
+--force is given, which deletes that run's checkpoints, logs and config first.
 A config for another task (``task.name: detection|segmentation``) is refused: ``rapidnet det|seg train`` trains it.
 Logs: ``log.jsonl``, ``steps.jsonl`` and, with ``tensorboard`` installed, ``OUTPUT/tensorboard/`` event files.
 """
@@ -17,7 +19,9 @@ from typing import Any
 from rapidnet.config import load_config
 from rapidnet.engine import Trainer
 from rapidnet.engine.checkpoint import load_training_state
+from rapidnet.engine.trainer import RUN_FILES
 from rapidnet.tasks.classification import ClassificationTask
+from rapidnet.utils import refuse_overwriting_input
 
 #: command-line flag (argparse dest) -> config key
 FLAG_KEYS: dict[str, str] = {
@@ -75,6 +79,11 @@ def add_train_options(
     p.add_argument("--batch-size", type=int, help="images per step on each process")
     p.add_argument("--lr", type=float, help="learning rate (default: base_lr x global batch / 1024)")
     p.add_argument("--output", help="run folder (checkpoints, logs); default: the config's, or the resumed run's")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the run already in --output (its checkpoints, logs and config are deleted when this run starts)",
+    )
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, help="data loading processes per training process")
     p.add_argument(
@@ -159,5 +168,9 @@ def run_training(args: argparse.Namespace, task_factory: Callable[[Any], Any], c
     """Train ``task_factory(cfg)`` with the engine (``cfg`` default: :func:`load_run_config`); the exit status."""
 
     cfg = cfg if cfg is not None else load_run_config(args)
-    result = Trainer(task_factory(cfg), cfg, resume=args.resume, progress=args.progress).fit()
-    return result.exit_code
+    # the run writes (and --force deletes) these files: none may be a checkpoint the run starts from
+    run_files = [Path(cfg.train.output) / name for name in RUN_FILES if name != "config.yaml"]
+    sources = (cfg.model.checkpoint, cfg.distill.teacher_checkpoint, cfg.task.get("backbone_checkpoint"))
+    refuse_overwriting_input(run_files, *(s for s in sources if isinstance(s, str)))
+    trainer = Trainer(task_factory(cfg), cfg, resume=args.resume, progress=args.progress, force=args.force)
+    return trainer.fit().exit_code

@@ -27,6 +27,7 @@ from rapidnet.data.fashion_mnist import (
 )
 from rapidnet.data.folder import (
     IMG_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
     CorruptSample,
     ImageFolderDataset,
     check_same_classes,
@@ -44,6 +45,7 @@ __all__ = [
     "FASHION_MNIST_FILES",
     "FASHION_MNIST_NAME",
     "IMG_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
     "CorruptSample",
     "FashionMNIST",
     "ImageFolderDataset",
@@ -79,7 +81,7 @@ def build_dataset(
 
     ``data`` is ``"fashion-mnist"`` (the installed copy, see ``find_fashion_mnist``), a folder holding the four
     Fashion-MNIST IDX files, or an ImageFolder root with ``train/`` and ``val/``. Fashion-MNIST's "val" is its test
-    split. The result always has ``.classes`` (list[str]).
+    split. The result always has ``.classes`` (list[str]); an ImageFolder split needs at least 2 classes.
     """
     kind = _SPLITS.get(split)
     if kind is None:
@@ -99,7 +101,7 @@ def build_dataset(
         sub = path / kind
         if not sub.is_dir():
             raise DataError(f"ImageFolder root {path} has no {kind}/ sub-folder: {_EXPECTED}")
-        return ImageFolderDataset(sub, transform=transform)
+        return ImageFolderDataset(sub, transform=transform, min_classes=2)
 
     found, missing = locate_fashion_mnist_files(path)
     if found:

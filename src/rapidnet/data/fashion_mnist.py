@@ -140,6 +140,37 @@ def _idx_error(path: Path, problem: str) -> DataError:
     return DataError(f"IDX file {path} {problem}: re-download it or reinstall the package that provides it")
 
 
+#: a gzipped file may expand to this many times its size (Fashion-MNIST's expand 2-5x), and at least to 64 MB: a
+#: "gzip bomb" of 1 MB would otherwise expand to 1 GB in memory before any header check
+_MAX_GZIP_RATIO, _MIN_GUNZIP_BYTES = 50, 64 << 20
+_GUNZIP_CHUNK = 16 << 20
+
+
+class _TooLarge(Exception):
+    """A gzip stream that expands past its limit (the limit is the argument)."""
+
+
+def _gunzip_bounded(data: bytes, limit: int) -> bytearray:
+    """``gzip.decompress`` that stops with :class:`_TooLarge` once the output passes ``limit`` bytes.
+
+    Output comes in chunks of at most 16 MB, so the peak memory is the output so far plus one chunk.
+    """
+    out = bytearray()
+    while data:
+        inflate = zlib.decompressobj(wbits=31)  # one gzip member (``gzip.compress`` output may hold several)
+        while True:
+            out += inflate.decompress(data, _GUNZIP_CHUNK)
+            if len(out) > limit:
+                raise _TooLarge(limit)
+            data = inflate.unconsumed_tail
+            if inflate.eof or not data:
+                break
+        if not inflate.eof:
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+        data = inflate.unused_data.lstrip(b"\0")
+    return out
+
+
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an IDX file (gzipped or plain, detected from its content) into a native-endian numpy array.
 
@@ -148,7 +179,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw: bytes | bytearray = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"IDX file {path} does not exist: pass a folder containing the four IDX files") from None
     except OSError as exc:
@@ -157,9 +188,11 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         ) from None
     if raw[:2] == b"\x1f\x8b":
         try:
-            raw = gzip.decompress(raw)
+            raw = _gunzip_bounded(raw, max(_MIN_GUNZIP_BYTES, _MAX_GZIP_RATIO * len(raw)))
         except (OSError, EOFError, zlib.error) as exc:
             raise _idx_error(path, f"is a corrupt or truncated gzip file ({_one_line(exc)})") from None
+        except _TooLarge as exc:
+            raise _idx_error(path, f"expands to more than {exc.args[0]:,} bytes (a gzip bomb?)") from None
     if len(raw) < 4:
         raise _idx_error(path, f"is too short to be an IDX file ({len(raw)} bytes)")
     if raw[0] != 0 or raw[1] != 0:

@@ -8,6 +8,8 @@ re-raised traceback), and ``collate_skip_corrupt`` drops the markers and reports
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from rapidnet.errors import DataError
 
 __all__ = [
     "IMG_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
     "CorruptSample",
     "ImageFolderDataset",
     "check_same_classes",
@@ -49,11 +52,58 @@ class CorruptSample:
     reason: str
 
 
+#: the most pixels an image may have to be decoded: Pillow's own threshold (``Image.MAX_IMAGE_PIXELS``, about 89 M),
+#: above which it only warns (and raises ``DecompressionBombError`` from twice that). A PNG header of 40 bytes can
+#: claim 60000 x 60000 pixels, 10 GB once decoded; here anything above the threshold is refused before decoding.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
 def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    """Decode an image fully (``convert`` forces the lazy decode) so truncation is detected here, not in a transform."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
+    """Decode an image fully (``convert`` forces the lazy decode) so truncation is detected here, not in a transform.
+
+    Images of more than :data:`MAX_IMAGE_PIXELS` pixels are refused (``DataError``) from their header, before any
+    decoding. 16-bit and 32-bit greyscale (PNG/TIFF modes ``I;16``, ``I``, ``F``) are scaled to 8 bits rather than
+    clipped: Pillow's ``convert("RGB")`` saturates every value above 255, so a 16-bit scan would come out white.
+    """
+    with open(path, "rb") as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below with a one-line error
+        try:
+            img = Image.open(f)
+        except Image.DecompressionBombError as e:  # over twice the threshold: Pillow says how many pixels
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            raise DataError(_too_large(path, f"{int(found.group(1)):,} pixels" if found else "too large")) from None
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise DataError(_too_large(path, f"{img.width}x{img.height} pixels"))
+        if img.mode.startswith("I") or img.mode == "F":
+            return Image.fromarray(_to_uint8(np.asarray(img)), mode="L").convert("RGB")
         return img.convert("RGB")
+
+
+def _too_large(path: str | os.PathLike[str], size: str) -> str:
+    return (
+        f"image {path} is {size}, more than the {MAX_IMAGE_PIXELS:,} this project decodes "
+        "(a decompression bomb?): resize it or remove it"
+    )
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Greyscale of more than 8 bits to ``uint8``, full range to full range.
+
+    Non-negative values up to 255 (an 8-bit image stored wide) stay as they are, up to 65535 are 16-bit (``I;16``,
+    and the ``I`` of a 16-bit PNG) and are scaled by 255/65535, floats up to 1 by 255; anything else is stretched from
+    its own minimum to its maximum.
+    """
+    values = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:
+        low, high = 0.0, 65535.0  # a dark 16-bit scan stays dark: scale by the format's range, not the image's
+    elif low >= 0:
+        tops = (1.0, 255.0, 65535.0) if arr.dtype.kind == "f" else (255.0, 65535.0)
+        top = next((t for t in tops if high <= t), None)
+        low, high = (0.0, top) if top is not None else (low, high)
+    if high <= low:
+        return np.zeros(arr.shape, np.uint8)
+    return np.rint((values - low) * (255 / (high - low))).clip(0, 255).astype(np.uint8)
 
 
 def _names(names: Sequence[str]) -> str:
@@ -71,6 +121,8 @@ class ImageFolderDataset(torchvision.datasets.ImageFolder):
 
     Hidden sub-folders (``.ipynb_checkpoints``, ``.cache``) are not classes. A class sub-folder with no images is an
     error unless ``allow_empty=True``, since it would silently shift every later class index between train and val.
+    Fewer than ``min_classes`` classes is an error too (``build_dataset`` asks for 2: one class trains to a
+    meaningless 100%).
     """
 
     def __init__(
@@ -81,6 +133,7 @@ class ImageFolderDataset(torchvision.datasets.ImageFolder):
         loader: Callable[[str], Any] = load_rgb,
         is_valid_file: Callable[[str], bool] | None = None,
         allow_empty: bool = False,
+        min_classes: int = 1,
     ) -> None:
         path = Path(root).expanduser()
         layout = f"put images in {path}/<class_name>/, one sub-folder per class"
@@ -100,6 +153,12 @@ class ImageFolderDataset(torchvision.datasets.ImageFolder):
             exts = "/".join(IMG_EXTENSIONS) if is_valid_file is None else "valid"
             raise DataError(
                 f"no images in {path} ({len(self.classes)} class sub-folders, none holding {exts} files): {layout}"
+            )
+        if len(self.classes) < min_classes:
+            raise DataError(
+                f"image folder {path} has {len(self.classes)} class sub-folder ({_names(self.classes)}): a classifier "
+                f"needs at least {min_classes} classes to learn anything (one class is always right): "
+                "add a sub-folder per class"
             )
         used = set(self.targets)
         empty = [name for name, idx in self.class_to_idx.items() if idx not in used]

@@ -1,8 +1,9 @@
-"""Deployment: export the fused RapidNet (ONNX, TorchScript, Core ML, OpenVINO IR, ExecuTorch) and quantize it to int8
-for onnxruntime.
+"""Deployment: export the fused RapidNet (ONNX, TorchScript, Core ML, OpenVINO IR, ExecuTorch), quantize it to int8
+through each runtime's own quantizer (onnxruntime, NNCF for OpenVINO, pt2e + XNNPACKQuantizer for ExecuTorch), run
+the files (:func:`load_runner`) and benchmark them.
 
-``ort_session`` and ``export_onnx`` are the building blocks the benchmark uses for its onnxruntime runs.
 :func:`optimize` (``rapidnet.deploy.cpu``) is the explicit eager-CPU inference pass; exports never take it.
+``rapidnet.deploy.xnnpack`` holds the XNNPACK-only graph rewrites the ExecuTorch exporter applies.
 """
 
 from rapidnet.deploy.cpu import deoptimize_, optimize, optimize_
@@ -32,9 +33,12 @@ from rapidnet.deploy.quantize import (
     calibration_dataset,
     compare_accuracy,
     numpy_batches,
+    quantize_executorch,
     quantize_model,
     quantize_onnx,
+    quantize_openvino,
 )
+from rapidnet.deploy.runtimes import Runner, load_runner, openvino_session
 
 __all__ = [
     "FORMATS",
@@ -43,6 +47,7 @@ __all__ = [
     "ExportResult",
     "ImageCalibrationReader",
     "QuantizeReport",
+    "Runner",
     "calibration_dataset",
     "check_resolution",
     "compare_accuracy",
@@ -54,14 +59,18 @@ __all__ = [
     "export_onnx",
     "export_openvino",
     "export_torchscript",
+    "load_runner",
     "numpy_batches",
+    "openvino_session",
     "optimize",
     "optimize_",
     "ort_session",
     "prepare_model",
     "preprocess_config",
+    "quantize_executorch",
     "quantize_model",
     "quantize_onnx",
+    "quantize_openvino",
     "read_metadata",
     "run_ort",
     "sample_inputs",

@@ -16,13 +16,11 @@ can feed an exported model correctly without the original checkpoint.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -37,6 +35,19 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 from rapidnet.deploy.cpu import deoptimize_
+from rapidnet.deploy.runtimes import (
+    executorch_method,
+    import_openvino,
+    one_line,
+    openvino_session,
+    ort_session,
+    quiet_logs,
+    require,
+    run_executorch,
+    run_openvino,
+    run_ort,
+)
+from rapidnet.deploy.xnnpack import for_xnnpack
 from rapidnet.errors import CheckpointError, ConfigError
 from rapidnet.models import reparameterize
 from rapidnet.models.checkpoint import is_features_model, model_metadata
@@ -184,7 +195,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable ONNX model ({_one_line(e)[:120]})") from None
+        raise CheckpointError(f"{path} is not a readable ONNX model ({one_line(e)[:120]})") from None
     props = {p.key: p.value for p in proto.metadata_props}
     try:
         meta = json.loads(props.get(METADATA_KEY, "{}"))
@@ -193,79 +204,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} has unreadable {METADATA_KEY!r} metadata (not a JSON object): re-export it")
     return meta
-
-
-@contextlib.contextmanager
-def quiet_logs(
-    names: Sequence[str] = ("onnx_ir", "onnxscript", "onnxruntime", "torch.onnx", "torch.export", "coremltools"),
-) -> Any:
-    """Hold the exporters' and quantizer's INFO chatter (hundreds of lines per model) unless logging is at DEBUG."""
-    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
-        yield
-        return
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:  # coremltools warns about things it handles itself (e.g. flattening tuple outputs)
-        lg.setLevel(logging.ERROR if lg.name == "coremltools" else logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-def require(module: str, purpose: str) -> None:
-    """A one-line ConfigError naming the install command when an optional deploy dependency is missing."""
-
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"{purpose} needs the {module} package: pip install 'rapidnet[deploy]'")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-# ---- onnxruntime ---------------------------------------------------------------------------------------------------
-
-
-def ort_session(
-    path: str | os.PathLike,
-    threads: int | None = None,
-    providers: Sequence[str] | None = None,
-    config_entries: Mapping[str, str] | None = None,
-) -> Any:
-    """An onnxruntime ``InferenceSession`` with full graph optimisation and ``threads`` intra-op threads.
-
-    ``threads=None`` lets onnxruntime choose (one per physical core). Inter-op parallelism is off (sequential
-    execution), so ``threads`` is the whole thread budget, which is what a latency measurement needs to state.
-    """
-    require("onnxruntime", "running ONNX models")
-    import onnxruntime as ort
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"ONNX model not found: {path}: check the path")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"threads must be at least 1, got {threads}")
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    for key, value in (config_entries or {}).items():
-        options.add_session_config_entry(key, value)
-    try:
-        return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
-    except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / InvalidProtobuf types
-        raise CheckpointError(f"onnxruntime cannot load {path} ({_one_line(e)[:160]})") from None
-
-
-def run_ort(session: Any, x: np.ndarray | torch.Tensor) -> list[np.ndarray]:
-    """Run a single-input session on a batch; returns all outputs in graph order."""
-    arr = x.numpy() if isinstance(x, torch.Tensor) else x
-    return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(arr, dtype=np.float32)})
 
 
 # ---- exporters -----------------------------------------------------------------------------------------------------
@@ -369,9 +307,7 @@ def _import_coremltools() -> Any:
     try:
         import coremltools as ct
     except ImportError as e:
-        raise ConfigError(
-            f"Core ML export needs coremltools ({_one_line(e)}): pip install 'rapidnet[deploy]'"
-        ) from None
+        raise ConfigError(f"Core ML export needs coremltools ({one_line(e)}): pip install 'rapidnet[deploy]'") from None
     finally:
         ct_logger.setLevel(level)
     return ct
@@ -475,19 +411,13 @@ def verify_torchscript(path: str | os.PathLike, model: nn.Module, inputs: Mappin
     return [compare_outputs(k, _torch_outputs(loaded, x), _torch_outputs(fused, x), x.shape) for k, x in inputs.items()]
 
 
-def _openvino() -> Any:
-    require("openvino", "OpenVINO export")
-    import openvino as ov
-
-    return ov
-
-
 def export_openvino(
     model: nn.Module,
     path: str | os.PathLike,
     resolution: Sequence[int] = (224, 224),
     dynamic_batch: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    batch_size: int = 1,
 ) -> Path:
     """Write the fused ``model`` as OpenVINO IR: ``path`` (``.xml``, the graph) and the ``.bin`` beside it (weights).
 
@@ -495,7 +425,7 @@ def export_openvino(
     the input is named ``input``, the outputs as in the other formats, and the preprocessing metadata is stored in
     the IR's ``rt_info`` under ``rapidnet``. Both files are written to temporary names and renamed.
     """
-    ov = _openvino()
+    ov = import_openvino()
     h, w = check_resolution(resolution)
     path = Path(path)
     if path.suffix != ".xml":
@@ -506,20 +436,26 @@ def export_openvino(
     with warnings.catch_warnings(), quiet_logs(), torch.no_grad():
         warnings.simplefilter("ignore")
         ov_model = ov.convert_model(
-            fused, example_input=example, input=[ov.PartialShape([-1 if dynamic_batch else 1, 3, h, w])]
+            fused, example_input=example, input=[ov.PartialShape([-1 if dynamic_batch else batch_size, 3, h, w])]
         )
     ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
     for port, name in zip(ov_model.outputs, output_names(fused), strict=True):
         port.get_tensor().set_names({name})
     ov_model.set_rt_info(export_metadata(fused, preprocess_config(fused, (h, w)), metadata), METADATA_KEY)
+    return save_openvino(ov_model, path)
+
+
+def save_openvino(ov_model: Any, path: Path) -> Path:
+    """Save an OpenVINO model as ``path`` (.xml) + .bin, float32 weights, both written to temporary names first."""
+    ov = import_openvino()
     weights = path.with_suffix(".bin")
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.xml")
     try:
         ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
         os.replace(tmp.with_suffix(".bin"), weights)
         os.replace(tmp, path)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path} ({e.strerror or e}): choose a writable output path") from None
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"cannot write {path} ({one_line(e)[:120]}): choose a writable output path") from None
     finally:
         for leftover in (tmp, tmp.with_suffix(".bin")):
             leftover.unlink(missing_ok=True)
@@ -539,14 +475,17 @@ def export_executorch(
     path: str | os.PathLike,
     resolution: Sequence[int] = (224, 224),
     batch_size: int = 1,
+    xnnpack_rewrites: bool = True,
 ) -> Path:
     """Write the fused ``model`` as an ExecuTorch program (``.pte``) delegated to XNNPACK, the CPU kernels that
     ExecuTorch runs on Android and iOS: ``torch.export`` of the plain folded graph (contiguous weights, as the
     XNNPACK lowering needs), ``to_edge_transform_and_lower`` with the XNNPACK partitioner, ``to_executorch``.
 
-    The batch size is fixed (``batch_size``): a ``.pte`` plans its memory for the shapes it was exported with.
+    With ``xnnpack_rewrites`` (default) the graph first gets :func:`rapidnet.deploy.xnnpack.for_xnnpack` (depthwise
+    convs larger than XNNPACK's 5x5 tile as strips it runs natively; outputs equal to float rounding). The batch size
+    is fixed (``batch_size``): a ``.pte`` plans its memory for the shapes it was exported with.
     """
-    to_edge_transform_and_lower, partitioner = _executorch_lowering()
+    _executorch_lowering()  # a missing package is a one-line error before any work
     h, w = check_resolution(resolution)
     path = Path(path)
     if path.suffix != ".pte":
@@ -555,67 +494,21 @@ def export_executorch(
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     path = check_writable(path)
     fused = prepare_model(model)
+    if xnnpack_rewrites:
+        fused = for_xnnpack(fused)
     with warnings.catch_warnings(), quiet_logs(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.export.export(fused, (torch.zeros(batch_size, 3, h, w),))
+    return save_executorch(program, path)
+
+
+def save_executorch(program: Any, path: Path) -> Path:
+    """Lower an exported program to XNNPACK (``to_edge_transform_and_lower``) and write the ``.pte`` atomically."""
+    to_edge_transform_and_lower, partitioner = _executorch_lowering()
+    with warnings.catch_warnings(), quiet_logs(), torch.no_grad():
+        warnings.simplefilter("ignore")
         buffer = to_edge_transform_and_lower(program, partitioner=[partitioner()]).to_executorch().buffer
     return _replace_into(path, lambda tmp: tmp.write_bytes(buffer))
-
-
-@contextlib.contextmanager
-def _native_stderr_to_devnull() -> Any:
-    """Hold native libraries' stderr chatter (ExecuTorch's cpuinfo probes print a line per file they try)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def openvino_session(path: str | os.PathLike, threads: int | None = None) -> Any:
-    """OpenVINO's CPU plugin compiled for ``path`` (``.xml``) at float32 precision with ``threads`` threads."""
-    ov = _openvino()
-    path = Path(path)
-    if not path.is_file() or not path.with_suffix(".bin").is_file():
-        raise CheckpointError(f"OpenVINO model not found: {path} (and {path.stem}.bin beside it): check the path")
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # bf16 on AMX CPUs otherwise: 1e-2 off
-    if threads is not None:
-        config["INFERENCE_NUM_THREADS"] = int(threads)
-    try:
-        return ov.Core().compile_model(str(path), "CPU", config)
-    except RuntimeError as e:
-        raise CheckpointError(f"OpenVINO cannot load {path} ({_one_line(e)[:160]})") from None
-
-
-def run_openvino(compiled: Any, x: np.ndarray | torch.Tensor) -> list[np.ndarray]:
-    arr = x.numpy() if isinstance(x, torch.Tensor) else x
-    result = compiled(np.ascontiguousarray(arr, dtype=np.float32))
-    return [np.asarray(result[port]) for port in compiled.outputs]
-
-
-def executorch_method(path: str | os.PathLike) -> Any:
-    """The ``forward`` method of a ``.pte`` program, loaded through ExecuTorch's Python runtime."""
-    require("executorch", "running ExecuTorch programs")
-    from executorch.runtime import Runtime
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"ExecuTorch program not found: {path}: check the path")
-    try:
-        with _native_stderr_to_devnull():
-            return Runtime.get().load_program(str(path)).load_method("forward")
-    except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"ExecuTorch cannot load {path} ({_one_line(e)[:160]})") from None
-
-
-def run_executorch(method: Any, x: torch.Tensor) -> list[np.ndarray]:
-    with _native_stderr_to_devnull():
-        outputs = method.execute([x.contiguous()])
-    return [o.detach().numpy() for o in outputs]
 
 
 def verify_openvino(
@@ -645,7 +538,7 @@ def coreml_spec_problems(
     try:
         spec = ct.utils.load_spec(str(path))
     except Exception as e:
-        return [f"cannot read the package spec ({_one_line(e)[:120]})"]
+        return [f"cannot read the package spec ({one_line(e)[:120]})"]
     problems: list[str] = []
     if spec.WhichOneof("Type") != "mlProgram":
         problems.append(f"model type is {spec.WhichOneof('Type')}, not mlProgram")

@@ -1,28 +1,36 @@
-"""Static int8 post-training quantization for onnxruntime, and the accuracy check that says whether it is safe.
+"""Static int8 post-training quantization through each runtime's own quantizer, and the accuracy check that says
+whether it is safe.
 
-The recipe is onnxruntime's own (``quantize_static``): QDQ format, per-channel int8 weights, uint8 activations with
-ranges calibrated on real images run through the model's eval transform. By default only the arithmetic-heavy ops
-(Conv, Gemm, MatMul) are quantized: the GELU (Erf arithmetic) and residual additions stay float, which keeps
-onnxruntime's GELU fusion intact and costs little speed (they are a small share of the MACs).
+- **onnxruntime** (``.onnx``): ``quantize_static``, QDQ format, per-channel int8 weights, uint8 activations. By
+  default only the arithmetic-heavy ops (Conv, Gemm, MatMul) are quantized: GELU and the residual additions stay
+  float, which keeps onnxruntime's GELU fusion intact.
+- **OpenVINO** (``.xml`` + ``.bin``): NNCF post-training quantization of the IR (FakeQuantize nodes, which the CPU
+  plugin runs as int8 kernels), with fast bias correction.
+- **ExecuTorch** (``.pte``): PyTorch 2 export quantization (pt2e) with ExecuTorch's ``XNNPACKQuantizer``, lowered to
+  the XNNPACK delegate: the int8 kernels Android and iOS phones run.
 
-Whether int8 is good enough is measured, not assumed: fp32 and int8 run side by side on a held-out split (never the
-calibration images), giving the top-1 of each and how often their predictions agree. A JSON report is written beside
-the int8 model.
+All three calibrate on real images run through the model's eval transform. Whether int8 is good enough is
+measured, not assumed: fp32 and int8 run side by side in the same runtime on a held-out split (never the calibration
+images), giving the top-1 of each and how often their predictions agree. A JSON report is written beside the int8
+model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -35,18 +43,23 @@ from rapidnet.data import (
     load_rgb,
 )
 from rapidnet.deploy.export import (
+    METADATA_KEY,
     _replace_into,
     check_resolution,
     check_writable,
     eval_transform,
+    export_executorch,
     export_onnx,
+    export_openvino,
     is_features_model,
-    ort_session,
+    prepare_model,
     preprocess_config,
-    quiet_logs,
     read_metadata,
-    require,
+    save_executorch,
+    save_openvino,
 )
+from rapidnet.deploy.runtimes import RUNTIME_SUFFIXES, import_openvino, load_runner, quiet_logs, require
+from rapidnet.deploy.xnnpack import for_xnnpack
 from rapidnet.errors import CheckpointError, ConfigError, DataError
 from rapidnet.utils import atomic_write, subset_indices
 
@@ -247,6 +260,109 @@ def quantize_onnx(
     return int8_path
 
 
+def torch_batches(dataset: Dataset, indices: Sequence[int], batch_size: int = 1) -> Iterator[torch.Tensor]:
+    """The calibration images as float32 tensors (what NNCF and pt2e calibration feed the model)."""
+    for images, _ in numpy_batches(dataset, indices, batch_size):
+        yield torch.from_numpy(images)
+
+
+def quantize_openvino(
+    fp32_path: str | os.PathLike,
+    int8_path: str | os.PathLike,
+    calibration: Iterable[np.ndarray | torch.Tensor],
+    subset_size: int = 300,
+    preset: str = "performance",
+) -> Path:
+    """NNCF post-training quantization of an OpenVINO IR: int8 weights (per channel, symmetric) and activations
+    (per tensor), with NNCF's fast bias correction, calibrated on ``calibration`` batches.
+
+    ``preset="mixed"`` makes activations asymmetric (for inputs that are not centred on zero). The metadata the
+    fp32 IR carries (preprocessing, outputs) is kept; weights are stored without float16 compression.
+    """
+    require("nncf", "OpenVINO int8 quantization")
+    ov = import_openvino()
+    import nncf
+
+    presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
+    if preset not in presets:
+        raise ConfigError(f"unknown NNCF preset {preset!r}: choose {', '.join(presets)}")
+    int8_path = Path(int8_path)
+    if int8_path.suffix != ".xml":
+        raise ConfigError(f"OpenVINO int8 output {int8_path} must end in .xml (the weights go to .bin beside it)")
+    int8_path = check_writable(int8_path)
+    model = ov.Core().read_model(str(fp32_path))
+    items = [np.ascontiguousarray(b.numpy() if isinstance(b, torch.Tensor) else b, np.float32) for b in calibration]
+    if not items:
+        raise DataError("calibration produced no images: check the calibration data")
+    with quiet_logs(("nncf",)), warnings.catch_warnings(), _no_progress_bars():
+        warnings.simplefilter("ignore")
+        quantized = nncf.quantize(
+            model, nncf.Dataset(items), preset=presets[preset], subset_size=min(subset_size, len(items))
+        )
+    if model.has_rt_info(METADATA_KEY):
+        quantized.set_rt_info(model.get_rt_info(METADATA_KEY).astype(str), METADATA_KEY)
+    save_openvino(quantized, int8_path)
+    return int8_path
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """NNCF draws its own rich progress bars on stdout; ``rapidnet quantize --json`` must print only JSON."""
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        yield
+
+
+def quantize_executorch(
+    model: nn.Module,
+    int8_path: str | os.PathLike,
+    calibration: Iterable[torch.Tensor],
+    resolution: Sequence[int] = (224, 224),
+    batch_size: int = 1,
+    per_channel: bool = True,
+    xnnpack_rewrites: bool = True,
+) -> Path:
+    """pt2e static int8 quantization with ExecuTorch's ``XNNPACKQuantizer``, lowered to an XNNPACK ``.pte``.
+
+    ``torch.export`` of the fused model, ``prepare_pt2e`` (observers placed where XNNPACK has int8 kernels:
+    convolutions, linear layers, additions), calibration on ``calibration`` batches of ``batch_size`` images,
+    ``convert_pt2e`` (quantize/dequantize pairs), then the same lowering as the fp32 export. Weights are int8
+    symmetric (per channel by default), activations int8 per tensor. ``xnnpack_rewrites`` as in
+    :func:`~rapidnet.deploy.export.export_executorch`.
+    """
+    require("executorch", "ExecuTorch int8 quantization")
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    h, w = check_resolution(resolution)
+    int8_path = Path(int8_path)
+    if int8_path.suffix != ".pte":
+        raise ConfigError(f"ExecuTorch int8 output {int8_path} must end in .pte")
+    int8_path = check_writable(int8_path)
+    fused = prepare_model(model)
+    if xnnpack_rewrites:
+        fused = for_xnnpack(fused)
+    example = (torch.zeros(batch_size, 3, h, w),)
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
+    seen = 0
+    with warnings.catch_warnings(), quiet_logs(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prepared = prepare_pt2e(torch.export.export(fused, example).module(), quantizer)
+        for batch in calibration:
+            for start in range(0, len(batch), batch_size):
+                part = batch[start : start + batch_size]
+                if len(part) == batch_size:
+                    prepared(part)
+                    seen += len(part)
+        if seen == 0:
+            raise DataError("calibration produced no images: check the calibration data")
+        converted = convert_pt2e(prepared)
+        program = torch.export.export(converted, example)
+    return save_executorch(program, int8_path)
+
+
 # ---- accuracy ------------------------------------------------------------------------------------------------------
 
 
@@ -266,16 +382,32 @@ class Agreement:
         return self.fp32_top1 - self.int8_top1
 
 
+def _as_logits_fn(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """A callable ``images -> logits``: a :class:`~rapidnet.deploy.runtimes.Runner`, any such callable, or an
+    onnxruntime-style session (``get_inputs`` / ``run``)."""
+    if hasattr(model, "get_inputs"):
+        return lambda images: model.run(None, {model.get_inputs()[0].name: images})[0]
+
+    def logits(images: np.ndarray) -> np.ndarray:
+        out = model(images)
+        return np.asarray(out[0] if isinstance(out, (list, tuple)) else out)
+
+    return logits
+
+
 def compare_accuracy(
-    fp32_session: Any, int8_session: Any, dataset: Dataset, indices: Sequence[int], batch_size: int = 16
+    fp32_model: Any, int8_model: Any, dataset: Dataset, indices: Sequence[int], batch_size: int = 16
 ) -> Agreement:
-    """Top-1 (%) of both models against the labels, and the % of images where their top-1 predictions agree."""
-    input_name = fp32_session.get_inputs()[0].name
+    """Top-1 (%) of both models against the labels, and the % of images where their top-1 predictions agree.
+
+    Each model is a :class:`~rapidnet.deploy.runtimes.Runner` (any runtime), an onnxruntime session, or a callable
+    returning the logits of a numpy batch.
+    """
+    run32, run8 = _as_logits_fn(fp32_model), _as_logits_fn(int8_model)
     n = correct32 = correct8 = agree = 0
     max_diff, sum_diff = 0.0, 0.0
     for images, labels in numpy_batches(dataset, indices, batch_size):
-        logits32 = fp32_session.run(None, {input_name: images})[0]
-        logits8 = int8_session.run(None, {int8_session.get_inputs()[0].name: images})[0]
+        logits32, logits8 = run32(images), run8(images)
         pred32, pred8 = logits32.argmax(1), logits8.argmax(1)
         n += len(labels)
         correct32 += int((pred32 == labels).sum())
@@ -312,8 +444,9 @@ class QuantizeReport:
 
     def lines(self) -> list[str]:
         mb = {k: v / 1e6 for k, v in self.sizes_bytes.items()}
+        q = self.quantization
         out = [
-            f"wrote {self.int8_model}: int8 QDQ ({self.quantization['weights']}), "
+            f"wrote {self.int8_model}: {q['runtime']} int8, {q['format']} ({q['weights']}), "
             f"{mb['int8']:.2f} MB vs {mb['fp32']:.2f} MB fp32",
             f"  calibrated on {self.calibration['images']} images from {self.calibration['data']} "
             f"({self.calibration['split']}, {self.calibration['method']})",
@@ -329,6 +462,29 @@ class QuantizeReport:
         return out
 
 
+def _check_external_data(path: Path, proto: Any) -> None:
+    """Refuse ONNX external-data locations that would read outside the model's folder (``../``, absolute paths,
+    symbolic links) or do not exist, before onnxruntime's tools follow them."""
+    import onnx
+
+    folder = path.resolve().parent
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = folder / location
+        unsafe = not location or Path(location).is_absolute() or ".." in Path(location).parts or target.is_symlink()
+        if unsafe or not target.resolve().is_relative_to(folder):
+            raise CheckpointError(
+                f"{path}: tensor {tensor.name!r} points its external data at {location!r}, outside the model's "
+                "folder: keep external data files beside the .onnx (no '..', absolute paths or links)"
+            )
+        if not target.is_file():
+            raise CheckpointError(
+                f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing: put it beside the model"
+            )
+
+
 def _onnx_interface(path: Path) -> tuple[str, list[Any], list[list[Any]]]:
     """Input name and shape, and output shapes, of an ONNX file (read without building a session)."""
     import onnx
@@ -341,6 +497,7 @@ def _onnx_interface(path: Path) -> tuple[str, list[Any], list[list[Any]]]:
     def dims(value: Any) -> list[Any]:
         return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
 
+    _check_external_data(path, proto)
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if len(inputs) != 1:
@@ -390,6 +547,68 @@ def _check_classes(
         raise DataError(f"the checkpoint's class names differ from those of {data}{first}: evaluate on its data set")
 
 
+QUANTIZE_RUNTIMES: tuple[str, ...] = ("onnxruntime", "openvino", "executorch")
+
+
+def runtime_for_output(output: str | os.PathLike, runtime: str | None = None) -> str:
+    """The runtime to quantize for: ``runtime`` when given (it must match the suffix), else the output's suffix."""
+    if runtime is not None and runtime not in QUANTIZE_RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}: choose {', '.join(QUANTIZE_RUNTIMES)}")
+    suffix = Path(output).suffix.lower()
+    want = {r: s for s, r in RUNTIME_SUFFIXES.items()}
+    if runtime is not None and RUNTIME_SUFFIXES.get(suffix) != runtime:
+        raise ConfigError(f"int8 model {output} for {runtime} must end in {want[runtime]}")
+    if suffix not in RUNTIME_SUFFIXES:
+        raise ConfigError(f"int8 model {output} must end in .onnx (onnxruntime), .xml (OpenVINO) or .pte (ExecuTorch)")
+    return RUNTIME_SUFFIXES[suffix]
+
+
+def _files_size(path: Path) -> int:
+    """Bytes of a model file, with the OpenVINO ``.bin`` beside an ``.xml``."""
+    extra = path.with_suffix(".bin") if path.suffix == ".xml" else None
+    return path.stat().st_size + (extra.stat().st_size if extra and extra.is_file() else 0)
+
+
+def _quantization_facts(
+    runtime: str, per_channel: bool, activation_type: str, calibrate_method: str, op_types: Any, preset: str
+) -> dict[str, Any]:
+    """How the int8 model was made, for the report."""
+    weights = "int8 per-channel" if per_channel else "int8 per-tensor"
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        return {
+            "runtime": f"onnxruntime {onnxruntime.__version__}",
+            "format": "QDQ",
+            "weights": weights,
+            "activations": activation_type,
+            "ops": list(op_types) if op_types else "all",
+            "method": calibrate_method,
+        }
+    if runtime == "openvino":
+        import nncf
+        import openvino
+
+        return {
+            "runtime": f"openvino {openvino.__version__}, nncf {nncf.__version__}",
+            "format": "NNCF FakeQuantize IR",
+            "weights": "int8 per-channel symmetric",
+            "activations": "int8 per-tensor " + ("symmetric" if preset == "performance" else "asymmetric"),
+            "preset": preset,
+            "method": "minmax + fast bias correction",
+        }
+    from importlib.metadata import version
+
+    return {
+        "runtime": f"executorch {version('executorch')}",
+        "format": "pt2e QDQ lowered to XNNPACK",
+        "weights": weights + " symmetric",
+        "activations": "int8 per-tensor asymmetric",
+        "quantizer": "XNNPACKQuantizer (static)",
+        "method": "minmax",
+    }
+
+
 def quantize_model(
     source: nn.Module | str | os.PathLike,
     output: str | os.PathLike,
@@ -408,24 +627,37 @@ def quantize_model(
     fp32_output: str | os.PathLike | None = None,
     class_names: Sequence[str] | None = None,
     source_label: str | None = None,
+    runtime: str | None = None,
+    preset: str = "performance",
 ) -> QuantizeReport:
-    """Quantize a RapidNet (a model, exported here first with a dynamic batch, or an existing ``.onnx``) to int8.
+    """Quantize a RapidNet (or any timm classifier) to int8 for ``runtime`` (default: from ``output``'s suffix).
 
-    Calibration uses ``calib_size`` images from ``calib`` (its train split when it is a labelled data set). When
-    ``eval_data`` is given (a labelled data set), fp32 and int8 are compared on up to ``eval_size`` images of its
-    held-out split. Inputs are checked before any slow step. The report is returned and written beside ``output``
-    (same name, ``.json``).
+    ``source`` is a model (exported here to the runtime's fp32 format first) or, for onnxruntime only, an existing
+    fp32 ``.onnx``. Calibration uses ``calib_size`` images from ``calib`` (its train split when it is a labelled data
+    set). When ``eval_data`` is given (a labelled data set), fp32 and int8 are compared in the same runtime on up to
+    ``eval_size`` images of its held-out split. Inputs are checked before any slow step. The report is returned and
+    written beside ``output`` (same name, ``.json``).
     """
 
     output = Path(output)
-    if output.suffix != ".onnx":
-        raise ConfigError(f"quantized model {output} must end in .onnx")
+    runtime = runtime_for_output(output, runtime)
+    is_model = isinstance(source, nn.Module)
+    if not is_model and runtime != "onnxruntime":
+        raise ConfigError(f"{runtime} int8 starts from the checkpoint, not from {source}: pass --checkpoint C")
+    if runtime != "onnxruntime" and (op_types != QUANTIZED_OPS or calibrate_method != "minmax"):
+        raise ConfigError("--all-ops and --method are onnxruntime options: drop them for " + runtime)
+    if runtime == "openvino" and not per_channel:
+        raise ConfigError("--per-tensor: NNCF quantizes OpenVINO weights per channel: drop --per-tensor")
+    if fp32_output is not None and Path(fp32_output).suffix.lower() != output.suffix.lower():
+        raise ConfigError(f"--save-fp32 {fp32_output} must be a {runtime} file ending in {output.suffix}")
     output, report_path = check_writable(output), check_writable(output.with_suffix(".json"))
     if fp32_output is not None:
         check_writable(fp32_output)
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    if isinstance(source, nn.Module):
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be at least 1, got {threads}")
+    if is_model:
         config = preprocess_config(source, resolution)
         n_outputs = len(source.feature_info.out_indices) if is_features_model(source) else 1
         n_classes = 0 if is_features_model(source) else source.num_classes
@@ -443,23 +675,40 @@ def quantize_model(
         _check_classes(eval_set, eval_data, n_outputs, n_classes, class_names)
 
     timings: dict[str, float] = {}
+    hw = tuple(config["input_size"][1:])
     with tempfile.TemporaryDirectory(prefix="rapidnet-quant-") as tmp:
-        if isinstance(source, nn.Module):
-            start = time.perf_counter()
-            fp32 = Path(fp32_output) if fp32_output else Path(tmp) / "fp32.onnx"
-            export_onnx(source, fp32, config["input_size"][1:], dynamic_batch=True)
-            timings["export"] = time.perf_counter() - start
-            input_name, dims, _ = _onnx_interface(fp32)
-        if isinstance(dims[0], int) and dims[0] > 0:
-            if dims[0] != 1:
-                raise ConfigError(f"{fp32} has a fixed batch of {dims[0]}: export it with --dynamic-batch or batch 1")
-            batch_size = 1
         transform = eval_transform(config)
         calib_set.transform = transform
         calib_idx = subset_indices(len(calib_set), calib_size, seed)
-        reader = ImageCalibrationReader(calib_set, calib_idx, input_name, batch_size=min(batch_size, 8))
         start = time.perf_counter()
-        quantize_onnx(fp32, output, reader, per_channel, activation_type, calibrate_method, op_types)
+        if is_model:
+            fp32 = Path(fp32_output) if fp32_output else Path(tmp) / f"fp32{output.suffix}"
+            if runtime == "onnxruntime":
+                export_onnx(source, fp32, hw, dynamic_batch=True)
+            elif runtime == "openvino":
+                export_openvino(source, fp32, hw, dynamic_batch=True)
+            else:
+                export_executorch(source, fp32, hw)
+            timings["export"] = time.perf_counter() - start
+        start = time.perf_counter()
+        if runtime == "onnxruntime":
+            input_name, dims, _ = _onnx_interface(fp32)
+            if isinstance(dims[0], int) and dims[0] > 0:
+                if dims[0] != 1:
+                    raise ConfigError(
+                        f"{fp32} has a fixed batch of {dims[0]}: export it with --dynamic-batch or batch 1"
+                    )
+                batch_size = 1
+            reader = ImageCalibrationReader(calib_set, calib_idx, input_name, batch_size=min(batch_size, 8))
+            quantize_onnx(fp32, output, reader, per_channel, activation_type, calibrate_method, op_types)
+            seen = reader.seen
+        else:
+            batches = list(torch_batches(calib_set, calib_idx, batch_size=1))
+            seen = len(batches)
+            if runtime == "openvino":
+                quantize_openvino(fp32, output, batches, subset_size=len(batches), preset=preset)
+            else:
+                quantize_executorch(source, output, batches, hw, per_channel=per_channel)
         timings["calibrate_and_quantize"] = time.perf_counter() - start
 
         evaluation = None
@@ -468,8 +717,8 @@ def quantize_model(
             eval_set.transform = transform
             indices = subset_indices(len(eval_set), eval_size, seed)
             no_spin = {"session.intra_op.allow_spinning": "0"}  # accuracy, not latency: don't busy-wait a shared CPU
-            sessions = [ort_session(p, threads, config_entries=no_spin) for p in (fp32, output)]
-            result = compare_accuracy(*sessions, eval_set, indices, batch_size)
+            runners = [load_runner(p, threads, config_entries=no_spin) for p in (fp32, output)]
+            result = compare_accuracy(*runners, eval_set, indices, batch_size)
             timings["evaluate"] = time.perf_counter() - start
             evaluation = {
                 "data": str(eval_data),
@@ -480,35 +729,23 @@ def quantize_model(
             }
         default_label = getattr(source, "pretrained_cfg", {}).get("architecture", "model")
         report = QuantizeReport(
-            source=source_label or (str(source) if not isinstance(source, nn.Module) else default_label),
+            source=source_label or (str(source) if not is_model else default_label),
             int8_model=str(output),
-            fp32_model=str(fp32) if fp32_output or not isinstance(source, nn.Module) else None,
+            fp32_model=str(fp32) if fp32_output or not is_model else None,
             input_size=list(config["input_size"]),
             preprocess={k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
             calibration={
                 "data": str(calib),
                 "split": "train" if is_labelled_dataset(calib) else "all images in the folder",
-                "images": reader.seen,
-                "method": calibrate_method,
+                "images": seen,
+                "method": calibrate_method if runtime == "onnxruntime" else "minmax",
                 "seed": seed,
             },
-            quantization={
-                "format": "QDQ",
-                "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
-                "activations": activation_type,
-                "ops": list(op_types) if op_types else "all",
-                "runtime": _ort_version(),
-            },
-            sizes_bytes={"fp32": fp32.stat().st_size, "int8": output.stat().st_size},
+            quantization=_quantization_facts(runtime, per_channel, activation_type, calibrate_method, op_types, preset),
+            sizes_bytes={"fp32": _files_size(fp32), "int8": _files_size(output)},
             evaluation=evaluation,
             seconds={k: round(v, 2) for k, v in timings.items()},
         )
 
     atomic_write(report_path, lambda p: Path(p).write_text(json.dumps(report.to_dict(), indent=2) + "\n"))
     return report
-
-
-def _ort_version() -> str:
-    import onnxruntime
-
-    return f"onnxruntime {onnxruntime.__version__}"

@@ -13,10 +13,12 @@ first, then the ones given to ``Trainer(callbacks=...)``), at these points:
 ``on_train_epoch_start``  before the (rest of the) epoch's steps
 ``on_optimizer_step``     after each optimizer update (``trainer.updates`` counts them)
 ``on_train_step_end``     after each step, with its ``steps.jsonl`` record on logged steps (else None)
-``on_train_epoch_end``    the epoch's steps done and the schedule stepped, before evaluation
-``on_evaluate``           after the model's evaluation (evaluated epochs only), with ``results``: weights name ->
-                          metrics; a callback may add its own weights' results (``"ema"``) or read them
-``on_save_checkpoint``    building the ``last.pt`` state (epoch ends and interruptions): add keys to ``state``
+``on_train_epoch_end``    the epoch's steps done and the schedule stepped, before ``last.pt`` and the evaluation
+``on_save_checkpoint``    building the ``last.pt`` state (epoch ends and interruptions): add keys to ``state``;
+                          an evaluated epoch saves twice, before its evaluation and after it
+``on_evaluate``           after the model's evaluation (evaluated epochs only; ``trainer.epoch`` already counts the
+                          epoch), with ``results``: weights name -> metrics; a callback may add its own weights'
+                          results (``"ema"``) or read them
 ``on_epoch_end``          ``last.pt`` written; the epoch's ``log.jsonl`` record, which is logged next
 ``on_fit_end``            after the last epoch or an interruption, with the :class:`FitResult`
 ``teardown``              always last, also when ``fit`` raises (close files)
@@ -174,7 +176,8 @@ class BestCheckpoint(Callback):
             if i == 0 or self.better(value, score):
                 score, source = value, name
         if math.isfinite(score) and (self.best is None or self.better(score, self.best["value"])):
-            self.best = {"metric": self.metric, "value": float(score), "epoch": trainer.epoch + 1, "source": source}
+            # trainer.epoch already counts the epoch just trained (last.pt is saved before the evaluation)
+            self.best = {"metric": self.metric, "value": float(score), "epoch": trainer.epoch, "source": source}
             self.improved = True
 
     def on_save_checkpoint(self, trainer: Trainer, state: dict[str, Any]) -> None:

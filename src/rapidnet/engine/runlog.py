@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rapidnet.errors import DataError
-from rapidnet.utils import atomic_write
+from rapidnet.utils import atomic_write, write_error
 
 __all__ = ["JsonlLog", "read_jsonl"]
 
@@ -38,10 +38,13 @@ class JsonlLog:
     def append(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(_clean(record)) + "\n")
-            f.flush()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(_clean(record)) + "\n")
+                f.flush()
+        except OSError as e:  # a full disk: one line naming it (a torn last line is ignored when read)
+            raise write_error(self.path, e) or e from None
 
     def keep_only(self, keep: Callable[[dict[str, Any]], bool]) -> None:
         """Rewrite the file (atomically) without the records ``keep`` rejects, e.g. those after a resume point."""
@@ -59,7 +62,10 @@ def read_jsonl(path: str | os.PathLike[str], missing_ok: bool = False) -> list[d
         if missing_ok:
             return []
         raise DataError(f"log file {path} does not exist: pass a run folder written by `rapidnet train`")
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"log file {path} is not text (JSON lines): pass a log written by `rapidnet train`") from None
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -11,6 +11,11 @@ weights, TensorBoard event files. Runs are stoppable and exactly resumable at an
   ``fit`` returns ``status="interrupted"`` (a second Ctrl-C aborts at once, keeping the previous ``last.pt``);
 - a NaN/inf loss stops the run before the bad gradient is applied, keeps the last good checkpoint and raises a
   one-line :class:`NonFiniteLossError` naming the epoch and step;
+- at an epoch end ``last.pt`` is written before the evaluation (then again after it, with the new best), so a
+  failing evaluation (an unreadable validation image) loses no training: resuming redoes the evaluation;
+- a new run refuses a folder holding another run, and so does a resume into another run's folder, unless
+  ``force=True`` (``--force``), which deletes that run's files first; a resume into a new folder starts its logs
+  from the resumed run's; stale temporary files of killed saves in the run folder are removed at the start;
 - ``resume=PATH`` restores everything (weights, EMA, optimizer, scheduler, scaler, position, the epoch's running
   loss sums, RNG states, callback states) and refuses a checkpoint of another model or recipe; per-sample and
   per-step seeding (``rapidnet.engine.seeding``) makes the following losses identical to an uninterrupted run's on
@@ -20,6 +25,7 @@ weights, TensorBoard event files. Runs are stoppable and exactly resumable at an
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -40,6 +46,7 @@ from rapidnet.engine.callbacks import BEST, BEST_WEIGHTS, BestCheckpoint, Callba
 from rapidnet.engine.checkpoint import (
     capture_rng,
     check_resume_config,
+    copy_checkpoint,
     load_training_state,
     restore_rng,
     save_training_state,
@@ -49,12 +56,14 @@ from rapidnet.engine.runlog import JsonlLog
 from rapidnet.engine.seeding import seed_everything, seed_step
 from rapidnet.engine.task import RunContext, Task
 from rapidnet.errors import CheckpointError, ConfigError, DataError, RapidNetError
+from rapidnet.utils import remove_stale_temp_files, write_error
 
 __all__ = [
     "BEST",
     "BEST_WEIGHTS",
     "LAST",
     "MAY_DIFFER_ON_RESUME",
+    "RUN_FILES",
     "FitResult",
     "NonFiniteLossError",
     "Trainer",
@@ -64,6 +73,11 @@ __all__ = [
 ]
 
 LAST = "last.pt"
+LOG, STEPS_LOG, CONFIG = "log.jsonl", "steps.jsonl", "config.yaml"
+#: what a finished epoch leaves in a run folder: a folder with any of them holds a run that a new one would destroy
+RUN_RESULTS = (LAST, BEST, BEST_WEIGHTS, LOG)
+#: every file a run writes into its folder (a resume into another run's folder would replace or splice them all)
+RUN_FILES = (*RUN_RESULTS, STEPS_LOG, CONFIG)
 
 #: config keys a resumed run may change: they affect where and how fast it runs, not what it computes
 MAY_DIFFER_ON_RESUME = (
@@ -122,6 +136,16 @@ def _floats(values: Iterable[Any]) -> list[float]:
     return torch.stack([t.to(tensors[0].device) for t in tensors]).tolist()
 
 
+def format_duration(seconds: float) -> str:
+    """``42s``, ``2m05s``, ``1h07m``: a time as people read it in a progress line."""
+    total = max(0, round(seconds))
+    if total < 60:
+        return f"{total}s"
+    if total < 3600:
+        return f"{total // 60}m{total % 60:02d}s"
+    return f"{total // 3600}h{total % 3600 // 60:02d}m"
+
+
 def format_metrics(metrics: dict[str, float], names: dict[str, str] | None = None) -> str:
     """``evaluate``'s result for the per-epoch line: the metrics in ``names`` (key -> display name) in that order,
     or all of them under their keys when ``names`` is empty; 4 significant digits each (``61.50``, ``0.2512``)."""
@@ -147,6 +171,14 @@ def format_facts(facts: dict[str, Any]) -> list[str]:
     """``Task.summary()`` as lines: ``"KEY: VALUE"`` each, a mapping value as ``"k v, k v"``, a list in brackets,
     an empty one as ``none``; a None value leaves its line out."""
     return [f"{key}: {_fact(value)}" for key, value in facts.items() if value is not None]
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    """Whether two paths name one folder (symbolic links followed; a folder not yet created is compared by path)."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
 
 
 @dataclass
@@ -227,6 +259,8 @@ class Trainer:
         task: builds data, model, loss and metrics.
         cfg: the resolved configuration (``train``, ``optim``, ``sched`` and ``ema`` are read here).
         resume: a ``last.pt``/``best.pt`` of this run to continue from.
+        force: replace a run already in ``train.output`` (a new run there, or a resume of another run into it):
+            its files (:data:`RUN_FILES`, TensorBoard events) are deleted first; without it that is a one-line error.
         progress: show tqdm bars (None: when stderr is a terminal).
         callbacks: more :class:`~rapidnet.engine.callbacks.Callback` s, called after the defaults that ``cfg`` asks
             for (:func:`~rapidnet.engine.callbacks.default_callbacks`).
@@ -244,10 +278,16 @@ class Trainer:
         resume: str | Path | None = None,
         progress: bool | None = None,
         callbacks: Sequence[Callback] | None = None,
+        force: bool = False,
     ) -> None:
         self.task = task
         self.cfg = cfg
         self.resume = Path(resume) if resume is not None else None
+        self.force = force
+        #: the end of the epoch just trained, not yet evaluated and logged: ``{"lr", "evaluate"}``; saved in
+        #: ``last.pt`` while its evaluation is pending, so a resume evaluates before training on
+        self.pending: dict[str, Any] | None = None
+        self.epochs_finished = 0  # epochs ended by this process (the first one prints the time left)
         self.progress = progress
         self.extra_callbacks = list(callbacks or [])
         self.callbacks: list[Callback] = []
@@ -286,14 +326,63 @@ class Trainer:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
 
+    def _check_output(self) -> tuple[str, ...]:
+        """Refuse to write over another run (one-line ConfigError) unless ``force``; return the run files to delete
+        before this run writes (:meth:`_prepare_output` deletes them once the run has been built, so a run that
+        fails to start leaves the old one as it was).
+
+        A new run refuses a folder holding results (:data:`RUN_RESULTS`); the logs of a run that stopped before its
+        first checkpoint (``steps.jsonl``, TensorBoard events) are no run, and are removed rather than mixed with the
+        new ones. A resume into the checkpoint's own folder is what resuming means; into another folder, any run file
+        there would be replaced or spliced.
+        """
+        output, resume = self.output, self.resume
+        if resume is not None and _same_folder(resume.parent, output):
+            return ()
+        found = [name for name in (RUN_RESULTS if resume is None else RUN_FILES) if (output / name).exists()]
+        if found and not self.force:
+            if resume is None:
+                last = output / LAST
+                how = f"continue it with --resume {last}, " if last.exists() else ""
+                raise ConfigError(
+                    f"output folder {output} already holds a run ({', '.join(found)}): {how}choose another --output, "
+                    "or pass --force to replace it"
+                )
+            raise ConfigError(
+                f"output folder {output} already holds another run ({', '.join(found)}): resuming {resume} there "
+                f"would overwrite it; leave out --output to continue in {resume.parent}, choose an empty --output, "
+                "or pass --force to replace that run"
+            )
+        if found:
+            self._say(f"note: --force: replacing the run in {output} ({', '.join(found)})")
+            return RUN_FILES
+        return (STEPS_LOG,) if resume is None else ()
+
+    def _prepare_output(self, delete: Sequence[str]) -> None:
+        """Rank 0, just before the first write: remove stale temporary files of killed saves, delete ``delete`` and
+        the TensorBoard events (when replacing a run), and resuming into another folder than the checkpoint's, start
+        the logs from the resumed run's so they read as one run."""
+        output = self.output
+        stale = remove_stale_temp_files(output)
+        if stale:
+            names = ", ".join(p.name for p in stale)
+            self._say(f"note: removed {len(stale)} temporary file(s) left by an interrupted save: {names}")
+        board = output / "tensorboard"
+        events = sorted(board.glob("events.out.tfevents.*")) if delete and board.is_dir() else []
+        for path in [output / name for name in delete] + events:
+            try:
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
+            except OSError as e:
+                raise ConfigError(f"cannot delete {path} ({e.strerror or e}): remove it by hand") from None
+        resume = self.resume
+        if resume is not None and not _same_folder(resume.parent, output):
+            for name in (LOG, STEPS_LOG):
+                if (resume.parent / name).is_file():
+                    copy_checkpoint(resume.parent / name, output / name)
+
     def _read_resume_state(self) -> dict[str, Any] | None:
         if self.resume is None:
-            last = Path(self.cfg.train.output) / LAST
-            if last.exists():
-                raise ConfigError(
-                    f"output folder {last.parent} already holds a run ({LAST}): continue it with --resume {last}, "
-                    "or choose another --output"
-                )
             return None
         state = load_training_state(self.resume)
         # through the current schema, so settings added since the checkpoint was written compare as their defaults
@@ -313,7 +402,8 @@ class Trainer:
         cfg = self.cfg
         self.info = info
         self.output = Path(cfg.train.output)
-        state = self._read_resume_state()
+        state = self._read_resume_state()  # first: a bad checkpoint is refused before the output folder is touched
+        delete = self._check_output()
         amp = cfg.train.amp
         ctx = RunContext(cfg=cfg, dist=info, output=self.output, amp=amp, channels_last=cfg.train.channels_last)
         self.ctx = ctx
@@ -366,15 +456,20 @@ class Trainer:
 
         self.log = JsonlLog(self.output / "log.jsonl", enabled=info.is_main)
         self.steps_log = JsonlLog(self.output / "steps.jsonl", enabled=info.is_main)
-        if state is not None:
-            done_epochs, step = self.epoch, self.step
-            self.log.keep_only(lambda r: int(r.get("epoch", 0)) <= done_epochs)
-            self.steps_log.keep_only(
-                lambda r: (int(r.get("epoch", 1)) - 1, int(r.get("step", 0))) < (done_epochs, step)
-            )
         if info.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output / "config.yaml")
+            self._prepare_output(delete)
+        if state is not None:
+            # an epoch whose evaluation is pending has no log line yet (it comes after the evaluation)
+            done_epochs, step = self.epoch - (self.pending is not None), self.step
+            logged_steps = (self.epoch, step)
+            self.log.keep_only(lambda r: int(r.get("epoch", 0)) <= done_epochs)
+            self.steps_log.keep_only(lambda r: (int(r.get("epoch", 1)) - 1, int(r.get("step", 0))) < logged_steps)
+        if info.is_main:
+            try:
+                self.output.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise write_error(self.output / CONFIG, e) or e from None
+            save_config(cfg, self.output / CONFIG)
 
     def _build_scheduler(self) -> Any:
 
@@ -419,9 +514,14 @@ class Trainer:
         self.scheduler.step(self.epoch)
         self.scheduler.step_update(num_updates=self.updates)
         self.meter.load(state["meter"])
+        pending = state.get("pending_eval")
+        self.pending = {"lr": float(pending["lr"]), "evaluate": True} if pending else None
         self._call("on_load_checkpoint", state)
         restore_rng(state["rng"])
-        self._say(f"resumed from {path}: epoch {self.epoch + 1}, step {self.step} (optimizer update {self.updates})")
+        where = f"epoch {self.epoch + 1}, step {self.step}"
+        if self.pending is not None:
+            where = f"the evaluation of epoch {self.epoch}"
+        self._say(f"resumed from {path}: {where} (optimizer update {self.updates})")
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
 
@@ -440,6 +540,8 @@ class Trainer:
             "task": self.task.state(),
             "world_size": self.info.world_size,
             "rapidnet": self.task.metadata(self.model),
+            # the epoch's steps are done but its evaluation is not: a resume evaluates first (and logs the epoch)
+            "pending_eval": {"lr": self.pending["lr"]} if self.pending and self.pending["evaluate"] else None,
         }
         self._call("on_save_checkpoint", state)
         return state
@@ -470,9 +572,11 @@ class Trainer:
         last_record: dict[str, Any] | None = None
         with _StopRequest(announce=self.info.is_main) as stop:
             self.stop = stop
-            while self.epoch < epochs:
-                if self._train_epoch():
-                    return self._interrupted()
+            while self.epoch < epochs or self.pending is not None:
+                if self.pending is None:  # else resumed between an epoch's steps and its evaluation
+                    if self._train_epoch():
+                        return self._interrupted()
+                    self._close_epoch()
                 last_record = self._end_epoch()
                 if self.epoch < epochs and self._agree(stop.signum is not None):
                     return self._interrupted()
@@ -652,27 +756,41 @@ class Trainer:
         except Exception:
             return "?"
 
-    def _end_epoch(self) -> dict[str, Any]:
-        """Schedule; evaluate every ``train.eval_interval`` epochs and after the last (the model, then what callbacks
-        add, e.g. the EMA); save ``last.pt``; callbacks (best checkpoint, export, TensorBoard); log; return the
-        record."""
-        cfg, task = self.cfg, self.task
+    def _evaluates(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (1-based) ends with an evaluation: every ``train.eval_interval``, and the last."""
+        return epoch % self.cfg.train.eval_interval == 0 or epoch >= self.cfg.train.epochs
+
+    def _close_epoch(self) -> None:
+        """After the epoch's steps: schedule, ``on_train_epoch_end``, then save ``last.pt`` at once, before any
+        evaluation can fail (an unreadable validation image must not cost the epoch's training)."""
         epoch = self.epoch
         lr = self.optimizer.param_groups[0]["lr"]  # the last step's, before the schedule moves on
         self.scheduler.step(epoch + 1)
         self._call("on_train_epoch_end")
+        self.epoch, self.step = epoch + 1, 0
+        self.pending = {"lr": lr, "evaluate": self._evaluates(epoch + 1)}
+        self._save_last()
+
+    def _end_epoch(self) -> dict[str, Any]:
+        """Evaluate when due (the model, then what callbacks add, e.g. the EMA) and save ``last.pt`` again with the
+        new best; callbacks (best checkpoint, export, TensorBoard); log; return the record. Runs after
+        :meth:`_close_epoch`, or first thing after resuming from a ``last.pt`` saved before its evaluation."""
+        task, pending = self.task, self.pending
+        assert pending is not None
         t0 = time.perf_counter()
         results: dict[str, dict[str, float]] = {}
-        if (epoch + 1) % cfg.train.eval_interval == 0 or epoch + 1 >= cfg.train.epochs:
+        if pending["evaluate"]:
             results["model"] = task.evaluate(self.model)
             self._call("on_evaluate", results)
         eval_time = time.perf_counter() - t0
+        self.pending = None
+        if pending["evaluate"]:
+            self._save_last()  # the evaluation's outcome (best so far, RNG states) for an exact resume
 
-        self.epoch, self.step = epoch + 1, 0
-        self._save_last()
+        epoch = self.epoch
         key, best = task.primary_metric, self.best
         record: dict[str, Any] = {
-            "epoch": epoch + 1,
+            "epoch": epoch,
             "step": self.updates,
             "train_loss": self.meter.loss,
             **{f"train_{loss_key(name)}": value for name, value in self.meter.losses.items()},
@@ -681,7 +799,7 @@ class Trainer:
                 for source, metrics in results.items()
                 for k, v in metrics.items()
             },
-            "lr": lr,
+            "lr": pending["lr"],
             "img_per_s": round(self.meter.rate, 2),
             "train_time": round(self.meter.time, 3),
             "eval_time": round(eval_time, 3),
@@ -690,10 +808,30 @@ class Trainer:
             "best_epoch": best["epoch"] if best else None,
             **task.epoch_stats(),
         }
+        left = self._time_left(eval_time if pending["evaluate"] else None)
+        if left is not None:
+            record["eta_s"] = round(left, 1)
         self._call("on_epoch_end", record)
         self.log.append(record)
         self._say(self._epoch_line(record, results))
+        if left is not None:
+            more = self.cfg.train.epochs - epoch
+            self._say(
+                f"epoch {epoch} took {format_duration(record['epoch_time'])}; about {format_duration(left)} left "
+                f"for {more} more epoch{'s' if more != 1 else ''}"
+            )
+        self.epochs_finished += 1
         return record
+
+    def _time_left(self, eval_time: float | None) -> float | None:
+        """After the first epoch this process ends, the seconds the remaining epochs should take: each trains as
+        long as this one did and each evaluated one adds this evaluation's time (None: not the first epoch, or
+        nothing left)."""
+        remaining = self.cfg.train.epochs - self.epoch
+        if self.epochs_finished or remaining <= 0:
+            return None
+        evaluations = sum(self._evaluates(e) for e in range(self.epoch + 1, self.cfg.train.epochs + 1))
+        return remaining * self.meter.time + evaluations * (eval_time or 0.0)
 
     def _epoch_line(self, record: dict[str, Any], results: dict[str, dict[str, float]]) -> str:
         names = self.task.metric_names

@@ -32,8 +32,24 @@ from rapidnet.models.rapidnet import VARIANTS, RapidNet
 from rapidnet.utils import atomic_write, read_checkpoint, unwrap_model
 
 __all__ = [
+    "CROP_MODES",
+    "INTERPOLATIONS",
+    "MAX_CHANS",
+    "MAX_CLASSES",
+    "MAX_NAME_CHARS",
+    "MAX_RESIZE",
+    "MAX_SIDE",
+    "MAX_WIDTH",
+    "MIN_CROP_PCT",
+    "MIN_SIDE",
     "ArchSpec",
     "adapt_classifier",
+    "check_class_names",
+    "check_input_size",
+    "check_metadata_value",
+    "check_pretrained_cfg",
+    "check_resize",
+    "check_shapes",
     "checkpoint_filter_fn",
     "convert_official",
     "decode_metadata",
@@ -231,12 +247,36 @@ _JSON_METADATA = {
 _INT_METADATA = ("num_classes", "head_dim", "in_chans")
 _BOOL_METADATA = ("distillation", "reparameterized")
 
+# ---- bounds on what a file may ask for ------------------------------------------------------------------------------
+# A checkpoint is untrusted input: a few bytes of metadata must not make a command allocate gigabytes. The bounds are
+# far beyond every real model (ImageNet-21k has 21,843 classes, the largest eval size in timm is 1,024 pixels) and far
+# below what exhausts a machine's memory.
+
+#: the most classes (and class names) a file may describe
+MAX_CLASSES = 100_000
+#: the longest class name, and the longest plain string a file's metadata may hold
+MAX_NAME_CHARS = 256
+#: the sides (pixels) an eval transform may resize to: a 4096 x 4096 RGB image is 200 MB as float32
+MIN_SIDE, MAX_SIDE = 16, 4096
+#: the smallest stored crop fraction (real ones are 0.875..1), and the largest side the eval resize may reach
+MIN_CROP_PCT, MAX_RESIZE = 0.25, 2 * MAX_SIDE
+#: the resize interpolations timm's eval transform knows (``timm.data.transforms.str_to_interp_mode``)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+#: timm's eval crop modes
+CROP_MODES = ("center", "squash", "border")
+#: the widest layer and the most input channels a stored architecture may have
+MAX_WIDTH, MAX_CHANS = 16_384, 16
+#: JSON metadata: how deep, how long a list and how large a number may be
+_MAX_DEPTH, _MAX_ITEMS, _MAX_NUMBER = 8, MAX_CLASSES, 1e9
+
 
 def decode_metadata(metadata: Mapping[str, Any], source: str | os.PathLike = "checkpoint") -> dict[str, Any]:
     """Stored metadata (strings) as Python values: ``class_names`` a list, ``pretrained_cfg``/``build_args``/
     ``eval_args`` dicts, counts ints, flags bools; anything else stays a string.
 
-    A value that does not decode is a one-line :class:`CheckpointError` naming the file and the key.
+    Every value this project interprets is also checked (types, ranges, sizes: :func:`check_metadata_value`), so a
+    file cannot make a command resize to 40000 pixels or print a class that does not exist. A value that does not
+    decode or does not pass is a one-line :class:`CheckpointError` naming the file and the key.
     """
     out: dict[str, Any] = {}
     for key, value in metadata.items():
@@ -257,11 +297,166 @@ def decode_metadata(metadata: Mapping[str, Any], source: str | os.PathLike = "ch
                 decoded = value == "true"
             else:
                 decoded = value
-        except ValueError as e:
-            detail = " ".join(str(e).split())[:80]
+        except (ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
+            detail = " ".join(str(e).split())[:80] or type(e).__name__
             raise CheckpointError(f"{source} has unreadable {key!r} metadata ({detail}): re-export it") from None
+        try:
+            check_metadata_value(key, decoded)
+        except ValueError as e:
+            detail = " ".join(str(e).split())[:120]
+            raise CheckpointError(f"{source} has invalid {key!r} metadata ({detail}): re-export it") from None
         out[key] = decoded
     return out
+
+
+def check_metadata_value(key: str, value: Any) -> None:
+    """Raise ``ValueError`` (a short reason) unless a decoded metadata value is one this project can use safely.
+
+    JSON values are first bounded as trees (depth, list length, string length, finite numbers); then the keys this
+    project interprets get their own checks. ``build_args`` of dense models are checked where they are built
+    (``rapidnet.models.loading``), against the file's own weights.
+    """
+    if key in _JSON_METADATA:
+        _check_json_tree(value)
+    if key == "class_names":
+        check_class_names(value)
+    elif key == "pretrained_cfg":
+        check_pretrained_cfg(value)
+    elif key == "eval_args":
+        _check_eval_args(value)
+    elif key == "depths":
+        if not all(_is_list(d, 2) and all(_is_int(n, 0, 10_000) for n in d) for d in value) or len(value) > 16:
+            raise ValueError("expected up to 16 [inverted residual, dilated] pairs of block counts")
+    elif key == "widths":
+        if not all(_is_int(w, 1, MAX_WIDTH) for w in value) or len(value) > 16:
+            raise ValueError(f"expected up to 16 stage widths, each 1..{MAX_WIDTH}")
+    elif key == "num_classes":
+        _need(_is_int(value, 0, MAX_CLASSES), f"{value} classes, expected 0..{MAX_CLASSES}")
+    elif key == "head_dim":
+        _need(_is_int(value, 1, MAX_WIDTH), f"{value}, expected 1..{MAX_WIDTH}")
+    elif key == "in_chans":
+        _need(_is_int(value, 1, MAX_CHANS), f"{value} input channels, expected 1..{MAX_CHANS}")
+    elif key in ("format", "arch", "task"):
+        _need(_is_name(value), f"{value[:40]!r}: expected a name of at most {MAX_NAME_CHARS} printable characters")
+
+
+def check_class_names(names: Any, count: int | None = None) -> None:
+    """Class names: a list of at most :data:`MAX_CLASSES` printable strings of at most :data:`MAX_NAME_CHARS`
+    characters, ``count`` of them when given (a name per output of the classifier)."""
+    _need(isinstance(names, list) and len(names) <= MAX_CLASSES, f"expected a list of at most {MAX_CLASSES} names")
+    bad = next((n for n in names if not _is_name(n, empty=True)), None)
+    if bad is not None or any(not isinstance(n, str) for n in names):
+        shown = bad[:40] if isinstance(bad, str) else bad
+        raise ValueError(f"class name {shown!r}: expected strings of at most {MAX_NAME_CHARS} printable characters")
+    if count is not None and count > 0 and len(names) != count:
+        raise ValueError(f"{len(names)} class names for the {count} classes of its weights")
+
+
+def check_pretrained_cfg(cfg: Any) -> None:
+    """An eval transform (timm's ``pretrained_cfg`` keys): input sizes of 3 ints with sides in
+    :data:`MIN_SIDE`..:data:`MAX_SIDE`, ``mean``/``std`` one number per channel (``std`` positive), ``crop_pct`` in
+    [:data:`MIN_CROP_PCT`, 1] (the resize before the crop, ``side / crop_pct``, within :func:`check_resize`),
+    ``interpolation`` one of :data:`INTERPOLATIONS`, ``crop_mode`` one of :data:`CROP_MODES`; any other key a short
+    scalar or a short list of them (timm's descriptive keys)."""
+    _need(isinstance(cfg, dict), f"a {type(cfg).__name__}, expected a dict")
+    sizes = ("input_size", "test_input_size", "min_input_size")
+    for key in sizes:
+        if key in cfg:
+            check_input_size(cfg[key], key)
+    chans = cfg["input_size"][0] if "input_size" in cfg else 3
+    for key, value in cfg.items():
+        if key in sizes:
+            continue
+        if key in ("mean", "std"):
+            ok = _is_list(value) and len(value) in (1, chans) and all(_is_number(v, -1e3, 1e3) for v in value)
+            _need(ok, f"{key} {_short(value)}: expected {chans} numbers (one per channel)")
+            _need(key == "mean" or all(v > 0 for v in value), f"std {_short(value)}: expected positive numbers")
+        elif key in ("crop_pct", "test_crop_pct"):
+            ok = _is_number(value, MIN_CROP_PCT, 1)
+            _need(ok, f"{key} {_short(value)}: expected a number in [{MIN_CROP_PCT}, 1]")
+            if "input_size" in cfg:
+                check_resize(max(cfg["input_size"][1:]), value)
+        elif key == "interpolation":
+            names = ", ".join(INTERPOLATIONS)
+            _need(value in INTERPOLATIONS, f"interpolation {_short(value)}: expected one of {names}")
+        elif key == "crop_mode":
+            _need(value in CROP_MODES, f"crop_mode {_short(value)}: expected one of {', '.join(CROP_MODES)}")
+        elif key == "num_classes":
+            _need(_is_int(value, 0, MAX_CLASSES), f"num_classes {_short(value)}: expected 0..{MAX_CLASSES}")
+        elif not (_is_scalar(value) or (_is_list(value) and len(value) <= 16 and all(map(_is_scalar, value)))):
+            raise ValueError(f"{key} {_short(value)}: expected a short value")
+
+
+def check_resize(side: int, crop_pct: float) -> None:
+    """The eval transform resizes to ``side / crop_pct`` before its centre crop: at most :data:`MAX_RESIZE` pixels
+    (a crop_pct of 0.001 would resize a 224-pixel input to 224000 pixels, 150 GB)."""
+    _need(side / crop_pct <= MAX_RESIZE, f"crop_pct {crop_pct} resizes {side} pixels to more than {MAX_RESIZE}")
+
+
+def check_input_size(value: Any, key: str = "input_size") -> None:
+    """``[channels, height, width]``: 1..:data:`MAX_CHANS` channels, sides :data:`MIN_SIDE`..:data:`MAX_SIDE`."""
+    ok = (
+        _is_list(value, 3)
+        and _is_int(value[0], 1, MAX_CHANS)
+        and all(_is_int(v, MIN_SIDE, MAX_SIDE) for v in value[1:])
+    )
+    _need(ok, f"{key} {_short(value)}: expected [channels, height, width] with sides {MIN_SIDE}..{MAX_SIDE} pixels")
+
+
+def _check_eval_args(args: dict[str, Any]) -> None:
+    """What the dense commands read: ``scale`` (the eval resize) and ``num_classes``."""
+    scale = args.get("scale")
+    ok = scale is None or (_is_list(scale, 2) and all(_is_int(v, 1, MAX_SIDE) for v in scale))
+    _need(ok, f"scale {_short(scale)}: expected null or [long side, short side] of 1..{MAX_SIDE} pixels")
+    n = args.get("num_classes")
+    _need(n is None or _is_int(n, 1, MAX_CLASSES), f"num_classes {_short(n)}: expected 1..{MAX_CLASSES}")
+    for key in ("val_split",):
+        _need(args.get(key) is None or _is_name(args[key]), f"{key} {_short(args.get(key))}: expected a name")
+
+
+def _check_json_tree(value: Any, depth: int = 0) -> None:
+    """Bound a decoded JSON value: nesting, list and dict sizes, string lengths, finite numbers of sane size."""
+    _need(depth <= _MAX_DEPTH, f"nested more than {_MAX_DEPTH} levels")
+    if isinstance(value, (list, dict)):
+        _need(len(value) <= _MAX_ITEMS, f"more than {_MAX_ITEMS} entries")
+        for item in value.values() if isinstance(value, dict) else value:
+            _check_json_tree(item, depth + 1)
+        if isinstance(value, dict):
+            _need(all(len(k) <= MAX_NAME_CHARS for k in value), f"a key longer than {MAX_NAME_CHARS} characters")
+    elif isinstance(value, str):
+        _need(len(value) <= 4 * MAX_NAME_CHARS, f"a string longer than {4 * MAX_NAME_CHARS} characters")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        _need(_is_number(value, -_MAX_NUMBER, _MAX_NUMBER), f"the number {_short(value)}")
+
+
+def _need(ok: bool, reason: str) -> None:
+    if not ok:
+        raise ValueError(reason)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict, int, float, str, bool, type(None))) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_number(value: Any, low: float, high: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high  # NaN fails
+
+
+def _is_list(value: Any, length: int | None = None) -> bool:
+    return isinstance(value, (list, tuple)) and (length is None or len(value) == length)
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 1024)
+
+
+def _is_name(value: Any, empty: bool = False) -> bool:
+    return isinstance(value, str) and (empty or value != "") and len(value) <= MAX_NAME_CHARS and value.isprintable()
 
 
 def hub_weights_file(pretrained_cfg: Mapping[str, Any]) -> str:
@@ -340,6 +535,8 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchSpec:
         head_dim = state_dict["head.conv.conv.weight"].shape[0]
     except KeyError as e:
         raise CheckpointError(f"checkpoint lacks {e.args[0]!r}: it is not a RapidNet checkpoint") from None
+    except IndexError:  # a conv weight with fewer than 2 dimensions
+        raise CheckpointError("checkpoint has a conv weight of too few dimensions: is the file damaged?") from None
     fc = state_dict.get("head.fc.weight")
     return ArchSpec(
         depths=tuple(depths),
@@ -439,10 +636,35 @@ def fit_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, sou
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
         raise CheckpointError(f"{source} does not fit the model: {'; '.join(parts)} keys")
+    check_shapes(sd, {k: v.shape for k, v in own.items()}, source, in_chans_adapted=have.in_chans != want.in_chans)
     for key, value in own.items():  # BN step counters some writers leave out: keep the model's own
         if key.endswith("num_batches_tracked"):
             sd.setdefault(key, value)
     return sd
+
+
+def check_shapes(
+    state_dict: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, torch.Size],
+    source: str | os.PathLike,
+    in_chans_adapted: bool = False,
+) -> None:
+    """A one-line :class:`CheckpointError` naming the first weight whose shape is not the model's (``shapes``).
+
+    With ``in_chans_adapted`` the stem conv may differ in its input channels only: timm's ``load_pretrained`` adapts
+    it (``adapt_input_conv``).
+    """
+    for key, value in state_dict.items():
+        want = shapes.get(key)
+        if want is None or tuple(value.shape) == tuple(want):
+            continue
+        stem_adapted = key == "stem.0.conv.weight" and value.ndim == 4 and value.shape[::2] == want[::2]
+        if in_chans_adapted and stem_adapted and value.shape[3] == want[3]:
+            continue
+        raise CheckpointError(
+            f"{source} does not fit the model: {key} has shape {tuple(value.shape)}, the model {tuple(want)}: "
+            "is the file damaged, or of another architecture?"
+        )
 
 
 def is_features_model(model: nn.Module) -> bool:

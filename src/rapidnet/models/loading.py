@@ -18,17 +18,25 @@ which is why it is not part of ``factory.py``.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import timm
 import torch
 from timm.models import get_pretrained_cfg_value
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from rapidnet.errors import CheckpointError, ConfigError
+from rapidnet.errors import CheckpointError, ConfigError, RapidNetError
 from rapidnet.models.checkpoint import (
+    MAX_SIDE,
+    MIN_SIDE,
+    ArchSpec,
+    check_class_names,
+    check_shapes,
     checkpoint_filter_fn,
     decode_metadata,
     infer_arch,
@@ -37,7 +45,7 @@ from rapidnet.models.checkpoint import (
 )
 from rapidnet.models.factory import create_model, is_rapidnet
 from rapidnet.models.mask_rcnn import mask_rcnn
-from rapidnet.models.rapidnet import VARIANTS
+from rapidnet.models.rapidnet import VARIANTS, RapidNet
 from rapidnet.models.semantic_fpn import semantic_fpn
 
 __all__ = ["TASK_KINDS", "load", "load_model"]
@@ -87,6 +95,8 @@ def load(
     state_dict, stored = read_weights(path, use_ema=use_ema)
     meta = decode_metadata(stored, path)
     kind = meta.get("task") or "classification"
+    if kind not in TASK_KINDS:
+        raise CheckpointError(f"{path} holds a {kind!r} model, which no command reads: is it this project's file?")
     if task is not None and kind != task:
         raise CheckpointError(
             f"{path} holds a {kind} model, not {task}: pass a checkpoint written by '{TASK_KINDS[task]}'"
@@ -134,6 +144,8 @@ def _load_rapidnet(
 ) -> nn.Module:
     sd = checkpoint_filter_fn(state_dict)
     arch = infer_arch(sd)
+    _check_names_fit(path, meta, arch.num_classes)
+    _check_arch_fits(path, arch, sd)
     if name is not None and arch.variant != name.split(".")[0]:
         raise CheckpointError(
             f"{path} is {arch.describe()}, not {name}: give no model name to use the checkpoint's own "
@@ -175,9 +187,12 @@ def _load_timm(
     name = name or stored
     if not name:
         raise CheckpointError(f"{path} names no timm model in its metadata: pass the model name (--model)")
+    if not timm.is_model(name):
+        raise CheckpointError(f"{path} names timm model {name!r}, which timm does not know: is the file damaged?")
     meta["format"] = "timm"
     meta.setdefault("arch", name)
     args = dict(kwargs)
+    rows = None
     if features_only:
         args["features_only"] = True
         if out_indices is not None:
@@ -185,10 +200,19 @@ def _load_timm(
     else:
         rows = meta.get("num_classes") or _classifier_rows(name, state_dict)
         if rows is not None:
+            _check_names_fit(path, meta, rows)
             args.setdefault("num_classes", rows)
+    # the file's own class count for the dry build: a caller's num_classes (fine-tuning) is the caller's to pay for
+    own = {"num_classes": rows} if rows is not None else {}
+    build = functools.partial(timm.create_model, name)
     try:
-        net = timm.create_model(name, **args)
-    except RuntimeError as e:
+        shapes = _dry_shapes(build, {**args, **own})
+        if shapes is not None:
+            _check_size(path, shapes, state_dict, name)
+        net = build(**args)
+    except RapidNetError:
+        raise
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:  # unknown name, or kwargs the model does not take
         detail = (str(e).splitlines() or [type(e).__name__])[0][:120]
         raise ConfigError(f"cannot build timm model {name!r} for {path} ({detail})") from None
     return load_timm_weights(net, state_dict, path, name)
@@ -215,7 +239,17 @@ def _load_dense(
     if missing:
         raise CheckpointError(f"{path} has incomplete dense metadata (no {', '.join(missing)}): re-export it")
     meta.setdefault("format", f"rapidnet-{kind}")
-    net = _DENSE_BUILDERS[kind](**{**meta["build_args"], **kwargs})
+    build_args = meta["build_args"]
+    _check_build_args(path, build_args)
+    _check_names_fit(path, meta, build_args.get("num_classes"))
+    builder = _DENSE_BUILDERS[kind]
+    try:
+        shapes = _dry_shapes(builder, build_args)  # before anything is allocated: the weights must be the file's
+    except _BUILD_ERRORS as e:
+        raise _build_error(path, e) from None
+    if shapes is not None:
+        _check_fits(path, shapes, state_dict, f"the {kind} model its build_args describe")
+    net = _build(path, builder, {**build_args, **kwargs})
     result = net.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
@@ -223,3 +257,150 @@ def _load_dense(
             f"{len(result.unexpected_keys)} unexpected keys: is the file damaged?"
         )
     return net
+
+
+# ---- checks before building: what a file asks for must fit the file ------------------------------------------------
+
+
+def _check_names_fit(path: str | os.PathLike, meta: Mapping[str, Any], count: Any) -> None:
+    """A class name per output of the classifier the weights hold (``predict`` indexes the names by output)."""
+    if "class_names" in meta and isinstance(count, int):
+        try:
+            check_class_names(meta["class_names"], count)
+        except ValueError as e:
+            raise CheckpointError(f"{path} has invalid 'class_names' metadata ({e}): re-export it") from None
+
+
+#: dense ``build_args`` that would make loading read another file or download weights: the file holds the weights
+_FILE_ARGS = ("backbone_checkpoint", "checkpoint", "checkpoint_path", "pretrained", "pretrained_cfg_overlay")
+#: dense ``build_args`` that set the size images are resized to (torchvision's transform)
+_SIZE_ARGS = ("min_size", "max_size")
+
+
+def _check_build_args(path: str | os.PathLike, build_args: Mapping[str, Any]) -> None:
+    """Stored dense builder arguments: no file or download to reach, image sizes within the eval bounds."""
+    backbone = build_args.get("backbone")
+    if not isinstance(backbone, str) or not (is_rapidnet(backbone) or timm.is_model(backbone)):
+        shown = repr(backbone) if len(repr(backbone)) <= 40 else repr(backbone)[:37] + "..."
+        raise CheckpointError(
+            f"{path} has invalid 'build_args' metadata (backbone {shown}: expected a RapidNet variant or a timm "
+            "model name): re-export it"
+        )
+    nested = build_args.get("backbone_kwargs") or {}
+    if not isinstance(nested, Mapping):
+        raise CheckpointError(f"{path} has invalid 'build_args' metadata (backbone_kwargs is not a dict): re-export it")
+    for key in _FILE_ARGS:  # present at all (even "", which would mean the authors' weights from the hub)
+        if any(args.get(key) is not None and args.get(key) is not False for args in (build_args, nested)):
+            raise CheckpointError(
+                f"{path} has build_args that name other weights ({key}): a checkpoint must hold its own; re-export it"
+            )
+    for key in _SIZE_ARGS:
+        value = build_args.get(key)
+        sides = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not all(
+            isinstance(v, int) and not isinstance(v, bool) and MIN_SIDE <= v <= MAX_SIDE for v in sides
+        ):
+            raise CheckpointError(
+                f"{path} has invalid 'build_args' metadata ({key} {value!r}: expected sides of "
+                f"{MIN_SIDE}..{MAX_SIDE} pixels): re-export it"
+            )
+
+
+class _MetaTensors(TorchFunctionMode):
+    """Tensor factories called without a device make meta tensors (shapes, no storage).
+
+    Building a model under this mode allocates no weights, so the architecture a file's metadata or weight names
+    describe can be compared with the weights the file really holds before a single byte is allocated: a small file
+    cannot ask for a model of gigabytes. (``torch.device("meta")`` as a whole would also move the ``linspace`` of the
+    drop-path rates, which the constructors read back as numbers.)
+    """
+
+    _FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn})
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in self._FACTORIES and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def _dry_shapes(builder: Callable[..., nn.Module], args: Mapping[str, Any]) -> dict[str, torch.Size] | None:
+    """The state-dict shapes ``builder(**args)`` would have, from a build on meta tensors (the builder's own errors
+    propagate).
+
+    ``None`` when the builder cannot run on meta tensors (a constructor that reads a weight back): the real build
+    then goes ahead, its stored arguments already bounded by :func:`~rapidnet.models.checkpoint.decode_metadata`.
+    """
+    try:
+        with _MetaTensors():
+            net = builder(**args)
+    except RuntimeError:  # NotImplementedError too: a meta tensor read back; the real build will tell
+        return None
+    return {k: v.shape for k, v in net.state_dict().items()}
+
+
+def _check_size(
+    path: str | os.PathLike, shapes: Mapping[str, torch.Size], state_dict: Mapping[str, torch.Tensor], name: str
+) -> None:
+    """A model may not need more weights than the file holds: every weight must come from the file, so a small file
+    naming a large model (``arch: vit_giant_patch14_clip_224``) is refused before the model is built."""
+    need = sum(math.prod(shape) for shape in shapes.values())
+    have = sum(v.numel() for v in state_dict.values())
+    if need > have:
+        missing = [k for k in shapes if k not in state_dict and not k.endswith("num_batches_tracked")]
+        what = f"{len(missing)} of its weights are missing" if missing else "its weights are larger than the file's"
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {name}: {what} (the file holds {have:,} numbers, the model needs "
+            f"{need:,}): pass a checkpoint of {name}"
+        )
+
+
+#: what a builder raises for arguments it cannot honour
+_BUILD_ERRORS = (RapidNetError, TypeError, ValueError, KeyError, AssertionError, IndexError)
+
+
+def _build(path: str | os.PathLike, builder: Callable[..., nn.Module], args: Mapping[str, Any]) -> nn.Module:
+    """``builder(**args)`` with stored arguments: a builder that refuses them is a one-line :class:`CheckpointError`."""
+    try:
+        return builder(**args)
+    except (*_BUILD_ERRORS, RuntimeError) as e:  # RuntimeError: torch refusing a size (or out of memory)
+        raise _build_error(path, e) from None
+
+
+def _build_error(path: str | os.PathLike, e: BaseException) -> CheckpointError:
+    detail = " ".join(f"{type(e).__name__}: {e}".split())[:120]
+    return CheckpointError(f"{path} has build_args that build no model ({detail}): re-export it")
+
+
+def _check_arch_fits(path: str | os.PathLike, arch: ArchSpec, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """The RapidNet read off the weights' names, built on meta tensors, has exactly the weights' shapes."""
+    args = dict(
+        depths=arch.depths,
+        widths=arch.widths,
+        head_dim=arch.head_dim,
+        num_classes=arch.num_classes,
+        distillation=arch.distillation,
+        in_chans=arch.in_chans,
+        inference_mode=arch.reparameterized,
+    )
+    try:
+        with _MetaTensors():
+            shapes = {k: v.shape for k, v in RapidNet(**args).state_dict().items()}
+    except (ValueError, TypeError, IndexError, RuntimeError) as e:
+        detail = " ".join(str(e).split())[:100] or type(e).__name__
+        raise CheckpointError(f"{path} describes no buildable RapidNet ({detail}): is the file damaged?") from None
+    _check_fits(path, shapes, state_dict, arch.describe())
+
+
+def _check_fits(
+    path: str | os.PathLike, shapes: Mapping[str, torch.Size], state_dict: Mapping[str, torch.Tensor], what: str
+) -> None:
+    """Every weight of the model is in the file with its shape, and the file has no others (BN step counters may
+    be absent)."""
+    missing = [k for k in shapes if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in shapes]
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing (e.g. {', '.join(missing[:2])})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2])})"] if unexpected else []
+        raise CheckpointError(f"{path} does not fit {what}: {'; '.join(parts)} weights: is the file damaged?")
+    check_shapes(state_dict, shapes, path)

@@ -103,6 +103,11 @@ def create_classifier(model_cfg: ModelConfig, num_classes: int, distillation: bo
                 f"unknown model {model_cfg.name!r}: use a RapidNet variant or a timm model name"
             ) from None
         raise
+    except (TypeError, ValueError) as e:  # an argument the timm model does not take, or a bad value for one
+        detail = " ".join(str(e).split())[:160]
+        raise ConfigError(
+            f"timm cannot build {model_cfg.name!r} with model.kwargs ({detail}): fix model.kwargs"
+        ) from None
     if model_cfg.checkpoint:
         load_timm_checkpoint(model, model_cfg.checkpoint, model_cfg.name)
     return model
