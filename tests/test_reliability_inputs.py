@@ -399,3 +399,17 @@ def test_random_bytes_are_reported_as_not_a_checkpoint(tmp_path):
         with pytest.raises(CheckpointError) as info:
             read_checkpoint(path)
         assert "could run code" not in str(info.value) and "not a PyTorch checkpoint" in str(info.value)
+
+
+def test_dense_predict_of_a_bomb_png_and_timm_kwargs_it_does_not_take_are_one_line(tmp_path):
+    """``det|seg predict`` read images with Pillow directly (a bomb was a traceback); a timm classifier given
+    ``model.kwargs`` it does not take ended in a ``TypeError`` traceback."""
+    from rapidnet.cli._dense import _read_image
+    from rapidnet.config import ModelConfig
+    from rapidnet.tasks.classification import create_classifier
+
+    bomb = png_header(tmp_path / "bomb.png", 60000, 60000)
+    with pytest.raises(DataError, match="decompression bomb"):
+        _read_image(str(bomb))
+    with pytest.raises(ConfigError, match=r"fix model\.kwargs"):
+        create_classifier(ModelConfig(name="resnet10t", kwargs={"no_such_argument": 1}), 10, False)

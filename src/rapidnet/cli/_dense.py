@@ -129,6 +129,8 @@ def _read_image(path: str) -> torch.Tensor:
 
     try:
         pil = load_rgb(path)  # refuses decompression bombs, scales 16-bit images
+    except DataError:
+        raise
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read image {path} ({' '.join(str(e).split())[:120]}): pass an image file") from None
     return TF.to_dtype(TF.pil_to_tensor(pil), torch.float32, scale=True)

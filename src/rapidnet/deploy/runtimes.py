@@ -160,8 +160,6 @@ def executorch_method(path: str | os.PathLike) -> Any:
             method = Runtime.get().load_program(str(path)).load_method("forward")
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"ExecuTorch cannot load {path} ({one_line(e)[:160]})") from None
-    global _executorch_loaded
-    _executorch_loaded = True
     return method
 
 
@@ -171,16 +169,12 @@ def run_executorch(method: Any, x: torch.Tensor) -> list[np.ndarray]:
     return [o.detach().numpy() for o in outputs]
 
 
-_executorch_loaded = False  # whether this process has loaded a program (its delegate then holds the thread pool)
+def executorch_threads(threads: int | None = None) -> int:
+    """The size of ExecuTorch's XNNPACK thread pool (one per process; one thread per core by default).
 
-
-def executorch_threads(threads: int | None) -> int:
-    """Size ExecuTorch's XNNPACK thread pool and return its size.
-
-    The pool is one per process, and programs loaded earlier keep using the pool they were loaded with: resetting
-    it under them deadlocks their next run. So the pool is resized only before the first program is loaded; after
-    that a different request is logged and the pool kept (the return value says what is in use). ``None`` leaves
-    it as it is (one thread per core by default).
+    The pool is not resized: ExecuTorch's only way to do it (``_unsafe_reset_threadpool``) replaced a pool that other
+    native code in the process still used, and the interpreter crashed minutes later (seen in this project's test
+    suite). A request for another size is logged, and the return value says what ExecuTorch really runs with.
     """
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be at least 1, got {threads}")
@@ -189,18 +183,9 @@ def executorch_threads(threads: int | None) -> int:
 
     with _native_stderr_to_devnull():
         current = int(portable_lib._threadpool_get_thread_count())
-        if threads is None or threads == current:
-            return current
-        if _executorch_loaded:
-            _logger.warning(
-                "ExecuTorch already runs programs on %d threads in this process: keeping %d, not %d",
-                current,
-                current,
-                threads,
-            )
-            return current
-        portable_lib._unsafe_reset_threadpool(int(threads))
-    return int(threads)
+    if threads is not None and threads != current:
+        _logger.warning("ExecuTorch runs on its process-wide pool of %d threads here, not %d", current, threads)
+    return current
 
 
 # ---- one call for every runtime ------------------------------------------------------------------------------------
