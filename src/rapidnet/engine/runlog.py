@@ -65,7 +65,9 @@ def read_jsonl(path: str | os.PathLike[str], missing_ok: bool = False) -> list[d
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise DataError(f"log file {path} is not text (JSON lines): pass a log written by `rapidnet train`") from None
+        raise DataError(
+            f"cannot read log {path}: it is not text (JSON lines): pass a log written by `rapidnet train`"
+        ) from None
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
