@@ -153,15 +153,7 @@ def _load_rapidnet(
         )
     meta.setdefault("format", "rapidnet")
     meta.setdefault("arch", arch.variant or "custom")
-    args: dict[str, Any] = dict(
-        depths=arch.depths,
-        widths=arch.widths,
-        head_dim=arch.head_dim,
-        num_classes=arch.num_classes,
-        distillation=arch.distillation,
-        in_chans=arch.in_chans,
-        features_only=features_only,
-    )
+    args: dict[str, Any] = dict(_arch_args(arch), features_only=features_only)
     if out_indices is not None:
         args["out_indices"] = tuple(out_indices)
     args.update(kwargs)
@@ -372,17 +364,21 @@ def _build_error(path: str | os.PathLike, e: BaseException) -> CheckpointError:
     return CheckpointError(f"{path} has build_args that build no model ({detail}): re-export it")
 
 
-def _check_arch_fits(path: str | os.PathLike, arch: ArchSpec, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """The RapidNet read off the weights' names, built on meta tensors, has exactly the weights' shapes."""
-    args = dict(
+def _arch_args(arch: ArchSpec) -> dict[str, Any]:
+    """The ``RapidNet`` constructor arguments an architecture read off a state dict stands for."""
+    return dict(
         depths=arch.depths,
         widths=arch.widths,
         head_dim=arch.head_dim,
         num_classes=arch.num_classes,
         distillation=arch.distillation,
         in_chans=arch.in_chans,
-        inference_mode=arch.reparameterized,
     )
+
+
+def _check_arch_fits(path: str | os.PathLike, arch: ArchSpec, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """The RapidNet read off the weights' names, built on meta tensors, has exactly the weights' shapes."""
+    args = dict(_arch_args(arch), inference_mode=arch.reparameterized)
     try:
         with _MetaTensors():
             shapes = {k: v.shape for k, v in RapidNet(**args).state_dict().items()}
