@@ -170,6 +170,8 @@ class TrainConfig:
     amp: bool = False  # bfloat16 autocast on CPU, float16 + GradScaler on CUDA
     channels_last: bool = False
     compile: bool = False
+    # eager CPU: convs skip the kernel taps that only multiply zero padding (exact; see rapidnet.engine.conv_taps)
+    trim_padding_taps: bool = True
     sync_bn: bool = True  # SyncBatchNorm when training on several CUDA processes
     output: str = "runs/train"
     log_interval: int = 50  # steps between lines of steps.jsonl

@@ -51,6 +51,7 @@ from rapidnet.engine.checkpoint import (
     restore_rng,
     save_training_state,
 )
+from rapidnet.engine.conv_taps import trim_padding_taps_
 from rapidnet.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, init_distributed
 from rapidnet.engine.runlog import JsonlLog
 from rapidnet.engine.seeding import seed_everything, seed_step
@@ -84,6 +85,7 @@ MAY_DIFFER_ON_RESUME = (
     "train.output",
     "train.device",
     "train.compile",
+    "train.trim_padding_taps",
     "train.log_interval",
     "train.epochs",
     "data.workers",
@@ -421,6 +423,8 @@ class Trainer:
                 self._say("note: SyncBatchNorm needs CUDA; on CPU each process normalises over its own batch")
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
+        if cfg.train.trim_padding_taps and info.device.type == "cpu":
+            trim_padding_taps_(model)
         self.model = model
         self.weights: dict[str, nn.Module] = {"model": model}
 

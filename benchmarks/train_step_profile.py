@@ -1,0 +1,126 @@
+"""Where a training step's time goes on this CPU: the `make demo` step under each memory format, precision and thread
+count, interleaved, then a ``torch.profiler`` table of the slowest operators for one setting.
+
+    python benchmarks/train_step_profile.py                     # the demo: rapidnet_ti, 10 classes, batch 128, 32x32
+    python benchmarks/train_step_profile.py --resolution 224 --batch 32 --profile channels_last-fp32-t2
+
+Each setting is ``FORMAT-PRECISION-tTHREADS[-trim][-fused]``: ``contiguous`` or ``channels_last``; ``fp32`` or
+``bf16`` (CPU autocast); ``trim``: convs skip padding-only taps (``rapidnet.engine.conv_taps``, as the trainer does on
+a CPU); ``fused``: torch's fused AdamW (``optim.fused``). Steps of all settings are interleaved round by round after
+warm-up and reported as medians (images/s and the ratio to the first setting). The report also prints the CPU's name
+and its AMX/AVX-512 flags, because the answer differs between machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import rapidnet
+from rapidnet.engine.conv_taps import trim_padding_taps_
+
+SETTINGS = [
+    "channels_last-fp32-t2-trim-fused",  # what the demo config does on a CPU
+    "channels_last-fp32-t2-trim",
+    *(f"{fmt}-{prec}-t{t}" for fmt in ("channels_last", "contiguous") for prec in ("fp32", "bf16") for t in (2, 1)),
+]
+
+
+def cpu_description() -> dict[str, object]:
+    """The CPU's model name and the ISA flags that decide which kernels oneDNN picks."""
+    name, flags = platform.processor(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    wanted = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+    return {"model": name, "flags": sorted(f for f in wanted if f in flags)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="rapidnet_ti")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--settings", nargs="+", default=SETTINGS)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile", default="channels_last-fp32-t2-trim-fused", help="setting to profile ('' for none)")
+    p.add_argument("--top", type=int, default=15, help="operators in the profile table")
+    args = p.parse_args()
+
+    base = rapidnet.create_model(args.model, num_classes=args.num_classes, distillation=False, drop_path_rate=0.05)
+    x32 = torch.randn(args.batch, 3, args.resolution, args.resolution)
+    y = torch.randint(0, args.num_classes, (args.batch,))
+
+    runs = {}
+    for setting in args.settings:
+        fmt_name, prec, threads, *extra = setting.split("-")
+        fmt = torch.channels_last if fmt_name == "channels_last" else torch.contiguous_format
+        model = copy.deepcopy(base).to(memory_format=fmt).train()
+        if "trim" in extra:
+            trim_padding_taps_(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused="fused" in extra)
+        runs[setting] = (model, opt, x32.contiguous(memory_format=fmt), prec == "bf16", int(threads[1:]))
+
+    def step(setting: str) -> float:
+        model, opt, x, bf16, threads = runs[setting]
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {s: [] for s in args.settings}
+    for _ in range(args.warmup):
+        for s in args.settings:
+            step(s)
+    for r in range(args.rounds):
+        for s in args.settings if r % 2 == 0 else reversed(args.settings):
+            times[s].append(step(s))
+    first = statistics.median(times[args.settings[0]])
+    report: dict[str, object] = {
+        "cpu": cpu_description(),
+        "torch": torch.__version__,
+        "model": args.model,
+        "batch": args.batch,
+        "resolution": args.resolution,
+        "rounds": args.rounds,
+        "settings": {
+            s: {
+                "median_step_s": round(statistics.median(ts), 4),
+                "images_per_s": round(args.batch / statistics.median(ts), 1),
+                "step_time_vs_first": round(statistics.median(ts) / first, 3),
+            }
+            for s, ts in times.items()
+        },
+    }
+    print(json.dumps(report, indent=2))
+
+    if args.profile:
+        step(args.profile)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step(args.profile)
+        print(f"\nprofile of {args.profile} (3 steps), by self CPU time:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=48))
+
+
+if __name__ == "__main__":
+    main()
