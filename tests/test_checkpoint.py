@@ -178,10 +178,10 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path, official_sd):
     sd = convert_official(official_sd)
-    broken = {k: v for k, v in sd.items() if "conv_d3" not in k}
+    broken = {k: v for k, v in sd.items() if "ffn.fc2." not in k}
     broken["stages.0.blocks.0.surprise"] = torch.zeros(1)
     torch.save(broken, tmp_path / "broken.pth")
-    with pytest.raises(CheckpointError, match=r"missing \d+ .*conv_d3.*unexpected 1 .*surprise"):
+    with pytest.raises(CheckpointError, match=r"missing \d+ .*ffn\.fc2.*unexpected 1 .*surprise"):
         rapidnet.create_model("rapidnet_ti", checkpoint=tmp_path / "broken.pth", num_classes=10, **MICRO)
 
 

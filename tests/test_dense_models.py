@@ -181,7 +181,8 @@ def test_backbone_checkpoint_loads_into_detector(micro_checkpoint_file):
     ref = source.state_dict()
     torch.testing.assert_close(body["stem_0.conv.weight"], ref["stem.0.conv.weight"])
     torch.testing.assert_close(
-        body["stages_3.blocks.1.mixer.conv_d3.bn.running_var"], ref["stages.3.blocks.1.mixer.conv_d3.bn.running_var"]
+        body["stages_3.blocks.1.mixer.branches.1.bn.running_var"],
+        ref["stages.3.blocks.1.mixer.branches.1.bn.running_var"],
     )
     other = rapidnet.save_weights(
         rapidnet.create_model(

@@ -140,7 +140,7 @@ def test_stochastic_depth_rises_linearly_over_all_blocks():
 
 def test_init_is_kaiming_with_zero_bias():
     model = rapidnet.create_model("rapidnet_ti", **MICRO)
-    conv = model.stages[2].blocks[1].mixer.conv_d2.conv
+    conv = model.stages[2].blocks[1].mixer.branches[0].conv
     assert torch.count_nonzero(conv.bias) == 0
     expected_std = (2.0 / (conv.in_channels * 9)) ** 0.5
     assert conv.weight.std().item() == pytest.approx(expected_std, rel=0.15)
@@ -225,9 +225,9 @@ def test_reparameterize_gives_the_plain_folded_graph(micro_model):
     fused = rapidnet.reparameterize(micro_model)
     assert type(fused) is RapidNet and not cpu.is_optimized(fused)
     assert all(p.is_contiguous() for p in fused.parameters())
-    dilated = fused.stages[2].blocks[1].mixer.conv_d3.conv
+    dilated = fused.stages[2].blocks[1].mixer.branches[1].conv
     assert type(dilated) is torch.nn.Conv2d and dilated.padding == (3, 3) and dilated.dilation == (3, 3)
-    assert isinstance(fused.stages[2].blocks[1].mixer.conv_d3.act, torch.nn.GELU)
+    assert isinstance(fused.stages[2].blocks[1].mixer.branches[1].act, torch.nn.GELU)
     with torch.inference_mode(), torch.profiler.profile() as prof:
         fused(torch.randn(1, 3, 64, 64))
     ops = {event.key for event in prof.key_averages()}

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rapidnet.errors import CheckpointError
-from rapidnet.models.rapidnet import VARIANTS, RapidNet
+from rapidnet.models.rapidnet import DEFAULT_MLDC, VARIANTS, RapidNet
 from rapidnet.utils import atomic_write, read_checkpoint, unwrap_model
 
 __all__ = [
@@ -96,10 +96,10 @@ _DILATED = {
     "mixer.cpe.reparam_conv.": "mixer.cpe.pe.",  # identity subtracted below
     "mixer.fc1.0.": "mixer.fc1.conv.",
     "mixer.fc1.1.": "mixer.fc1.bn.",
-    "mixer.graph_conv.nn.0.": "mixer.conv_d2.conv.",
-    "mixer.graph_conv.nn.1.": "mixer.conv_d2.bn.",
-    "mixer.graph_conv.nn_2.0.": "mixer.conv_d3.conv.",
-    "mixer.graph_conv.nn_2.1.": "mixer.conv_d3.bn.",
+    "mixer.graph_conv.nn.0.": "mixer.branches.0.conv.",  # dilation 2
+    "mixer.graph_conv.nn.1.": "mixer.branches.0.bn.",
+    "mixer.graph_conv.nn_2.0.": "mixer.branches.1.conv.",  # dilation 3
+    "mixer.graph_conv.nn_2.1.": "mixer.branches.1.bn.",
     "mixer.fc2.0.": "mixer.fc2.conv.",
     "mixer.fc2.1.": "mixer.fc2.bn.",
     "ffn.conv.conv.": "ffn.dw.conv.",
@@ -182,11 +182,26 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module | None 
     Idempotent: weights already in this project's key names pass through unchanged.
     """
     sd = strip_prefix(unwrap_state_dict(state_dict))
-    sd = convert_official(sd) if is_official_format(sd) else dict(sd)
+    sd = convert_official(sd) if is_official_format(sd) else _rename_legacy_branches(sd)
     if isinstance(model, RapidNet):
         source = (getattr(model, "pretrained_cfg", None) or {}).get("file") or "checkpoint"
         sd = fit_state_dict(sd, model, str(source))
     return sd
+
+
+#: files written before MLDC became a parameter name its two branches by their dilation
+_LEGACY_BRANCH = re.compile(r"^(.*\.mixer\.)conv_d([23])\.(.*)$")
+
+
+def _rename_legacy_branches(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``mixer.conv_d2.`` / ``mixer.conv_d3.`` -> ``mixer.branches.0.`` / ``.1.``: this project's files from before
+    MLDC was a parameter."""
+    out = {}
+    for key, value in state_dict.items():
+        if (m := _LEGACY_BRANCH.match(key)) is not None:
+            key = f"{m.group(1)}branches.{int(m.group(2)) - 2}.{m.group(3)}"
+        out[key] = value
+    return out
 
 
 # ---- reading -------------------------------------------------------------------------------------------------------
@@ -243,8 +258,9 @@ _JSON_METADATA = {
     "eval_args": dict,
     "depths": list,
     "widths": list,
+    "mldc_dilations": list,
 }
-_INT_METADATA = ("num_classes", "head_dim", "in_chans")
+_INT_METADATA = ("num_classes", "head_dim", "in_chans", "ffn_kernel")
 _BOOL_METADATA = ("distillation", "reparameterized")
 
 # ---- bounds on what a file may ask for ------------------------------------------------------------------------------
@@ -289,7 +305,7 @@ def decode_metadata(metadata: Mapping[str, Any], source: str | os.PathLike = "ch
                 kind = _JSON_METADATA[key]
                 if not isinstance(decoded, kind):
                     raise ValueError(f"a JSON {type(decoded).__name__}, expected a {kind.__name__}")
-            elif key in _INT_METADATA:
+            elif key in _INT_METADATA or (key == "mldc_groups" and value != "depthwise"):
                 decoded = int(value)
             elif key in _BOOL_METADATA:
                 if value not in ("true", "false"):
@@ -336,6 +352,12 @@ def check_metadata_value(key: str, value: Any) -> None:
         _need(_is_int(value, 1, MAX_WIDTH), f"{value}, expected 1..{MAX_WIDTH}")
     elif key == "in_chans":
         _need(_is_int(value, 1, MAX_CHANS), f"{value} input channels, expected 1..{MAX_CHANS}")
+    elif key == "mldc_dilations":
+        _need(1 <= len(value) <= 16 and all(_is_int(d, 1, 64) for d in value), "expected 1..16 dilations in 1..64")
+    elif key == "mldc_groups":
+        _need(value == "depthwise" or _is_int(value, 1, MAX_WIDTH), f"{value!r}, expected a group count or depthwise")
+    elif key == "ffn_kernel":
+        _need(_is_int(value, 1, 63) and value % 2 == 1, f"{value}, expected an odd kernel size 1..63")
     elif key in ("format", "arch", "task"):
         _need(_is_name(value), f"{value[:40]!r}: expected a name of at most {MAX_NAME_CHARS} printable characters")
 
@@ -495,9 +517,18 @@ class ArchSpec:
     distillation: bool
     in_chans: int
     reparameterized: bool
+    mldc_dilations: tuple[int, ...] = DEFAULT_MLDC["mldc_dilations"]
+    mldc_groups: int | str = DEFAULT_MLDC["mldc_groups"]
+    ffn_kernel: int = DEFAULT_MLDC["ffn_kernel"]
+
+    @property
+    def mldc_args(self) -> dict[str, Any]:
+        """The MLDC constructor arguments (``mldc_dilations``, ``mldc_groups``, ``ffn_kernel``)."""
+        return {"mldc_dilations": self.mldc_dilations, "mldc_groups": self.mldc_groups, "ffn_kernel": self.ffn_kernel}
 
     @property
     def variant(self) -> str | None:
+        """The variant whose depths, widths and head these are (whatever its MLDC settings: see ``describe``)."""
         for name, cfg in VARIANTS.items():
             if (
                 tuple(map(tuple, cfg["depths"])) == self.depths
@@ -510,11 +541,20 @@ class ArchSpec:
     def describe(self) -> str:
         name = self.variant
         shape = f"depths {[list(d) for d in self.depths]}, widths {list(self.widths)}, head {self.head_dim}"
+        changed = {k: v for k, v in self.mldc_args.items() if v != DEFAULT_MLDC[k]}
+        if changed:
+            shape += ", " + ", ".join(f"{k} {list(v) if isinstance(v, tuple) else v}" for k, v in changed.items())
         return f"{name} ({shape})" if name else f"a custom RapidNet ({shape})"
 
 
-def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchSpec:
-    """Read depths, widths, head and classes off a state dict in this project's key names."""
+def infer_arch(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None) -> ArchSpec:
+    """Read depths, widths, head, classes and MLDC settings off a state dict in this project's key names.
+
+    The MLDC branch count, grouping and FFN kernel show in the weights' names and shapes; the dilations do not (a
+    3x3 kernel is a 3x3 kernel), so they come from the file's ``mldc_dilations`` metadata, and a file without it is
+    the paper's ``(2, 3)`` if it has two branches (every file written before MLDC was a parameter).
+    """
+    metadata = metadata or {}
     try:
         in_chans = state_dict["stem.0.conv.weight"].shape[1]
         kinds: dict[int, dict[int, str]] = {}
@@ -533,6 +573,7 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchSpec:
             found = list(kinds.get(i, {}).values())
             depths.append((found.count("inverted_residual"), found.count("dilated")))
         head_dim = state_dict["head.conv.conv.weight"].shape[0]
+        mldc = _infer_mldc(state_dict, kinds, metadata)
     except KeyError as e:
         raise CheckpointError(f"checkpoint lacks {e.args[0]!r}: it is not a RapidNet checkpoint") from None
     except IndexError:  # a conv weight with fewer than 2 dimensions
@@ -546,7 +587,54 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchSpec:
         distillation="head.fc_dist.weight" in state_dict,
         in_chans=int(in_chans),
         reparameterized=not any(k.endswith("running_var") for k in state_dict),
+        **mldc,
     )
+
+
+def _infer_mldc(
+    state_dict: Mapping[str, torch.Tensor], kinds: Mapping[int, Mapping[int, str]], metadata: Mapping[str, Any]
+) -> dict[str, Any]:
+    """MLDC settings of the first Dilated Convolution block (all blocks share them), checked against the metadata."""
+    first = next(((s, b) for s in sorted(kinds) for b in sorted(kinds[s]) if kinds[s][b] == "dilated"), None)
+    if first is None:  # no Dilated Convolution block: the settings are moot, keep what the file says
+        return {k: _stored_mldc(metadata, k) for k in DEFAULT_MLDC}
+    stage, block = first
+    prefix = f"stages.{stage}.blocks.{block}."
+    branches = mldc_branch_count(state_dict) or 0
+    weight = state_dict[f"{prefix}mixer.branches.0.conv.weight"]
+    out_chs, per_group = int(weight.shape[0]), int(weight.shape[1])
+    # from the branch's own shape (the stage width is checked against every weight later, on meta tensors)
+    groups: int | str = out_chs // per_group if per_group and out_chs % per_group == 0 else 1
+    if per_group == 1 and out_chs > 1:
+        groups = "depthwise"
+    if "mldc_groups" in metadata:  # the recorded form: a count equal to one stage's width is not "depthwise"
+        stored = metadata["mldc_groups"]
+        if (1 if stored == "depthwise" else out_chs / stored) != per_group:
+            raise CheckpointError(f"checkpoint metadata says mldc_groups {stored} but its weights have {groups}")
+        groups = stored
+    dilations = _stored_mldc(metadata, "mldc_dilations")
+    if len(dilations) != branches:
+        what = f"records mldc_dilations {list(dilations)}" if "mldc_dilations" in metadata else "records no dilations"
+        raise CheckpointError(f"checkpoint has {branches} MLDC branches but {what}: re-save it with rapidnet")
+    ffn_kernel = int(state_dict[f"{prefix}ffn.dw.conv.weight"].shape[-1])
+    return {"mldc_dilations": tuple(dilations), "mldc_groups": groups, "ffn_kernel": ffn_kernel}
+
+
+def mldc_branch_count(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """Parallel MLDC branches of the first Dilated Convolution block (None: the network has no such block)."""
+    found = [m.groups() for k in state_dict if (m := _BRANCH_KEY.match(k))]
+    if not found:
+        return None
+    first = min((int(s), int(b)) for s, b, _ in found)
+    return len({i for s, b, i in found if (int(s), int(b)) == first})
+
+
+_BRANCH_KEY = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.mixer\.branches\.(\d+)\.")
+
+
+def _stored_mldc(metadata: Mapping[str, Any], key: str) -> Any:
+    value = metadata.get(key, DEFAULT_MLDC[key])
+    return tuple(value) if key == "mldc_dilations" else value
 
 
 def model_arch(model: nn.Module) -> ArchSpec:
@@ -559,6 +647,9 @@ def model_arch(model: nn.Module) -> ArchSpec:
         distillation=model.distillation,
         in_chans=model.in_chans,
         reparameterized=not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()),
+        mldc_dilations=tuple(model.mldc_dilations),
+        mldc_groups=model.mldc_groups,
+        ffn_kernel=model.ffn_kernel,
     )
 
 
@@ -606,11 +697,25 @@ def fit_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, sou
     count is left to ``load_pretrained`` too, which adapts the stem conv (``adapt_input_conv``: a grey model sums
     the RGB filters).
     """
-    want, have = model_arch(model), infer_arch(state_dict)
+    want = model_arch(model)
+    branches = mldc_branch_count(state_dict)
+    if branches is not None and branches != len(want.mldc_dilations):
+        raise CheckpointError(
+            f"{source} has {branches} MLDC branches per block, the model {len(want.mldc_dilations)} "
+            f"(mldc_dilations {list(want.mldc_dilations)}): build it with the checkpoint's mldc_dilations"
+        )
+    # the weights cannot tell dilations apart: the model's own stand in for them
+    have = infer_arch(state_dict, {"mldc_dilations": list(want.mldc_dilations)})
     if (want.depths, want.widths, want.head_dim) != (have.depths, have.widths, have.head_dim):
         target = want.variant or "this custom RapidNet"
         fix = f"create '{have.variant}' instead" if have.variant else "create the model with the matching config"
         raise CheckpointError(f"{source} is {have.describe()}, not {target}: {fix}")
+    for key in ("mldc_groups", "ffn_kernel"):
+        if have.mldc_args[key] != want.mldc_args[key]:
+            raise CheckpointError(
+                f"{source} has {key} {have.mldc_args[key]}, the model {want.mldc_args[key]}: "
+                f"build it with {key}={have.mldc_args[key]!r}"
+            )
     if have.reparameterized != want.reparameterized:
         if have.reparameterized:
             raise CheckpointError(
@@ -757,6 +862,9 @@ def model_metadata(model: nn.Module) -> dict[str, str]:
             "distillation": str(arch.distillation).lower(),
             "in_chans": str(arch.in_chans),
             "reparameterized": str(arch.reparameterized).lower(),
+            "mldc_dilations": json.dumps(list(arch.mldc_dilations)),
+            "mldc_groups": str(arch.mldc_groups),
+            "ffn_kernel": str(arch.ffn_kernel),
         }
     name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if name is None or is_features_model(model):

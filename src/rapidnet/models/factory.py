@@ -130,6 +130,19 @@ def check_rapidnet_args(name: str, args: Mapping[str, Any]) -> None:
             need(isinstance(args[key], bool), key, "true or false")
     if "global_pool" in args:
         need(args["global_pool"] in ("avg", ""), "global_pool", "'avg' or ''")
+    if "mldc_dilations" in args:
+        dilations = args["mldc_dilations"]
+        ok = _seq(dilations) and 1 <= len(dilations) <= 16 and all(_int(d, 1, 64) for d in dilations)
+        need(ok, "mldc_dilations", "a non-empty list of dilations, each 1..64 (e.g. [2, 3])")
+    if "mldc_groups" in args:
+        groups = args["mldc_groups"]
+        need(groups == "depthwise" or _int(groups, 1, MAX_WIDTH), "mldc_groups", "a positive integer or 'depthwise'")
+        if groups != "depthwise":
+            stages = [w for d, w in zip(depths, widths, strict=False) if _seq(d) and len(d) == 2 and d[1]]
+            need(all(w % groups == 0 for w in stages), "mldc_groups", f"a divisor of the stage widths {stages}")
+    if "ffn_kernel" in args:
+        kernel = args["ffn_kernel"]
+        need(_int(kernel, 1, 63) and kernel % 2 == 1, "ffn_kernel", "an odd kernel size 1..63 (it pads to 'same')")
 
 
 def _seq(value: Any) -> bool:

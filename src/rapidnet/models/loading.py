@@ -143,7 +143,7 @@ def _load_rapidnet(
     kwargs: dict[str, Any],
 ) -> nn.Module:
     sd = checkpoint_filter_fn(state_dict)
-    arch = infer_arch(sd)
+    arch = infer_arch(sd, meta)
     _check_names_fit(path, meta, arch.num_classes)
     _check_arch_fits(path, arch, sd)
     if name is not None and arch.variant != name.split(".")[0]:
@@ -373,6 +373,7 @@ def _arch_args(arch: ArchSpec) -> dict[str, Any]:
         num_classes=arch.num_classes,
         distillation=arch.distillation,
         in_chans=arch.in_chans,
+        **arch.mldc_args,
     )
 
 

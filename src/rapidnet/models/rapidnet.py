@@ -6,7 +6,8 @@ Reads top-down like Figure 3 of the paper:
 
 Each stage holds ``L`` Inverted Residual blocks followed by ``G`` Dilated Convolution blocks. A Dilated Convolution
 block mixes tokens with MLDC (two parallel dense 3x3 convolutions, dilation 2 and 3, summed) and then a large-kernel
-FFN. Every module that can be folded for inference has a ``reparameterize()`` method (timm's convention, so
+FFN. ``mldc_dilations``, ``mldc_groups`` and ``ffn_kernel`` change those for ablations; the defaults are the
+paper's. Every module that can be folded for inference has a ``reparameterize()`` method (timm's convention, so
 ``timm.utils.reparameterize_model`` works too); :func:`rapidnet.reparameterize` applies them to a copy. As in timm's
 FastViT, ``inference_mode=True`` builds the folded structure directly (no BatchNorm, layer scale or CPE identity,
 one classifier), whose state dict is that of a reparameterized model.
@@ -33,7 +34,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["DEFAULT_DROP_PATH_RATE", "VARIANTS", "RapidNet", "default_cfgs"]
+__all__ = ["DEFAULT_DROP_PATH_RATE", "DEFAULT_MLDC", "VARIANTS", "RapidNet", "default_cfgs"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -172,20 +173,30 @@ class MultiLevelDilatedConv(nn.Module):
     """MLDC token mixer: CPE -> 1x1 -> [dense 3x3 dilation 2 || dense 3x3 dilation 3], summed -> 1x1.
 
     The two dilation rates see short- and long-range context at once, giving a large receptive field with plain
-    convolutions.
+    convolutions. ``dilations`` sets the parallel branches (one 3x3 conv each, ``(2, 3)`` in the paper) and
+    ``groups`` their grouping (``groups == dim`` makes them depthwise), so that ablations change one argument.
     """
 
-    def __init__(self, dim: int, inference_mode: bool = False) -> None:
+    def __init__(
+        self, dim: int, dilations: Sequence[int] = (2, 3), groups: int = 1, inference_mode: bool = False
+    ) -> None:
         super().__init__()
+        self.dilations = tuple(int(d) for d in dilations)
         self.cpe = ConditionalPosEnc(dim, 7, inference_mode=inference_mode)
         self.fc1 = ConvNormAct(dim, dim, 1, act=False, inference_mode=inference_mode)
-        self.conv_d2 = ConvNormAct(dim, dim, 3, dilation=2, inference_mode=inference_mode)
-        self.conv_d3 = ConvNormAct(dim, dim, 3, dilation=3, inference_mode=inference_mode)
+        self.branches = nn.ModuleList(
+            ConvNormAct(dim, dim, 3, dilation=d, groups=groups, inference_mode=inference_mode) for d in self.dilations
+        )
         self.fc2 = ConvNormAct(dim, dim, 1, act=False, inference_mode=inference_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(self.cpe(x))
-        return self.fc2(self.conv_d2(x) + self.conv_d3(x))
+        mixed: torch.Tensor | None = None
+        for branch in self.branches:
+            y = branch(x)
+            mixed = y if mixed is None else mixed + y
+        assert mixed is not None
+        return self.fc2(mixed)
 
 
 class LargeKernelFFN(nn.Module):
@@ -211,12 +222,15 @@ class DilatedConvBlock(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         layer_scale_init: float = 1e-5,
+        mldc_dilations: Sequence[int] = (2, 3),
+        mldc_groups: int = 1,
+        ffn_kernel: int = 7,
         inference_mode: bool = False,
     ) -> None:
         super().__init__()
-        self.mixer = MultiLevelDilatedConv(dim, inference_mode=inference_mode)
+        self.mixer = MultiLevelDilatedConv(dim, mldc_dilations, mldc_groups, inference_mode=inference_mode)
         self.layer_scale1 = _layer_scale(dim, layer_scale_init, inference_mode)
-        self.ffn = LargeKernelFFN(dim, mlp_ratio, inference_mode=inference_mode)
+        self.ffn = LargeKernelFFN(dim, mlp_ratio, ffn_kernel, inference_mode=inference_mode)
         self.layer_scale2 = _layer_scale(dim, layer_scale_init, inference_mode)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -226,7 +240,7 @@ class DilatedConvBlock(nn.Module):
 
     def reparameterize(self) -> None:
         self.mixer.cpe.reparameterize()
-        for unit in (self.mixer.fc1, self.mixer.conv_d2, self.mixer.conv_d3, self.ffn.dw, self.ffn.fc1):
+        for unit in (self.mixer.fc1, *self.mixer.branches, self.ffn.dw, self.ffn.fc1):
             if isinstance(unit, ConvNormAct):
                 unit.reparameterize()
         _fold_layer_scale(self.mixer.fc2, self, "layer_scale1")
@@ -246,6 +260,9 @@ class RapidNetStage(nn.Module):
         drop_path_rates: Sequence[float],
         mlp_ratio: float = 4.0,
         layer_scale_init: float = 1e-5,
+        mldc_dilations: Sequence[int] = (2, 3),
+        mldc_groups: int | str = 1,
+        ffn_kernel: int = 7,
         inference_mode: bool = False,
     ) -> None:
         super().__init__()
@@ -260,7 +277,16 @@ class RapidNetStage(nn.Module):
             for i in range(num_inverted_residual)
         ]
         blocks += [
-            DilatedConvBlock(out_chs, mlp_ratio, rates[num_inverted_residual + i], layer_scale_init, inference_mode)
+            DilatedConvBlock(
+                out_chs,
+                mlp_ratio,
+                rates[num_inverted_residual + i],
+                layer_scale_init,
+                mldc_dilations,
+                out_chs if mldc_groups == "depthwise" else mldc_groups,
+                ffn_kernel,
+                inference_mode,
+            )
             for i in range(num_dilated)
         ]
         self.blocks = nn.Sequential(*blocks)
@@ -356,6 +382,29 @@ def _init_weights(module: nn.Module) -> None:
 _GLOBAL_POOLS = ("avg", "")
 
 
+def _check_mldc(
+    depths: Sequence[Sequence[int]],
+    widths: Sequence[int],
+    dilations: Sequence[int],
+    groups: int | str,
+    ffn_kernel: int,
+) -> None:
+    """One-line ``ValueError`` for MLDC settings that build no network (or not the one asked for)."""
+    if isinstance(dilations, (str, bytes)) or not isinstance(dilations, Sequence) or not dilations:
+        raise ValueError(f"mldc_dilations must be a non-empty list of dilations such as (2, 3), got {dilations!r}")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 64 for d in dilations):
+        raise ValueError(f"mldc_dilations must be integers in 1..64 (1: no dilation), got {list(dilations)}")
+    if not isinstance(ffn_kernel, int) or isinstance(ffn_kernel, bool) or ffn_kernel < 1 or ffn_kernel % 2 == 0:
+        raise ValueError(f"ffn_kernel must be an odd positive integer (it pads to 'same'), got {ffn_kernel!r}")
+    if groups == "depthwise":
+        return
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"mldc_groups must be a positive integer or 'depthwise', got {groups!r}")
+    for (_, num_dilated), width in zip(depths, widths, strict=False):
+        if num_dilated and width % groups:
+            raise ValueError(f"mldc_groups {groups} does not divide the stage width {width}: pick a divisor")
+
+
 def _check_global_pool(global_pool: str) -> str:
     if global_pool not in _GLOBAL_POOLS:
         raise ValueError(f"global_pool must be 'avg' (RapidNet pools by mean) or '' (no pooling), got {global_pool!r}")
@@ -380,6 +429,11 @@ class RapidNet(nn.Module):
             state dict has exactly the keys and shapes of ``rapidnet.reparameterize(RapidNet(...))``, so a fused
             file loads strictly into it without building and folding a training model first. ``distillation`` is
             then moot: the folded head has one classifier (the mean of both), as ``reparameterize`` leaves it.
+        mldc_dilations: the dilation of each parallel 3x3 branch of MLDC, ``(2, 3)`` in the paper; ``(2,)`` is a single
+            branch, ``(1, 2, 3)`` three levels. The research knob of the paper's ablations.
+        mldc_groups: groups of the MLDC branches: ``1`` (dense, the paper), a number dividing the widths of the
+            stages with Dilated Convolution blocks, or ``'depthwise'`` (one group per channel).
+        ffn_kernel: odd kernel size of the large-kernel FFN's depthwise conv (7 in the paper).
     """
 
     def __init__(
@@ -396,10 +450,17 @@ class RapidNet(nn.Module):
         layer_scale_init: float = 1e-5,
         global_pool: str = "avg",
         inference_mode: bool = False,
+        mldc_dilations: Sequence[int] = (2, 3),
+        mldc_groups: int | str = 1,
+        ffn_kernel: int = 7,
     ) -> None:
         super().__init__()
         if len(depths) != len(widths):
             raise ValueError(f"depths ({len(depths)} stages) and widths ({len(widths)} stages) must have equal length")
+        _check_mldc(depths, widths, mldc_dilations, mldc_groups, ffn_kernel)
+        self.mldc_dilations = tuple(int(d) for d in mldc_dilations)
+        self.mldc_groups = mldc_groups
+        self.ffn_kernel = int(ffn_kernel)
         self.depths = tuple(tuple(int(n) for n in d) for d in depths)
         self.widths = tuple(int(w) for w in widths)
         self.head_dim = head_dim
@@ -430,6 +491,9 @@ class RapidNet(nn.Module):
                     rates[first : first + n],
                     mlp_ratio,
                     layer_scale_init,
+                    self.mldc_dilations,
+                    mldc_groups,
+                    self.ffn_kernel,
                     inference_mode,
                 )
             )
@@ -585,6 +649,9 @@ def _cfg(filename: str, **kwargs: Any) -> dict[str, Any]:
 #: pass to every backbone, RapidNet or timm peer alike. Eval outputs do not depend on it.
 DEFAULT_DROP_PATH_RATE = 0.1
 
+#: the paper's MLDC (dense 3x3 branches of dilation 2 and 3) and FFN kernel: every variant's default
+DEFAULT_MLDC: dict[str, Any] = dict(mldc_dilations=(2, 3), mldc_groups=1, ffn_kernel=7)
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "rapidnet_ti": dict(depths=((2, 0), (2, 0), (6, 2), (2, 2)), widths=(32, 64, 112, 224), head_dim=512),
     "rapidnet_s": dict(depths=((3, 0), (3, 0), (9, 3), (3, 3)), widths=(32, 64, 112, 224), head_dim=512),
@@ -621,7 +688,13 @@ def _create_rapidnet(variant: str, pretrained: bool = False, **kwargs: Any) -> n
     (offline: a one-line error that says to pass a file) and read the same way.
     """
     # models/checkpoint.py names the variants defined here: the one import that has to wait for call time
-    from rapidnet.models.checkpoint import checkpoint_filter_fn, hub_weights_file, infer_arch, load_state_dict_file
+    from rapidnet.models.checkpoint import (
+        checkpoint_filter_fn,
+        decode_metadata,
+        hub_weights_file,
+        infer_arch,
+        load_state_dict_file,
+    )
 
     use_ema = kwargs.pop("use_ema", True)
     kwargs.setdefault("drop_path_rate", DEFAULT_DROP_PATH_RATE)
@@ -630,11 +703,18 @@ def _create_rapidnet(variant: str, pretrained: bool = False, **kwargs: Any) -> n
     feature_cfg = {"flatten_sequential": True, "out_indices": (0, 1, 2, 3), **(kwargs.pop("feature_cfg", None) or {})}
     if pretrained:
         cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
+        # the MLDC dilations are not in the weights' shapes: the file's metadata says them, or the caller does
+        stored = {"mldc_dilations": list(kwargs.get("mldc_dilations", DEFAULT_MLDC["mldc_dilations"]))}
         if state_dict is None:
             file = cfg.get("file") or hub_weights_file(cfg)
-            state_dict, _ = load_state_dict_file(file, use_ema=use_ema)
+            state_dict, raw_meta = load_state_dict_file(file, use_ema=use_ema)
             overlay["file"] = str(file)
-        arch = infer_arch(state_dict)
+            stored = {k: v for k, v in decode_metadata(raw_meta, file).items() if k in DEFAULT_MLDC}
+        arch = infer_arch(state_dict, stored)
+        for key, value in arch.mldc_args.items():  # a file of an ablation builds that ablation
+            asked = kwargs.setdefault(key, value)
+            if (tuple(asked) if key == "mldc_dilations" else asked) != value:
+                raise ValueError(f"{overlay.get('file', 'the weights')} have {key} {value}, not {asked}")
         overlay.update(
             state_dict=state_dict, num_classes=arch.num_classes, input_size=(arch.in_chans, *cfg["input_size"][1:])
         )

@@ -29,7 +29,7 @@ from rapidnet.engine.seeding import SeededDataset, SeededSampler, ignore_sigint
 from rapidnet.engine.task import RunContext, StepOutput, Task
 from rapidnet.errors import CheckpointError, ConfigError, DataError
 from rapidnet.models import load
-from rapidnet.tasks._commands import check_task_name
+from rapidnet.tasks._commands import check_model_kwargs, check_task_name
 from rapidnet.utils import subset_indices, unwrap_model
 
 __all__ = [
@@ -125,6 +125,7 @@ class _DenseTask(Task):
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
         d = self.cfg.data
+        check_model_kwargs(self.cfg.model.name, self.cfg.model.kwargs)
         if d.path in ("fashion-mnist", "", None):
             raise ConfigError(
                 f"data.path is {d.path!r}: give the dense data set folder (e.g. one written by 'rapidnet data mosaic')"

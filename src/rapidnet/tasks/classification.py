@@ -46,7 +46,7 @@ from rapidnet.engine.task import RunContext, StepOutput, Task
 from rapidnet.errors import CheckpointError, ConfigError, DataError
 from rapidnet.models import create_model, is_rapidnet, load, model_metadata, save_weights
 from rapidnet.models.checkpoint import load_timm_checkpoint
-from rapidnet.tasks._commands import check_task_name
+from rapidnet.tasks._commands import check_model_kwargs, check_task_name
 from rapidnet.utils import subset_indices
 
 __all__ = [
@@ -443,6 +443,7 @@ class ClassificationTask(Task):
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
         d, a = self.cfg.data, self.cfg.aug
+        check_model_kwargs(self.cfg.model.name, self.cfg.model.kwargs)
         self.train_set = build_dataset(d.path, "train")
         self.val_set = build_dataset(d.path, "val")
         self.classes = check_same_classes(self.train_set, self.val_set)
