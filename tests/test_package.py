@@ -25,6 +25,7 @@ ALLOWED = {
     "engine": {"errors", "utils", "config"},
     "deploy": {"errors", "utils", "data", "models"},
     "tasks": {"errors", "utils", "config", "data", "models", "engine", "metrics"},
+    "analysis": {"errors", "utils", "data", "models"},
     "__init__": {"errors", "utils", "models"},
 }
 

@@ -32,6 +32,7 @@ _SUBCOMMANDS = (
     "data",
     "det",
     "seg",
+    "erf",
 )
 
 
