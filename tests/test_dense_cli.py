@@ -79,8 +79,8 @@ def _same(a: float | None, b: float | None) -> bool:
 def mosaic(tmp_path_factory, fm_root) -> Path:
     out = tmp_path_factory.mktemp("mosaic") / "data"
     code = main(["data", "mosaic", "--out", str(out), "--fashion-mnist", str(fm_root), "--num-train", "6",
-                 "--num-val", "3", "--image-size", "64", "--seed", "1", "--no-progress"])  # fmt: skip
-    assert code == 0
+                 "--num-val", "3", "--num-dev", "0", "--image-size", "64", "--seed", "1", "--no-progress"])  # fmt: skip
+    assert code == 0  # no dev split: the runs below choose their best epoch on val, as before dev splits
     return out
 
 
@@ -117,13 +117,13 @@ def test_data_mosaic_writes_both_formats_and_refuses_bad_output(capsys, mosaic, 
 
     out = tmp_path / "m"
     args = ("data", "mosaic", "--out", out, "--fashion-mnist", fm_root, "--num-train", "2", "--num-val", "1",
-            "--image-size", "32", "--no-progress")  # fmt: skip
+            "--num-dev", "2", "--image-size", "32", "--no-progress")  # fmt: skip
     assert _run(capsys, *args)[0] == 0
     assert json.loads((out / "meta.json").read_text())["config"]["style"] == "black"  # the default
     code, _, err = _run(capsys, *args)
     assert code == 2 and "overwrite" in _one_line_error(err, "data")
     code, out_text, _ = _run(capsys, *args, "--overwrite", "--style", "tinted")
-    assert code == 0 and "2 train / 1 val" in out_text and "tinted" in out_text
+    assert code == 0 and "2 train / 1 val / 2 dev" in out_text and "tinted" in out_text
     assert json.loads((out / "meta.json").read_text())["config"]["style"] == "tinted"
 
     empty = tmp_path / "no-fashion-mnist"
@@ -341,6 +341,148 @@ def test_dense_train_under_torchrun_evaluates_each_image_once(kind, config, metr
     assert code == 0 and metrics["images"] == 3
     for key in [k for k in metrics if k != "images"]:
         assert _same(metrics[key], record[f"val_{key}"]), key
+
+
+# ---- selection on a dev split, val reported --------------------------------------------------------------------
+
+NUM_DEV = 4
+INTERVAL = r"\[\d+\.\d, \d+\.\d\]"
+
+
+@pytest.fixture(scope="module")
+def dev_mosaic(tmp_path_factory, fm_root) -> Path:
+    out = tmp_path_factory.mktemp("dev-mosaic") / "data"
+    code = main(["data", "mosaic", "--out", str(out), "--fashion-mnist", str(fm_root), "--num-train", "6",
+                 "--num-val", "3", "--num-dev", str(NUM_DEV), "--image-size", "64", "--seed", "1",
+                 "--no-progress"])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_seg_train_selects_on_dev_and_reads_val_only_for_the_final_report(capsys, dev_mosaic, tmp_path, monkeypatch):
+    """Every evaluated epoch reads the dev split and never val; model_best is the best dev epoch (scripted here: epoch
+    2 of 3); after the run val is read once for the best weights (best.pt) and once for the final ones, and the report
+    record holds what ``seg eval`` gives for model_best.safetensors and last.pt, intervals included."""
+    import re
+
+    from rapidnet.data.ade20k import ADE20KSegmentation
+    from rapidnet.engine.callbacks import FinalReport
+    from rapidnet.tasks.segmentation import SegmentationTask
+
+    reads: list[str] = []
+    get_item, report, evaluate = ADE20KSegmentation.__getitem__, FinalReport.on_fit_end, SegmentationTask.evaluate
+    monkeypatch.setattr(ADE20KSegmentation, "__getitem__", lambda ds, i: reads.append(ds.split) or get_item(ds, i))
+    monkeypatch.setattr(FinalReport, "on_fit_end", lambda cb, tr, res: reads.append("report") or report(cb, tr, res))
+    dev_scores = iter([50.0, 70.0, 60.0, 55.0])  # the last one for the resumed epoch
+    monkeypatch.setattr(SegmentationTask, "evaluate", lambda task, m: {**evaluate(task, m), "mIoU": next(dev_scores)})
+    (tmp_path / "seg.yaml").write_text(SEG_CONFIG)
+    out = tmp_path / "run"
+    code, text, _ = _run(capsys, "seg", "train", "--config", tmp_path / "seg.yaml", "--data", dev_mosaic, "--output",
+                         out, "--epochs", 3, "--no-progress")  # fmt: skip
+    assert code == 0
+    cut = reads.index("report")
+    assert reads[:cut].count("dev") == 3 * NUM_DEV and set(reads[:cut]) == {"training", "dev"}
+    assert reads[cut + 1 :] == ["validation"] * (2 * 3)  # the best and the final weights, 3 scenes each
+
+    *epochs, final = _records(out)
+    assert [r["dev_mIoU"] for r in epochs] == [50.0, 70.0, 60.0] and [r["best_epoch"] for r in epochs] == [1, 2, 2]
+    assert not [k for r in epochs for k in r if k.startswith("val_")]
+    assert (final["report"], final["selected_on"], final["best_epoch"], final["epoch"]) == ("val", "dev", 2, 3)
+    for weights, name in (("model_best.safetensors", "best"), ("last.pt", "final")):
+        code, shown, _ = _run(capsys, "seg", "eval", "--checkpoint", out / weights, "--data", dev_mosaic, "--json")
+        metrics = json.loads(shown)
+        assert code == 0 and metrics["images"] == 3
+        for key in ("mIoU", "mAcc", "aAcc", "mIoU_ci", "aAcc_ci"):
+            assert _same(metrics[key], final[f"val_{name}_{key}"]), (name, key)
+        low, high = metrics["mIoU_ci"]
+        assert low <= metrics["mIoU"] <= high
+    assert "dev mIoU 50.00" in text and "best dev mIoU 70.00 at epoch 2" in text
+    assert re.search(rf"val, best weights \(epoch 2\): mIoU \d+\.\d+ {INTERVAL}", text)
+    assert re.search(rf"val, final weights \(epoch 3\): mIoU \d+\.\d+ {INTERVAL}", text)
+    code, shown, _ = _run(capsys, "seg", "eval", "--checkpoint", out / "last.pt", "--data", dev_mosaic)
+    assert code == 0 and re.search(rf"mIoU \d+\.\d\d {INTERVAL}  mAcc", shown) and "val split, 3 images" in shown
+
+    # a resume to more epochs drops the old report and reports again at its end
+    code, _, _ = _run(capsys, "seg", "train", "--resume", out / "last.pt", "--epochs", 4, "--no-progress")
+    records = _records(out)
+    assert code == 0 and [("report" in r, r["epoch"]) for r in records] == [(False, 1), (False, 2), (False, 3),
+                                                                              (False, 4), (True, 4)]  # fmt: skip
+    assert records[-1]["best_epoch"] == 2 and _same(records[-1]["val_best_mIoU"], final["val_best_mIoU"])
+
+
+def test_det_train_selects_on_dev_and_reports_val_with_intervals(capsys, dev_mosaic, tmp_path):
+    import re
+
+    (tmp_path / "det.yaml").write_text(DET_CONFIG)
+    out = tmp_path / "run"
+    code, text, _ = _run(capsys, "det", "train", "--config", tmp_path / "det.yaml", "--data", dev_mosaic, "--output",
+                         out, "--limit-train", 4, "--no-progress")  # fmt: skip
+    assert code == 0 and "dev images 4" in text and "box AP on dev" in text
+    epoch, final = _records(out)
+    assert {"dev_bbox_AP", "dev_segm_AP", "best_bbox_AP"} <= set(epoch) and "dev_bbox_AP_ci" not in epoch
+    assert final["best_epoch"] == 1 and final["val_best_bbox_AP"] == final["val_final_bbox_AP"]  # scored once
+    code, shown, _ = _run(capsys, "det", "eval", "--checkpoint", out / "model_best.safetensors", "--data", dev_mosaic,
+                          "--json")  # fmt: skip
+    metrics = json.loads(shown)
+    for key in ("bbox_AP", "bbox_AP50", "segm_AP", "bbox_AP_ci", "segm_AP_ci"):
+        assert _same(metrics[key], final[f"val_best_{key}"]), key
+    code, shown, _ = _run(capsys, "det", "eval", "--checkpoint", out / "model_best.safetensors", "--data", dev_mosaic,
+                          "--split", "dev", "--bootstrap", 0, "--json")  # fmt: skip
+    metrics = json.loads(shown)
+    assert code == 0 and metrics["images"] == NUM_DEV and "bbox_AP_ci" not in metrics
+    assert _same(metrics["bbox_AP"], epoch["dev_bbox_AP"]) and _same(metrics["segm_AP"], epoch["dev_segm_AP"])
+    code, shown, _ = _run(capsys, "det", "eval", "--checkpoint", out / "last.pt", "--data", dev_mosaic)
+    assert code == 0 and re.search(rf"bbox_AP \d+\.\d\d {INTERVAL}  segm_AP \d+\.\d\d {INTERVAL}", shown)
+
+
+def test_dev_split_mismatches_are_one_line_errors(capsys, dev_mosaic, mosaic, tmp_path):
+    """select_on: dev without a dev split, a dev split missing files, of another image size or with other classes,
+    and eval --split dev without one: one line each, exit 2."""
+    import shutil
+
+    (tmp_path / "seg.yaml").write_text(SEG_CONFIG)
+    (tmp_path / "det.yaml").write_text(DET_CONFIG)
+
+    def train(kind: str, data: Path, *extra: str) -> str:
+        code, _, err = _run(capsys, kind, "train", "--config", tmp_path / f"{kind}.yaml", "--data", data, "--output",
+                            tmp_path / "never", *extra)  # fmt: skip
+        assert code == 2 and not (tmp_path / "never" / "last.pt").exists()
+        return _one_line_error(err, kind)
+
+    assert "select_on is dev" in train("seg", mosaic, "--set", "task.select_on=dev")
+    assert "task.select_on='test'" in train("det", dev_mosaic, "--set", "task.select_on=test")
+    missing = tmp_path / "missing"
+    shutil.copytree(dev_mosaic, missing)
+    shutil.rmtree(missing / "annotations" / "dev")
+    assert "missing" in train("seg", missing)
+    small = tmp_path / "small"
+    shutil.copytree(dev_mosaic, small)
+    for path in (small / "images" / "dev").glob("*.png"):
+        path.unlink()  # a hard link to dev/: write a new file
+        Image.new("RGB", (32, 32)).save(path)
+    assert "32x32" in train("seg", small)
+    renamed = tmp_path / "renamed"
+    shutil.copytree(dev_mosaic, renamed)
+    coco = json.loads((renamed / "annotations" / "instances_dev.json").read_text())
+    coco["categories"][0]["name"] = "Tee"
+    (renamed / "annotations" / "instances_dev.json").write_text(json.dumps(coco))
+    assert "other classes" in train("det", renamed)
+    code, _, err = _run(capsys, "seg", "eval", "--checkpoint", tmp_path / "none.pt", "--data", mosaic, "--split", "dev")
+    assert code == 2 and "no dev split" in _one_line_error(err, "seg")
+
+    # select_on: val keeps selecting on val beside a dev split, and then does not even look at a broken one
+    import yaml
+
+    from rapidnet.config import config_from_dict
+    from rapidnet.tasks.segmentation import SegmentationTask
+
+    for data, select_on, opened in ((dev_mosaic, None, True), (dev_mosaic, "val", False), (missing, "val", False)):
+        tree = yaml.safe_load(SEG_CONFIG)
+        tree["data"]["path"] = str(data)
+        tree["task"]["select_on"] = select_on
+        task = SegmentationTask(config_from_dict(tree))
+        task.train_set, task.val_set = task._open_data()
+        assert (task._open_dev() is not None) == opened, (data, select_on)
 
 
 # ---- configs -------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from rapidnet.data.coco import CocoInstances
 from rapidnet.data.mosaic import MosaicConfig, build_mosaic, render_scene, scene_rng
 from rapidnet.errors import ConfigError, DataError
 
-SEED, SIZE, NUM_TRAIN, NUM_VAL = 3, 64, 6, 3
+SEED, SIZE, NUM_TRAIN, NUM_VAL, NUM_DEV = 3, 64, 6, 3, 4
 
 # pycocotools' RLE decoding predates numpy 2's copy keyword
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -34,6 +34,7 @@ def mosaic(tmp_path_factory, fm_root) -> Path:
         seed=SEED,
         num_train=NUM_TRAIN,
         num_val=NUM_VAL,
+        num_dev=NUM_DEV,
         image_size=SIZE,
         fashion_mnist_root=fm_root,
         progress=False,
@@ -69,11 +70,13 @@ def test_mosaic_layout_and_same_bytes_for_same_seed(mosaic, fm_root, tmp_path):
     assert sum(k.startswith("train/") for k in files) == NUM_TRAIN
     assert sum(k.startswith("images/validation/") for k in files) == NUM_VAL
     assert sum(k.startswith("annotations/training/") for k in files) == NUM_TRAIN
+    assert sum(k.startswith(("dev/", "images/dev/", "annotations/dev/")) for k in files) == 3 * NUM_DEV
     again = build_mosaic(
         tmp_path / "again",
         seed=SEED,
         num_train=NUM_TRAIN,
         num_val=NUM_VAL,
+        num_dev=NUM_DEV,
         image_size=SIZE,
         fashion_mnist_root=fm_root,
         progress=False,
@@ -84,6 +87,7 @@ def test_mosaic_layout_and_same_bytes_for_same_seed(mosaic, fm_root, tmp_path):
         seed=SEED + 1,
         num_train=2,
         num_val=1,
+        num_dev=1,
         image_size=SIZE,
         fashion_mnist_root=fm_root,
         progress=False,
@@ -127,12 +131,114 @@ def test_mosaic_styles_look_as_documented(fm_root):
 
 
 def test_mosaic_tinted_style_is_recorded_and_deterministic(fm_root, tmp_path):
-    kwargs = dict(num_train=2, num_val=1, image_size=SIZE, fashion_mnist_root=fm_root, progress=False, style="tinted")
+    kwargs = dict(num_train=2, num_val=1, num_dev=1, image_size=SIZE, fashion_mnist_root=fm_root, progress=False,
+                  style="tinted")  # fmt: skip
     first = _files(build_mosaic(tmp_path / "a", seed=SEED, **kwargs))
     assert first == _files(build_mosaic(tmp_path / "b", seed=SEED, **kwargs))
     assert json.loads(first["meta.json"])["config"]["style"] == "tinted"
     dark = _files(build_mosaic(tmp_path / "c", seed=SEED, **{**kwargs, "style": "dark"}))
     assert dark["train/000000.png"] != first["train/000000.png"]
+
+
+# The version-1 builder's train and val scenes for the module's mosaic (seed 3, 6 + 3 scenes, 64 px) from the real
+# Fashion-MNIST: the annotation files' bytes and the decoded pixels (not PNG bytes: those depend on zlib's version).
+V1_TRAIN_VAL_DIGEST = "2354829f9d61d53db1f514769a47e975c0c65fd87e74467ac90311e1eeb4e7d8"
+DEV_FILES = ("dev/", "images/dev/", "annotations/dev/", "annotations/instances_dev.json")
+
+
+def _train_val_digest(root: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("instances_train.json", "instances_val.json"):
+        digest.update((root / "annotations" / name).read_bytes())
+    folders = ("train", "val", "images/training", "images/validation", "annotations/training", "annotations/validation")
+    for folder in folders:
+        for path in sorted((root / folder).glob("*.png")):
+            digest.update(f"{folder}/{path.name}".encode())
+            digest.update(np.asarray(Image.open(path)).tobytes())
+    return digest.hexdigest()
+
+
+def test_adding_the_dev_split_leaves_train_and_val_as_the_first_builder_wrote_them(mosaic, fm_root, tmp_path):
+    """Builder version 2 (dev split, sources.json): without dev it writes no dev file at all, and with dev every train
+    and val file is byte for byte the same; on the real Fashion-MNIST they are still version 1's scenes."""
+    from rapidnet.data import DEFAULT_FASHION_MNIST_DIR
+
+    none = build_mosaic(tmp_path / "none", seed=SEED, num_train=NUM_TRAIN, num_val=NUM_VAL, num_dev=0, image_size=SIZE,
+                        fashion_mnist_root=fm_root, progress=False)  # fmt: skip
+    with_dev, without = _files(mosaic), _files(none)
+    assert not [name for name in without if name.startswith(DEV_FILES)]
+    shared = [name for name in without if name not in ("meta.json", "sources.json")]
+    assert len(shared) == 2 + 3 * (NUM_TRAIN + NUM_VAL)  # two annotation files, three files a scene
+    assert all(with_dev[name] == without[name] for name in shared)
+    meta, meta_dev = json.loads(without["meta.json"]), json.loads(with_dev["meta.json"])
+    assert meta["version"] == meta_dev["version"] == 2
+    assert (meta["num_dev"], meta_dev["num_dev"]) == (0, NUM_DEV)
+    assert "dev" not in meta["coco"]["splits"] and meta_dev["semantic"]["splits"] == ["training", "validation", "dev"]
+    if Path(fm_root) == DEFAULT_FASHION_MNIST_DIR:  # the stand-in of machines without Fashion-MNIST draws other scenes
+        assert _train_val_digest(mosaic) == _train_val_digest(none) == V1_TRAIN_VAL_DIGEST
+
+
+def test_mosaic_dev_split_draws_garments_no_other_split_uses(mosaic, fm_root):
+    """The dev split has its count in both layouts; ``sources.json`` names each instance's Fashion-MNIST image (its
+    class is the annotation's), and no dev garment image is one a train scene uses (val draws from the test images)."""
+    coco_dev = CocoInstances(mosaic, "dev", train=False)
+    ade_dev = ADE20KSegmentation(mosaic, "dev", train=False, scale=None)
+    assert len(coco_dev) == len(ade_dev) == NUM_DEV and ade_dev.classes[0] == "background"
+    for index in range(NUM_DEV):
+        _, target = coco_dev[index]
+        _, sem = ade_dev[index]
+        for mask, label in zip(target["masks"].bool(), target["labels"], strict=True):
+            assert (sem["sem_seg"][mask] == label).all()  # COCO label k is semantic class k in the mosaic
+
+    record = json.loads((mosaic / "sources.json").read_text())
+    assert record["fashion_mnist_split"] == {"train": "train", "val": "test", "dev": "train"}
+    scenes = record["scenes"]
+    assert [len(scenes[split]) for split in ("train", "val", "dev")] == [NUM_TRAIN, NUM_VAL, NUM_DEV]
+    train_images = {i for scene in scenes["train"] for i in scene}
+    dev_images = {i for scene in scenes["dev"] for i in scene}
+    assert dev_images and train_images and not dev_images & train_images
+    for split, pool in (
+        ("train", _pool(fm_root, "train")),
+        ("val", _pool(fm_root, "val")),
+        ("dev", _pool(fm_root, "train")),
+    ):
+        coco = json.loads((mosaic / "annotations" / f"instances_{split}.json").read_text())
+        for index, used in enumerate(scenes[split]):
+            categories = [a["category_id"] for a in coco["annotations"] if a["image_id"] == index + 1]
+            assert categories == [int(pool.labels[i]) + 1 for i in used], (split, index)
+
+
+def test_a_dev_split_that_does_not_match_its_meta_is_a_one_line_error(mosaic, tmp_path):
+    import shutil
+
+    from rapidnet.data.mosaic import has_dev_split
+
+    assert has_dev_split(mosaic, "coco") and has_dev_split(mosaic, "ade20k")
+    broken = tmp_path / "broken"
+    shutil.copytree(mosaic, broken)
+    shutil.rmtree(broken / "annotations" / "dev")
+    assert has_dev_split(broken, "coco")  # the COCO layout is whole
+    with pytest.raises(DataError) as info:
+        has_dev_split(broken, "ade20k")
+    assert "missing" in _one_line_error(info) and "--overwrite" in str(info.value)
+    (broken / "dev" / "000000.png").unlink()
+    with pytest.raises(DataError) as info:
+        has_dev_split(broken, "coco")
+    assert f"holds {NUM_DEV - 1} scenes" in _one_line_error(info)
+    meta = json.loads((broken / "meta.json").read_text())
+    (broken / "meta.json").write_text(json.dumps({**meta, "num_dev": 0}))
+    with pytest.raises(DataError) as info:
+        has_dev_split(broken, "coco")
+    assert "does not list" in _one_line_error(info)
+
+    plain = tmp_path / "plain"  # a COCO folder of one's own (no meta.json): a dev split is its files
+    (plain / "annotations").mkdir(parents=True)
+    assert not has_dev_split(plain, "coco")
+    (plain / "dev").mkdir()
+    (plain / "annotations" / "instances_dev.json").write_text("{}")
+    assert has_dev_split(plain, "coco") and not has_dev_split(plain, "ade20k")
 
 
 def test_mosaic_refuses_foreign_or_existing_folders(mosaic, fm_root, tmp_path):

@@ -241,3 +241,145 @@ def test_evaluators_synchronize_across_processes(coco_set, tmp_path):
     assert results[0] == results[1]  # identical on every process
     assert results[0]["images"] == 3 and results[0]["bbox_AP"] == pytest.approx(100.0)
     assert results[0]["aAcc"] == pytest.approx(75.0)  # 3 of 4 pixels right over both processes
+    assert results[0]["bbox_AP_ci"] == [100.0, 100.0] and len(results[0]["aAcc_ci"]) == 2  # intervals over both
+
+
+# ---- bootstrap intervals -------------------------------------------------------------------------------------------
+
+
+def _synthetic_coco(num_images: int, seed: int = 0) -> tuple[dict, list[dict]]:
+    """Ground truth of ``num_images`` images (0-5 boxes of 4 categories, some crowds) and jittered, partly mislabelled
+    detections with random scores, plus false alarms: AP far from 0 and 100."""
+    rng = np.random.default_rng(seed)
+    images, anns, dets = [], [], []
+    for i in range(1, num_images + 1):
+        images.append({"id": i, "height": 128, "width": 128})
+        for _ in range(rng.integers(0, 6)):
+            x, y, w, h = (*rng.uniform(0, 80, 2), *rng.uniform(10, 40, 2))
+            cat = int(rng.integers(1, 5))
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cat, "bbox": [x, y, w, h], "area": w * h,
+                         "iscrowd": int(rng.random() < 0.05)})  # fmt: skip
+            for _ in range(rng.integers(0, 3)):
+                jx, jy, jw, jh = rng.normal(0, 4, 4)
+                label = cat if rng.random() < 0.8 else int(rng.integers(1, 5))
+                dets.append({"image_id": i, "category_id": label, "score": float(rng.random()),
+                             "bbox": [x + jx, y + jy, max(1.0, w + jw), max(1.0, h + jh)]})  # fmt: skip
+        for _ in range(rng.integers(0, 4)):
+            box = [*rng.uniform(0, 100, 2), *rng.uniform(5, 40, 2)]
+            dets.append(
+                {"image_id": i, "category_id": int(rng.integers(1, 5)), "bbox": box, "score": float(rng.random())}
+            )
+    cats = [{"id": c, "name": f"c{c}"} for c in range(1, 5)]
+    return {"images": images, "annotations": anns, "categories": cats}, dets
+
+
+def _cocoeval(gt: dict, dets: list[dict]):
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        evaluator = COCOeval(coco, coco.loadRes([dict(d) for d in dets]), "bbox")
+        evaluator.params.imgIds = sorted(coco.getImgIds())
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator
+
+
+def test_ap_resampling_is_cocoevals_accumulate_with_image_multiplicities():
+    """All-ones counts give COCOeval's AP / AP50 / AP75; integer counts give what COCOeval reports on a data set that
+    holds each image that many times (crowds included)."""
+    from rapidnet.metrics import coco_ap_resamples
+
+    gt, dets = _synthetic_coco(40)
+    evaluator = _cocoeval(gt, dets)
+    assert 0.05 < evaluator.stats[0] < 0.6
+    ones = coco_ap_resamples(evaluator, np.ones((1, 40)))
+    for name, stat in (("AP", 0), ("AP50", 1), ("AP75", 2)):
+        assert ones[name][0] == pytest.approx(evaluator.stats[stat], abs=1e-12), name
+
+    counts = np.random.default_rng(1).integers(0, 4, 40)
+    images, anns, copies = [], [], []
+    for i, n in enumerate(counts, start=1):  # image i repeated n times under new ids
+        for _ in range(n):
+            new = len(images) + 1
+            images.append({"id": new, "height": 128, "width": 128})
+            own = [a for a in gt["annotations"] if a["image_id"] == i]
+            anns += [{**a, "id": len(anns) + k + 1, "image_id": new} for k, a in enumerate(own)]
+            copies += [{**d, "image_id": new} for d in dets if d["image_id"] == i]
+    repeated = _cocoeval({**gt, "images": images, "annotations": anns}, copies)
+    resampled = coco_ap_resamples(evaluator, counts[None].astype(float))
+    assert resampled["AP"][0] == pytest.approx(repeated.stats[0], abs=1e-12)
+    assert resampled["AP50"][0] == pytest.approx(repeated.stats[1], abs=1e-12)
+
+
+def test_bootstrap_interval_of_a_perfect_prediction_is_a_point(coco_set):
+    evaluator = CocoEvaluator.from_dataset(coco_set)
+    evaluator.update(*_perfect(coco_set))
+    metrics = evaluator.compute()
+    assert metrics["bbox_AP_ci"] == [100.0, 100.0] and metrics["segm_AP_ci"] == [100.0, 100.0]
+    assert "bbox_AP_ci" not in CocoEvaluator.from_dataset(coco_set, bootstrap=0).compute()
+
+    seg = SegmentationMetrics(3)
+    g = torch.Generator().manual_seed(0)
+    for i in range(5):
+        label = torch.randint(0, 3, (8, 8), generator=g)
+        seg.update(label[None], [{"sem_seg": label, "image_id": i}])
+    metrics = seg.compute()
+    assert metrics["mIoU"] == 100.0 and metrics["mIoU_ci"] == metrics["mAcc_ci"] == metrics["aAcc_ci"] == [100.0, 100.0]
+
+
+def _noisy_segmentation(order: list[int], **kwargs) -> SegmentationMetrics:
+    """40 images of 4 classes, each pixel wrong with an image-dependent chance, added in ``order``."""
+    g = torch.Generator().manual_seed(0)
+    images = []
+    for i in range(40):
+        label = torch.randint(0, 4, (12, 12), generator=g)
+        wrong = torch.rand(12, 12, generator=g) < 0.1 + 0.6 * (i % 5) / 5
+        images.append((torch.where(wrong, torch.randint(0, 4, (12, 12), generator=g), label), label))
+    metrics = SegmentationMetrics(4, **kwargs)
+    for i in order:
+        pred, label = images[i]
+        metrics.update(pred[None], [{"sem_seg": label, "image_id": i}])
+    return metrics
+
+
+def test_bootstrap_intervals_contain_the_estimate_and_are_reproducible():
+    forward = list(range(40))
+    metrics = _noisy_segmentation(forward).compute()
+    for key in ("mIoU", "mAcc", "aAcc"):
+        low, high = metrics[f"{key}_ci"]
+        assert low < metrics[key] < high and high - low > 1, key
+    # the same seed gives the same interval, whatever the order the images came in (as from several processes)
+    assert _noisy_segmentation(forward[::-1]).compute() == metrics
+    other = _noisy_segmentation(forward, seed=1).compute()
+    assert other["mIoU"] == metrics["mIoU"] and other["mIoU_ci"] != metrics["mIoU_ci"]
+    narrow = _noisy_segmentation(forward, confidence=0.5).compute()["mIoU_ci"]
+    assert metrics["mIoU_ci"][0] < narrow[0] < narrow[1] < metrics["mIoU_ci"][1]
+
+    gt, dets = _synthetic_coco(40, seed=2)
+    coco = _cocoeval(gt, dets).cocoGt
+    preds, targets = [], []
+    for i in range(1, 41):  # the detections as a model's outputs (XYXY boxes; labels are the category ids here)
+        mine = [d for d in dets if d["image_id"] == i]
+        xywh = torch.tensor([d["bbox"] for d in mine]).reshape(-1, 4)
+        boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+        labels = torch.tensor([d["category_id"] for d in mine], dtype=torch.long)
+        preds.append({"boxes": boxes, "labels": labels, "scores": torch.tensor([d["score"] for d in mine])})
+        targets.append({"image_id": i})
+    results = []
+    for seed in (0, 0, 1):
+        evaluator = CocoEvaluator(coco, iou_types=("bbox",), seed=seed)
+        evaluator.update(preds, targets)
+        results.append(evaluator.compute())
+    low, high = results[0]["bbox_AP_ci"]
+    assert low < results[0]["bbox_AP"] < high and high - low > 1
+    assert results[1]["bbox_AP_ci"] == [low, high] and results[2]["bbox_AP_ci"] != [low, high]
+    with pytest.raises(ValueError, match="bootstrap"):
+        SegmentationMetrics(2, bootstrap=-1)

@@ -1,5 +1,6 @@
 """What ``rapidnet det`` and ``rapidnet seg`` share: ``train`` (the engine, ``rapidnet train``'s options), ``eval``
-(a checkpoint's metrics on a data set's validation split) and ``predict`` (PNG overlays of images)."""
+(a checkpoint's metrics on a data set's validation split, or its dev split, with 95% bootstrap intervals) and
+``predict`` (PNG overlays of images)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from rapidnet.data import load_rgb
 from rapidnet.data.ade20k import SegEvalTransform
 from rapidnet.engine.distributed import resolve_device
 from rapidnet.errors import ConfigError, DataError
-from rapidnet.metrics import CocoEvaluator, SegmentationMetrics
+from rapidnet.metrics import DEFAULT_BOOTSTRAP, CocoEvaluator, SegmentationMetrics
 from rapidnet.models import load
 from rapidnet.tasks import TASKS
 from rapidnet.tasks import _dense as dense_tasks  # called through the module: tests patch its functions
@@ -54,6 +55,11 @@ def add_dense_parser(sub: argparse._SubParsersAction, kind: str, doc: str) -> ar
     e.add_argument("--batch-size", type=int, default=2)
     e.add_argument("--device", default="auto")
     e.add_argument("--limit", type=int, metavar="N", help="a fixed random subset of N images (as --limit-val)")
+    e.add_argument("--split", choices=("val", "dev"), default="val",
+                   help="the split to score: val (default) or the dev split that chose the best epoch")  # fmt: skip
+    e.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, metavar="B",
+                   help=f"resamples of the images for the 95%% intervals (default {DEFAULT_BOOTSTRAP}; "
+                        "0: none)")  # fmt: skip
     e.add_argument("--raw-weights", action="store_true", help="the raw weights, not the EMA ones, when both exist")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     if kind == "segmentation":
@@ -89,23 +95,28 @@ def _train(args: argparse.Namespace, kind: str) -> int:
 def _eval(args: argparse.Namespace, kind: str) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: use 1 or more")
+    if args.bootstrap < 0:
+        raise ConfigError(f"--bootstrap {args.bootstrap}: give the number of resamples (0 for no intervals)")
     scale = getattr(args, "scale", None)  # segmentation only
     if scale is not None and min(scale) < 1:
         raise ConfigError(f"--scale {scale[0]} {scale[1]}: give two positive sides, e.g. --scale 160 160")
     if not Path(args.data).expanduser().is_dir():
         raise DataError(f"data set folder {args.data} not found: pass the folder the model was trained on")
+    if args.split == "dev" and not dense_tasks.has_dev_split(args.data, "coco" if kind == "detection" else "ade20k"):
+        raise DataError(f"{args.data} has no dev split: build one with 'rapidnet data mosaic --num-dev N'")
     device = resolve_device(args.device)
     model, meta = _load(args.checkpoint, kind, device, use_ema=not args.raw_weights)
     if scale is not None:
         meta["eval_args"]["scale"] = list(scale)
-    dataset = dense_tasks.build_dense_eval_dataset(kind, args.data, meta["eval_args"])
+    dataset = dense_tasks.build_dense_eval_dataset(kind, args.data, meta["eval_args"], args.split)
     if list(dataset.classes) != list(meta["class_names"]):
         raise DataError(f"{args.data} has other classes than {args.checkpoint} was trained on: use the same data")
     indices = subset_indices(len(dataset), args.limit)
     if kind == "detection":
-        evaluator: Any = CocoEvaluator.from_dataset(dataset)
+        evaluator: Any = CocoEvaluator.from_dataset(dataset, bootstrap=args.bootstrap)
     else:
-        evaluator = SegmentationMetrics(dataset.num_classes, dataset.ignore_index, dataset.classes)
+        evaluator = SegmentationMetrics(dataset.num_classes, dataset.ignore_index, dataset.classes,
+                                        bootstrap=args.bootstrap)  # fmt: skip
     t0 = time.perf_counter()
     loader = dense_tasks.dense_eval_loader(dataset, indices, args.batch_size)
     metrics = dense_tasks.evaluate_dense(model, loader, evaluator, device)
@@ -114,9 +125,18 @@ def _eval(args: argparse.Namespace, kind: str) -> int:
     else:
         print(evaluator.table())
         main = ("bbox_AP", "segm_AP") if kind == "detection" else ("mIoU", "mAcc", "aAcc")
-        text = "  ".join(f"{k} {metrics[k]:.2f}" for k in main)
-        print(f"{text}  ({len(indices)} images, {time.perf_counter() - t0:.1f} s)")
+        text = "  ".join(_with_interval(k, metrics) for k in main)
+        what = f"{args.split} split, {len(indices)} images"
+        ci = f", 95% intervals from {args.bootstrap} resamples" if args.bootstrap else ""
+        print(f"{text}  ({what}{ci}, {time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def _with_interval(key: str, metrics: dict[str, Any]) -> str:
+    """``mIoU 60.25 [59.1, 61.3]``: a metric with its bootstrap interval when it has one."""
+    text = f"{key} {metrics[key]:.2f}"
+    ci = metrics.get(f"{key}_ci")
+    return text + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
 
 
 def _load(path: str, kind: str, device: torch.device, use_ema: bool = True) -> tuple[Any, dict[str, Any]]:

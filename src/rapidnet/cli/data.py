@@ -1,7 +1,8 @@
 """``rapidnet data mosaic --out DIR``: build the offline dense data set from Fashion-MNIST garments.
 
-Writes COCO instances (``train/``, ``val/``, ``annotations/instances_{train,val}.json``) and the ADE20K layout
-(``images/``, ``annotations/{training,validation}``) into one folder, the same bytes for the same seed.
+Writes COCO instances (``train/``, ``val/``, ``dev/``, ``annotations/instances_{train,val,dev}.json``) and the
+ADE20K layout (``images/``, ``annotations/{training,validation,dev}``) into one folder, the same bytes for the same
+seed. The dev split (``--num-dev``) chooses a run's best epoch, so that the val split only reports.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--num-train", type=int, default=2000, metavar="N")
     m.add_argument("--num-val", type=int, default=200, metavar="N")
+    m.add_argument("--num-dev", type=int, default=500, metavar="N",
+                   help="scenes of the dev split that chooses the best epoch (garments from Fashion-MNIST "
+                        "training images no train scene uses; 0: none, the best epoch is chosen on val)")  # fmt: skip
     m.add_argument("--image-size", type=int, default=128, metavar="PX")
     m.add_argument("--min-objects", type=int, default=2)
     m.add_argument("--max-objects", type=int, default=6)
@@ -43,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_train=args.num_train,
         num_val=args.num_val,
+        num_dev=args.num_dev,
         image_size=args.image_size,
         min_objects=args.min_objects,
         max_objects=args.max_objects,
@@ -52,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         progress=progress,
     )
     print(
-        f"mosaic data set: {out} ({args.num_train} train / {args.num_val} val scenes, {args.style} style, "
-        f"seed {args.seed})"
+        f"mosaic data set: {out} ({args.num_train} train / {args.num_val} val / {args.num_dev} dev scenes, "
+        f"{args.style} style, seed {args.seed})"
     )
     return 0

@@ -26,6 +26,12 @@ _METRICS = (
     ("val_mIoU", "val mIoU"),
     ("val_mAcc", "val mAcc"),
     ("val_aAcc", "val aAcc"),
+    # a dense run that chose its best epoch on a dev split logs that split per epoch (val only in its final report)
+    ("dev_bbox_AP", "dev box AP"),
+    ("dev_segm_AP", "dev mask AP"),
+    ("dev_mIoU", "dev mIoU"),
+    ("dev_mAcc", "dev mAcc"),
+    ("dev_aAcc", "dev aAcc"),
 )
 
 
@@ -96,7 +102,7 @@ def plot_run(log_path: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in _read_log(log_path) if "epoch" in r]
+    records = [r for r in _read_log(log_path) if "epoch" in r and "report" not in r]  # the final report is no epoch
     if not records:
         raise DataError(f"{log_path} has no epoch records yet: plot after the first epoch has finished")
     epochs = _series(records, "epoch")
@@ -116,7 +122,7 @@ def plot_run(log_path: Path, out: Path) -> Path:
     if classification or not any(_series(records, key) is not None for key, _ in _METRICS):
         ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     else:
-        ax_acc.set(xlabel="epoch", ylabel="%", title="validation")
+        ax_acc.set(xlabel="epoch", ylabel="%", title="evaluation")
     if terms:
         ax_terms = axes[2]
         marker = "o" if terms["xlabel"] == "epoch" else None

@@ -4,6 +4,7 @@ Layout::
 
     ROOT/images/{training,validation}/NAME.jpg|png
     ROOT/annotations/{training,validation}/NAME.png    single-channel label maps
+    ROOT/images/dev/, ROOT/annotations/dev/            optional: the dev split that chooses the best epoch (mosaic)
 
 Label conventions (say which explicitly with ``reduce_zero_label``):
 
@@ -52,7 +53,7 @@ __all__ = [
 
 ADE20K_NUM_CLASSES = 150
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-SPLITS = {"training": "training", "train": "training", "validation": "validation", "val": "validation"}
+SPLITS = {"training": "training", "train": "training", "validation": "validation", "val": "validation", "dev": "dev"}
 META_FILE = "meta.json"
 
 collate_segmentation = collate_dense
@@ -188,7 +189,7 @@ class ADE20KSegmentation(Dataset):
     """An ADE20K-layout split (see the module docstring).
 
     Args:
-        root: data set folder; split: ``training``/``validation`` (or ``train``/``val``).
+        root: data set folder; split: ``training``/``validation`` (or ``train``/``val``), or ``dev``.
         train: training augmentation (default: the training split).
         num_classes: classes after the label reduction; default from the class names, else 150 (ADE20K).
         reduce_zero_label: the label convention; None: ``meta.json``'s, else True (ADE20K).
@@ -219,14 +220,15 @@ class ADE20KSegmentation(Dataset):
         transforms: Callable[[Any, Any], tuple[Any, Any]] | None = None,
     ) -> None:
         if split not in SPLITS:
-            raise DataError(f"unknown split {split!r}: use 'training' or 'validation' (or 'train'/'val')")
+            raise DataError(f"unknown split {split!r}: use 'training', 'validation' or 'dev' (or 'train'/'val')")
         self.root = Path(root).expanduser()
         self.split = SPLITS[split]
         self.train = self.split == "training" if train is None else train
         self.ignore_index = ignore_index
         self.image_dir = self.root / "images" / self.split
         self.label_dir = self.root / "annotations" / self.split
-        layout = "expected ROOT/images/{training,validation}/ and ROOT/annotations/{training,validation}/"
+        names = "{training,validation}" if self.split != "dev" else "dev"
+        layout = f"expected ROOT/images/{names}/ and ROOT/annotations/{names}/"
         if not self.root.is_dir():
             raise DataError(f"data set {self.root} does not exist: {layout}")
         for folder in (self.image_dir, self.label_dir):

@@ -1,7 +1,8 @@
 """COCO instances (boxes + instance masks) read with pycocotools, served as torchvision detection targets.
 
 Layout: ``ROOT/annotations/instances_<split>.json`` and images in ``ROOT/<split>/`` (COCO 2017: ``split="train2017"``;
-the mosaic data set: ``split="train"``), or explicit ``ann_file`` / ``image_dir``.
+the mosaic data set: ``split="train"``, ``"val"`` or ``"dev"``, its split that chooses the best epoch), or explicit
+``ann_file`` / ``image_dir``.
 
 Each item is ``(image, target)``: ``image`` a float ``(3, H, W)`` tensor in ``[0, 1]`` (normalisation belongs to the
 model), ``target`` a dict with ``boxes`` (XYXY float), ``labels`` (int64, contiguous 1..K in the order of the
@@ -76,7 +77,7 @@ class CocoInstances(Dataset):
 
     Args:
         root: data set folder (see the module docstring for the layout).
-        split: ``train``/``val`` (mosaic) or ``train2017``/``val2017`` (COCO).
+        split: ``train``/``val``/``dev`` (mosaic) or ``train2017``/``val2017`` (COCO).
         train: apply training augmentation (default: the split name starts with "train").
         ann_file, image_dir: override the layout.
         transforms: a v2 transform of ``(image, target)``; default :func:`detection_transforms`.

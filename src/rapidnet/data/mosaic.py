@@ -3,11 +3,12 @@ and places on a smooth background, written in both the COCO instances and the AD
 
 ::
 
-    OUT/meta.json                                   classes, label conventions, the builder's parameters
-    OUT/annotations/instances_{train,val}.json      COCO instances: boxes, RLE instance masks, category = garment
-    OUT/{train,val}/000000.png ...                  the images (COCO layout)
-    OUT/images/{training,validation}/000000.png     the same images (ADE20K layout; hard links where possible)
-    OUT/annotations/{training,validation}/000000.png  semantic maps: 0 = background, k = garment class k (1..10)
+    OUT/meta.json                                   classes, label conventions, the builder's parameters, the splits
+    OUT/sources.json                                per split and scene: the Fashion-MNIST image indices it drew
+    OUT/annotations/instances_{train,val,dev}.json  COCO instances: boxes, RLE instance masks, category = garment
+    OUT/{train,val,dev}/000000.png ...              the images (COCO layout)
+    OUT/images/{training,validation,dev}/000000.png     the same images (ADE20K layout; hard links where possible)
+    OUT/annotations/{training,validation,dev}/000000.png  semantic maps: 0 = background, k = garment class k (1..10)
 
 Conventions: COCO category ids 1..10 are the Fashion-MNIST classes 0..9 (names from Fashion-MNIST); the semantic
 map's value equals the category id, and background (0) is a real class, so there are 11 semantic classes and the
@@ -26,9 +27,12 @@ ones and the masks, boxes and semantic map describe what is visible. Three looks
 - ``"tinted"``: each garment painted in a random saturated colour (texture compressed to 40-100% of it) on a
   coloured gradient: a harder scene with a domain gap to the pretraining; the same bytes as version 1 of the builder.
 
-Train scenes use Fashion-MNIST's training images, val scenes its test images. Every scene draws from its own
-generator seeded by ``(seed, split, index)``: the same seed gives the same bytes, and changing a count does not change
-the other scenes.
+Splits: train scenes use Fashion-MNIST's training images, val scenes its test images, and dev scenes (the split that
+chooses a run's best epoch, so that val only reports) the training images that no train scene of the same build
+uses: no garment image appears in two splits (``sources.json`` records which each scene drew). Every scene draws from
+its own generator seeded by ``(seed, split, index)``: the same seed gives the same bytes, and changing a count does
+not change the other scenes of train and val. Dev scenes also depend on ``num_train`` (which images train left
+over). Version 2 of the builder added dev and ``sources.json``; its train and val scenes are version 1's bytes.
 """
 
 from __future__ import annotations
@@ -46,22 +50,31 @@ from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
 from rapidnet.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
-from rapidnet.errors import ConfigError
+from rapidnet.errors import ConfigError, DataError
 
 __all__ = [
     "DEFAULT_MOSAIC_STYLE",
+    "DEV_SPLIT",
     "MOSAIC_FORMAT",
     "MOSAIC_STYLES",
+    "MOSAIC_VERSION",
     "MosaicConfig",
     "Scene",
     "build_mosaic",
+    "dev_split_files",
+    "has_dev_split",
+    "mosaic_meta",
     "render_scene",
     "scene_rng",
 ]
 
 MOSAIC_FORMAT = "rapidnet-mosaic"
+MOSAIC_VERSION = 2  # 2: the dev split and sources.json (train and val scenes unchanged from 1)
 META_FILE = "meta.json"
-_SPLITS = {"train": ("train", "training", 0), "val": ("test", "validation", 1)}  # name: (FM split, ADE split, code)
+SOURCES_FILE = "sources.json"
+DEV_SPLIT = "dev"  # its name in both layouts: annotations/instances_dev.json + dev/, images/dev + annotations/dev
+# name: (Fashion-MNIST split, ADE20K-layout folder, generator code)
+_SPLITS = {"train": ("train", "training", 0), "val": ("test", "validation", 1), DEV_SPLIT: ("train", DEV_SPLIT, 2)}
 
 
 class _Look(NamedTuple):
@@ -122,12 +135,14 @@ class MosaicConfig:
 @dataclass
 class Scene:
     """One rendered scene: ``image`` (H, W, 3) uint8, visible instance ``masks`` (N, H, W) bool, Fashion-MNIST
-    ``classes`` (N,) in 0..9, and ``semantic`` (H, W) uint8 with 0 = background and k + 1 = class k."""
+    ``classes`` (N,) in 0..9, ``semantic`` (H, W) uint8 with 0 = background and k + 1 = class k, and ``sources``
+    (N,): each instance's index into the pool of garments it was drawn from."""
 
     image: np.ndarray
     masks: np.ndarray
     classes: np.ndarray
     semantic: np.ndarray
+    sources: np.ndarray | None = None
 
 
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -166,6 +181,7 @@ def render_scene(garments: np.ndarray, labels: np.ndarray, rng: np.random.Genera
     visible: list[np.ndarray] = []
     full_area: list[int] = []
     classes: list[int] = []
+    sources: list[int] = []
     side = min(h, w)
     for _ in range(count):
         for _attempt in range(50):
@@ -195,13 +211,14 @@ def render_scene(garments: np.ndarray, labels: np.ndarray, rng: np.random.Genera
             visible.append(mask)
             full_area.append(int(mask.sum()))
             classes.append(int(labels[idx]))
+            sources.append(idx)
             break
     image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
     masks = np.stack(visible) if visible else np.zeros((0, h, w), bool)
     semantic = np.zeros((h, w), np.uint8)
     for vis, cls in zip(visible, classes, strict=True):
         semantic[vis] = cls + 1
-    return Scene(image, masks, np.array(classes, dtype=np.int64), semantic)
+    return Scene(image, masks, np.array(classes, dtype=np.int64), semantic, np.array(sources, dtype=np.int64))
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -236,6 +253,26 @@ def _coco_annotations(scene: Scene, image_id: int, first_ann_id: int) -> list[di
     return anns
 
 
+def _pool(
+    images: FashionMNIST | None, split: str, drawn: dict[str, list[list[int]]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The garments ``split`` draws from, their labels and their Fashion-MNIST indices: the whole Fashion-MNIST split
+    for train and val; for dev, the training images that no train scene drew (so no garment is in two splits)."""
+    if images is None:  # no scene of this split
+        return np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    index = np.arange(len(images.labels))
+    if split != DEV_SPLIT:
+        return images.images, images.labels, index
+    used = np.array(sorted({i for scene in drawn.get("train", []) for i in scene}), dtype=np.int64)
+    index = np.setdiff1d(index, used)
+    if not index.size:
+        raise ConfigError(
+            "every Fashion-MNIST training image is in a train scene, none is left for dev scenes: lower "
+            "num_train (--num-train) or build without dev (--num-dev 0)"
+        )
+    return images.images[index], images.labels[index], index
+
+
 def _prepare_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} is a file: choose a folder")
@@ -261,40 +298,52 @@ def build_mosaic(
     mask_threshold: int = 40,
     max_occlusion: float = 0.3,
     style: str = DEFAULT_MOSAIC_STYLE,
+    num_dev: int = 500,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
     """Build the mosaic data set in ``out_dir`` (see the module docstring); returns its path.
 
-    The set is assembled in a temporary sibling folder and renamed into place at the end, so an interrupted build
-    never leaves a half-written data set under ``out_dir``. An existing mosaic is only replaced with ``overwrite``.
+    ``num_dev`` scenes (0: none) form the dev split that chooses a run's best epoch. The set is assembled in a
+    temporary sibling folder and renamed into place at the end, so an interrupted build never leaves a half-written
+    data set under ``out_dir``. An existing mosaic is only replaced with ``overwrite``.
     """
 
     size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
     cfg = MosaicConfig(size, min_objects, max_objects, min_scale, max_scale, mask_threshold, max_occlusion, style=style)  # type: ignore[arg-type]
     cfg.check()
-    counts = {"train": int(num_train), "val": int(num_val)}
-    if counts["train"] < 0 or counts["val"] < 0 or counts["train"] + counts["val"] == 0:
-        raise ConfigError(f"num_train={num_train}, num_val={num_val}: ask for at least one scene, no negative counts")
+    counts = {"train": int(num_train), "val": int(num_val), DEV_SPLIT: int(num_dev)}
+    if min(counts.values()) < 0 or sum(counts.values()) == 0:
+        raise ConfigError(
+            f"num_train={num_train}, num_val={num_val}, num_dev={num_dev}: ask for at least one scene, no negative "
+            "counts"
+        )
     out = Path(out_dir).expanduser()
     _prepare_output(out, overwrite)
-    pools = {name: FashionMNIST(fashion_mnist_root, split=fm) for name, (fm, _, _) in _SPLITS.items() if counts[name]}
+    needed = {fm for name, (fm, _, _) in _SPLITS.items() if counts[name]}
+    fm_pools = {fm: FashionMNIST(fashion_mnist_root, split=fm) for fm in sorted(needed)}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     categories = [{"id": i + 1, "name": n, "supercategory": "garment"} for i, n in enumerate(FASHION_MNIST_CLASSES)]
+    sources: dict[str, list[list[int]]] = {}
     try:
         bar = tqdm(total=sum(counts.values()), desc="mosaic", unit="img", disable=not progress)
-        for split, (_, ade_split, _) in _SPLITS.items():
+        for split, (fm_split, ade_split, _) in _SPLITS.items():
+            if split == DEV_SPLIT and not counts[split]:
+                break  # no dev folders at all: a folder without them has no dev split
             coco_dir, ade_img = tmp / split, tmp / "images" / ade_split
             ade_lab = tmp / "annotations" / ade_split
             for folder in (coco_dir, ade_img, ade_lab):
                 folder.mkdir(parents=True, exist_ok=True)
+            garments, labels, pool_index = _pool(fm_pools.get(fm_split), split, sources)
             images, annotations = [], []
+            sources[split] = []
             for index in range(counts[split]):
-                pool = pools[split]
-                scene = render_scene(pool.images, pool.labels, scene_rng(seed, split, index), cfg)
+                scene = render_scene(garments, labels, scene_rng(seed, split, index), cfg)
+                assert scene.sources is not None
+                sources[split].append([int(i) for i in pool_index[scene.sources]])
                 name = f"{index:06d}.png"
                 _save_png(scene.image, coco_dir / name)
                 _link_or_copy(coco_dir / name, ade_img / name)
@@ -311,23 +360,32 @@ def build_mosaic(
             }
             (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco), encoding="utf-8")
         bar.close()
+        dev = [DEV_SPLIT] if counts[DEV_SPLIT] else []
         meta = {
             "format": MOSAIC_FORMAT,
-            "version": 1,
+            "version": MOSAIC_VERSION,
             "seed": seed,
             "num_train": counts["train"],
             "num_val": counts["val"],
+            "num_dev": counts[DEV_SPLIT],
             "config": {**asdict(cfg), "image_size": list(size)},
             "classes": list(FASHION_MNIST_CLASSES),
-            "coco": {"category_ids": list(range(1, len(FASHION_MNIST_CLASSES) + 1)), "splits": ["train", "val"]},
+            "coco": {"category_ids": list(range(1, len(FASHION_MNIST_CLASSES) + 1)), "splits": ["train", "val", *dev]},
             "semantic": {
                 "classes": ["background", *FASHION_MNIST_CLASSES],
                 "reduce_zero_label": False,
                 "ignore_index": 255,
-                "splits": ["training", "validation"],
+                "splits": ["training", "validation", *dev],
+            },
+            "sources": {
+                "file": SOURCES_FILE,
+                "fashion_mnist_split": {name: fm for name, (fm, _, _) in _SPLITS.items()},
+                DEV_SPLIT: "Fashion-MNIST training images that no train scene uses",
             },
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        record = {"fashion_mnist_split": meta["sources"]["fashion_mnist_split"], "scenes": sources}
+        (tmp / SOURCES_FILE).write_text(json.dumps(record) + "\n", encoding="utf-8")
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
@@ -344,3 +402,53 @@ def build_mosaic(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# ---- reading a mosaic's splits -------------------------------------------------------------------------------------
+
+
+def mosaic_meta(root: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``ROOT/meta.json`` of a mosaic, None for a folder without one (COCO, ADE20K); unreadable is a DataError."""
+    path = Path(root).expanduser() / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}): rebuild the data set or delete the file") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} is not a JSON object: rebuild the data set or delete the file")
+    return meta if meta.get("format") == MOSAIC_FORMAT else None
+
+
+def dev_split_files(root: str | os.PathLike[str], layout: str) -> list[Path]:
+    """The files and folders a dev split has in ``layout`` (``"coco"`` or ``"ade20k"``)."""
+    root = Path(root).expanduser()
+    if layout == "coco":
+        return [root / "annotations" / f"instances_{DEV_SPLIT}.json", root / DEV_SPLIT]
+    return [root / "images" / DEV_SPLIT, root / "annotations" / DEV_SPLIT]
+
+
+def has_dev_split(root: str | os.PathLike[str], layout: str) -> bool:
+    """Whether ``root`` holds a dev split in ``layout`` (``"coco"``/``"ade20k"``). For a mosaic, its files must agree
+    with ``meta.json`` (a listed dev split whose files are missing, files that it does not list, or another number of
+    scenes are a one-line DataError: the folder was changed after it was built)."""
+    root = Path(root).expanduser()
+    files = dev_split_files(root, layout)
+    present = [f for f in files if f.exists()]
+    meta = mosaic_meta(root)
+    if meta is None:
+        return len(present) == len(files)
+    rebuild = f"rebuild it with 'rapidnet data mosaic --out {root} --overwrite' (same seed and counts)"
+    listed = int(meta.get("num_dev") or 0)
+    if listed and len(present) < len(files):
+        missing = next(f for f in files if not f.exists())
+        raise DataError(f"{root}/{META_FILE} lists {listed} dev scenes but {missing} is missing: {rebuild}")
+    if not listed and present:
+        raise DataError(f"{present[0]} is a dev split that {root}/{META_FILE} does not list: remove it or {rebuild}")
+    if listed:
+        folder = files[1] if layout == "coco" else files[0]
+        found = sum(1 for f in folder.iterdir() if f.suffix == ".png")
+        if found != listed:
+            raise DataError(f"{folder} holds {found} scenes but {root}/{META_FILE} lists {listed}: {rebuild}")
+    return bool(listed)

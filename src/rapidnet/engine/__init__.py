@@ -4,7 +4,8 @@ A task (``rapidnet.engine.Task`` subclass) supplies data, model, loss, metrics a
 cfg).fit()`` supplies processes (torchrun/DDP), AMP, channels_last, torch.compile, optimizer and schedule,
 checkpoints with exact resume, signal handling, NaN guards, JSONL logs of every named loss and progress bars;
 callbacks (``rapidnet.engine.callbacks``) add EMA, BN-statistics averaging, the best checkpoint and its exported
-weights, TensorBoard event files, and whatever a user passes in ``Trainer(..., callbacks=[...])``.
+weights, the final report on a split kept apart from selection, TensorBoard event files, and whatever a user passes
+in ``Trainer(..., callbacks=[...])``.
 """
 
 from rapidnet.engine.callbacks import (
@@ -12,6 +13,7 @@ from rapidnet.engine.callbacks import (
     BestCheckpoint,
     Callback,
     ExportBest,
+    FinalReport,
     ModelEma,
     TensorBoard,
     default_callbacks,
@@ -32,6 +34,7 @@ __all__ = [
     "Callback",
     "DistInfo",
     "ExportBest",
+    "FinalReport",
     "FitResult",
     "JsonlLog",
     "ModelEma",

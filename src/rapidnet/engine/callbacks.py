@@ -1,5 +1,5 @@
 """Hooks into ``Trainer.fit`` and the engine's built-in ones: EMA, BN-statistics averaging, best checkpoint, export
-of the best weights, TensorBoard.
+of the best weights, the final report on a split kept apart from selection, TensorBoard.
 
 A :class:`Callback` overrides any of its hooks (each receives the :class:`~rapidnet.engine.trainer.Trainer`, whose
 ``cfg``, ``task``, ``info``, ``model``, ``optimizer``, ``epoch``, ``step``, ``updates``, ``output`` and ``weights``
@@ -30,12 +30,16 @@ under ``best``. Modelled on Lightning's callbacks and mmengine's hooks, with onl
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rapidnet.engine.checkpoint import copy_checkpoint
+from torch import nn
+
+from rapidnet.engine.checkpoint import copy_checkpoint, load_training_state
+from rapidnet.engine.distributed import barrier
 from rapidnet.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -48,6 +52,7 @@ __all__ = [
     "BestCheckpoint",
     "Callback",
     "ExportBest",
+    "FinalReport",
     "ModelEma",
     "TensorBoard",
     "default_callbacks",
@@ -201,6 +206,63 @@ class ExportBest(Callback):
             trainer.task.export(trainer.weights.get(best["source"], trainer.model), trainer.output / self.filename)
 
 
+class FinalReport(Callback):
+    """After a completed run of a task that keeps a split for reporting (``Task.report_split``, e.g. val while
+    ``evaluate`` selects on dev): that split's metrics for the best weights (``best.pt``: the epoch ``selector``
+    chose) and for the final ones (of the same source, model or EMA), as one ``log.jsonl`` record and two lines.
+
+    The record: ``{"epoch", "step", "report": SPLIT, "selected_on": Task.eval_split, "best_epoch", "best_source",
+    "SPLIT_best_<metric>", "SPLIT_final_<metric>"}`` (intervals under ``..._<metric>_ci``); ``FitResult.report`` has the
+    same as ``{"split", "best", "final", "best_epoch"}``. When the best epoch is the last, both are the same weights,
+    scored once. Nothing happens for an interrupted run (its resume reports at the end).
+    """
+
+    def __init__(self, selector: BestCheckpoint, filename: str = BEST) -> None:
+        self.selector = selector
+        self.filename = filename
+
+    def _best_weights(self, trainer: Trainer, source: str) -> nn.Module:
+        barrier(trainer.info)  # rank 0 copied the best epoch's last.pt to best.pt
+        path = trainer.output / self.filename
+        state = load_training_state(path)
+        key = "model" if source == "model" else f"model_{source}"
+        if key not in state:
+            raise CheckpointError(f"{path} holds no {source} weights: resume the run from its last.pt to report again")
+        model = copy.deepcopy(trainer.model)
+        model.load_state_dict(state[key])
+        return model
+
+    def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
+        from rapidnet.engine.trainer import format_metrics
+
+        task, split = trainer.task, trainer.task.report_split
+        if split is None or result.status != "completed":
+            return
+        best = self.selector.best
+        source = best["source"] if best is not None else "model"
+        final = task.evaluate_report(trainer.weights.get(source, trainer.model))
+        chosen: dict[str, Any] | None = None
+        if best is not None:
+            same = best["epoch"] == trainer.epoch
+            chosen = final if same else task.evaluate_report(self._best_weights(trainer, source))
+        record: dict[str, Any] = {
+            "epoch": trainer.epoch,
+            "step": trainer.updates,
+            "report": split,
+            "selected_on": task.eval_split,
+            "best_epoch": best["epoch"] if best is not None else None,
+            "best_source": source,
+        }
+        for name, metrics in (("best", chosen), ("final", final)):
+            record.update({f"{split}_{name}_{k}": v for k, v in (metrics or {}).items()})
+        trainer.log.append(record)
+        names = task.metric_names
+        if chosen is not None and best is not None:
+            trainer._say(f"{split}, best weights (epoch {best['epoch']}): {format_metrics(chosen, names)}")
+        trainer._say(f"{split}, final weights (epoch {trainer.epoch}): {format_metrics(final, names)}")
+        result.report = {"split": split, "best": chosen, "final": final, "best_epoch": record["best_epoch"]}
+
+
 def tensorboard_available() -> bool:
     """True when ``torch.utils.tensorboard`` can write event files (the ``tensorboard`` package is installed)."""
     import importlib.util
@@ -251,13 +313,16 @@ class TensorBoard(Callback):
 
 def default_callbacks(trainer: Trainer) -> list[Callback]:
     """What ``cfg`` asks for: BN averaging (acts under DDP), EMA (``ema.enabled``), best checkpoint and export of the
-    best weights (by the task's ``primary_metric``), TensorBoard (when installed)."""
+    best weights (by the task's ``primary_metric``), the final report (a task with a ``report_split``), TensorBoard
+    (when installed)."""
     cfg, task = trainer.cfg, trainer.task
     callbacks: list[Callback] = [BatchNormAveraging()]
     if cfg.ema.enabled:
         callbacks.append(ModelEma(cfg.ema.decay, cfg.ema.warmup, cfg.ema.evaluate))
     selector = BestCheckpoint(task.primary_metric, task.higher_is_better)
     callbacks += [selector, ExportBest(selector)]
+    if task.report_split is not None:
+        callbacks.append(FinalReport(selector))
     if tensorboard_available():
         callbacks.append(TensorBoard())
     return callbacks

@@ -25,6 +25,8 @@ def _clean(value: Any) -> Any:
         return None
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):  # e.g. an interval [low, high]
+        return [_clean(v) for v in value]
     return value
 
 

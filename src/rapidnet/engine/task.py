@@ -10,7 +10,13 @@ The engine calls, in order: ``setup(ctx)``, ``build_model()``, ``check_state(...
 ``build_loaders()``, ``steps_per_epoch()``, ``build_optimizer(model, lr)``, ``summary()``; per epoch
 ``train_batches(epoch, start_step)`` and ``train_step(model, batch)`` per batch, ``evaluate(model)``,
 ``epoch_stats()``; ``state()``/``metadata(model)`` with every checkpoint, ``export(model, path)`` for new best
-weights; ``finish()`` at the end.
+weights; ``finish()`` at the end; then, when the task names a ``report_split``, ``evaluate_report(model)`` for the best
+and for the final weights.
+
+Selection and reporting: ``evaluate`` scores the split that chooses the best epoch (``eval_split``, "val" unless the
+task says otherwise). A task that keeps a split apart for reporting (the dense tasks select on a dev split) sets
+``report_split``; the engine then scores it once, after a completed run, for the best and the final weights, so the
+figure reported was never used to choose the weights.
 """
 
 from __future__ import annotations
@@ -97,8 +103,13 @@ class Task(ABC):
     primary_metric: str = "top1"
     higher_is_better: bool = True
     #: ``evaluate`` key -> display name, for the metrics the per-epoch line shows (in this order); empty: all of them
-    #: under their keys. Every metric is logged either way.
+    #: under their keys. Every metric is logged either way. A metric ``K`` with an interval ``K_ci`` shows it.
     metric_names: dict[str, str] = {}
+    #: the split ``evaluate`` scores (set by ``setup`` at the latest): the prefix of its metrics in ``log.jsonl``
+    #: (``val_top1``, ``dev_bbox_AP``) and in the epoch line
+    eval_split: str = "val"
+    #: the split ``evaluate_report`` scores after the run, for the best and the final weights (None: no report)
+    report_split: str | None = None
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -182,8 +193,14 @@ class Task(ABC):
         """
 
     @abstractmethod
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Validation metrics of ``model`` (in eval mode), identical on every process (reduce across processes)."""
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """Metrics of ``model`` (in eval mode) on ``eval_split``, identical on every process (reduce across
+        processes). Values are numbers, or ``[low, high]`` intervals under ``<metric>_ci``."""
+
+    def evaluate_report(self, model: nn.Module) -> dict[str, Any]:
+        """Metrics of ``model`` on ``report_split`` (called on every process, after a completed run, when the task
+        names one); like ``evaluate``'s."""
+        raise NotImplementedError(f"{type(self).__name__} names report_split but has no evaluate_report")
 
     # ---- bookkeeping --------------------------------------------------------------------------------------------
 

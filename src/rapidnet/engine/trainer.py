@@ -5,7 +5,10 @@ channels_last, torch.compile, gradient clipping, a timm optimizer and schedule; 
 atomically; ``log.jsonl`` per epoch and ``steps.jsonl`` every few steps, with every named loss a step returns
 (``StepOutput.losses``) beside the total; tqdm bars on rank 0. What varies with the recipe is a callback
 (``rapidnet.engine.callbacks``): EMA, BN-statistics averaging under DDP, ``best.pt`` and the task's exported best
-weights, TensorBoard event files. Runs are stoppable and exactly resumable at any step:
+weights, the final report on a split the task keeps apart from selection (``Task.report_split``: after a completed
+run, that split's metrics for the best and the final weights, one more ``log.jsonl`` record marked ``"report"``),
+TensorBoard event files. Per-epoch metrics are logged under the task's ``eval_split`` (``val_top1``,
+``dev_bbox_AP``). Runs are stoppable and exactly resumable at any step:
 
 - SIGINT/SIGTERM: the current step finishes, every process stops at the same step, ``last.pt`` is saved and
   ``fit`` returns ``status="interrupted"`` (a second Ctrl-C aborts at once, keeping the previous ``last.pt``);
@@ -52,6 +55,7 @@ from rapidnet.engine.checkpoint import (
     save_training_state,
 )
 from rapidnet.engine.conv_taps import trim_padding_taps_
+from rapidnet.engine.cpu_share import ThreadGovernor
 from rapidnet.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, init_distributed
 from rapidnet.engine.runlog import JsonlLog
 from rapidnet.engine.seeding import seed_everything, seed_step
@@ -86,6 +90,7 @@ MAY_DIFFER_ON_RESUME = (
     "train.device",
     "train.compile",
     "train.trim_padding_taps",
+    "train.adapt_threads",
     "train.log_interval",
     "train.epochs",
     "data.workers",
@@ -110,6 +115,8 @@ class FitResult:
     last_epoch: dict[str, Any] | None = None
     signal: int | None = None
     notes: list[str] = field(default_factory=list)
+    #: the final report on the task's ``report_split`` (``{"split", "best", "final", "best_epoch"}``), if it has one
+    report: dict[str, Any] | None = None
 
     @property
     def exit_code(self) -> int:
@@ -148,11 +155,22 @@ def format_duration(seconds: float) -> str:
     return f"{total // 3600}h{total % 3600 // 60:02d}m"
 
 
-def format_metrics(metrics: dict[str, float], names: dict[str, str] | None = None) -> str:
+def format_metrics(metrics: dict[str, Any], names: dict[str, str] | None = None) -> str:
     """``evaluate``'s result for the per-epoch line: the metrics in ``names`` (key -> display name) in that order,
-    or all of them under their keys when ``names`` is empty; 4 significant digits each (``61.50``, ``0.2512``)."""
-    shown = [(label, metrics[key]) for key, label in names.items() if key in metrics] if names else metrics.items()
-    return "  ".join(f"{label} {float(value):#.4g}" for label, value in shown)
+    or all of them under their keys when ``names`` is empty; 4 significant digits each (``61.50``, ``0.2512``), and
+    a metric's interval ``KEY_ci`` after it to one decimal (``mIoU 60.25 [59.1, 61.3]``)."""
+    keys = [key for key in names if key in metrics] if names else list(metrics)
+    parts = []
+    for key in keys:
+        value = metrics[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # an interval (shown with its metric) or another non-number
+        text = f"{names.get(key, key) if names else key} {float(value):#.4g}"
+        ci = metrics.get(f"{key}_ci")
+        if isinstance(ci, (list, tuple)) and len(ci) == 2:
+            text += f" [{float(ci[0]):.1f}, {float(ci[1]):.1f}]"
+        parts.append(text)
+    return "  ".join(parts)
 
 
 def _fact(value: Any) -> str:
@@ -299,9 +317,11 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train to the configured number of epochs (or until interrupted); return how it ended."""
         info = init_distributed(self.cfg.train.device)
+        threads = torch.get_num_threads()
         try:
             return self._fit(info)
         finally:
+            torch.set_num_threads(threads)  # the thread governor may have lowered it
             if info.distributed:
                 cleanup_distributed()
 
@@ -425,6 +445,12 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         if cfg.train.trim_padding_taps and info.device.type == "cpu":
             trim_padding_taps_(model)
+        shares_cores = cfg.train.adapt_threads and info.device.type == "cpu" and not info.distributed
+        self.governor = (
+            ThreadGovernor(torch.get_num_threads(), time.perf_counter())
+            if shares_cores and torch.get_num_threads() > 1
+            else None
+        )
         self.model = model
         self.weights: dict[str, nn.Module] = {"model": model}
 
@@ -466,7 +492,8 @@ class Trainer:
             # an epoch whose evaluation is pending has no log line yet (it comes after the evaluation)
             done_epochs, step = self.epoch - (self.pending is not None), self.step
             logged_steps = (self.epoch, step)
-            self.log.keep_only(lambda r: int(r.get("epoch", 0)) <= done_epochs)
+            # (and without the final report of a finished run: a run resumed to more epochs reports again at its end)
+            self.log.keep_only(lambda r: int(r.get("epoch", 0)) <= done_epochs and "report" not in r)
             self.steps_log.keep_only(lambda r: (int(r.get("epoch", 1)) - 1, int(r.get("step", 0))) < logged_steps)
         if info.is_main:
             try:
@@ -591,7 +618,7 @@ class Trainer:
             b = self.best
             name = self.task.metric_names.get(b["metric"], b["metric"])
             self._say(
-                f"done: best val {name} {b['value']:.2f} at epoch {b['epoch']} "
+                f"done: best {self.task.eval_split} {name} {b['value']:.2f} at epoch {b['epoch']} "
                 f"({b['source']} weights); weights {self.output / BEST_WEIGHTS}; log {self.output / 'log.jsonl'}"
             )
         return FitResult("completed", self.output, self.epoch, self.best, last_record, notes=notes)
@@ -678,6 +705,13 @@ class Trainer:
                     self.scheduler.step_update(num_updates=self.updates)
                     self._call("on_optimizer_step")
                 now = time.perf_counter()
+                if self.governor is not None and (threads := self.governor.poll(now)) is not None:
+                    torch.set_num_threads(threads)
+                    g = self.governor
+                    self._say(
+                        f"note: other processes are using {g.others:.1f} of {len(g.cpus)} cores: training on "
+                        f"{threads} thread(s) until they stop (train.adapt_threads)"
+                    )
                 self.meter.loss_sum += sums[0]
                 self.meter.samples += sums[1]
                 self.meter.time += now - tick
@@ -699,6 +733,7 @@ class Trainer:
                         **{loss_key(name): value for name, value in parts.items()},
                         "lr": lr,
                         "img_per_s": round(rate, 2),
+                        **({"threads": torch.get_num_threads()} if self.governor is not None else {}),
                     }
                     self.steps_log.append(record)
                     window_samples, window_start = 0.0, now
@@ -792,14 +827,14 @@ class Trainer:
             self._save_last()  # the evaluation's outcome (best so far, RNG states) for an exact resume
 
         epoch = self.epoch
-        key, best = task.primary_metric, self.best
+        key, best, split = task.primary_metric, self.best, task.eval_split
         record: dict[str, Any] = {
             "epoch": epoch,
             "step": self.updates,
             "train_loss": self.meter.loss,
             **{f"train_{loss_key(name)}": value for name, value in self.meter.losses.items()},
             **{
-                (f"val_{k}" if source == "model" else f"{source}_val_{k}"): v
+                (f"{split}_{k}" if source == "model" else f"{source}_{split}_{k}"): v
                 for source, metrics in results.items()
                 for k, v in metrics.items()
             },
@@ -845,7 +880,7 @@ class Trainer:
             text += " (" + ", ".join(f"{_short_loss(k)} {v:.4f}" for k, v in parts.items()) + ")"
         metrics = results.get("model")
         text += (
-            f"  val {format_metrics(metrics, names)}"
+            f"  {self.task.eval_split} {format_metrics(metrics, names)}"
             if metrics
             else f"  (evaluated every {self.cfg.train.eval_interval} epochs)"
         )

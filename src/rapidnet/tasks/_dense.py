@@ -6,6 +6,11 @@ Batches are ``(list of images, list of targets)`` from ``collate_dense``, drawn 
 :class:`SeededSampler`/:class:`SeededDataset`, so a resumed run sees exactly the batches of an uninterrupted one.
 Weights are exported as safetensors whose metadata (``build_args``, ``class_names``, ``eval_args``) lets
 ``rapidnet.load`` rebuild the network without the config.
+
+Selection and reporting (``task.select_on``): when the data folder has a dev split (``rapidnet data mosaic
+--num-dev``), each evaluated epoch is scored on dev, ``model_best`` is the best dev epoch, and the validation split is
+scored once after the run, for the best and for the final weights, with bootstrap intervals (the engine's final
+report: ``val_best_*`` / ``val_final_*``). Without a dev split (or with ``select_on: val``) val does both, as before.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -25,6 +31,7 @@ from rapidnet.config import Config
 from rapidnet.data.ade20k import ADE20KSegmentation
 from rapidnet.data.coco import CocoInstances
 from rapidnet.data.folder import collate_dense, targets_to_device
+from rapidnet.data.mosaic import DEV_SPLIT, dev_split_files, has_dev_split, mosaic_meta
 from rapidnet.engine.seeding import SeededDataset, SeededSampler, ignore_sigint
 from rapidnet.engine.task import RunContext, StepOutput, Task
 from rapidnet.errors import CheckpointError, ConfigError, DataError
@@ -33,11 +40,16 @@ from rapidnet.tasks._commands import check_model_kwargs, check_task_name
 from rapidnet.utils import subset_indices, unwrap_model
 
 __all__ = [
+    "SELECT_ON",
     "build_dense_eval_dataset",
     "dense_eval_loader",
     "evaluate_dense",
     "load_dense_model",
 ]
+
+
+#: values of ``task.select_on``: the split that chooses the best epoch (None: dev when the data has one, else val)
+SELECT_ON = (None, "dev", "val")
 
 
 def _task_options(cfg: Config, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -54,6 +66,13 @@ def _task_options(cfg: Config, defaults: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"task.backbone_lr_scale={opts['backbone_lr_scale']}: use a positive factor (1.0 trains all parts alike)"
         )
+    if opts["select_on"] not in SELECT_ON:
+        raise ConfigError(
+            f"task.select_on={opts['select_on']!r}: use dev or val (or leave it out: dev when the data has a dev split)"
+        )
+    bootstrap = opts["bootstrap"]
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        raise ConfigError(f"task.bootstrap={bootstrap!r}: give the number of resamples for the intervals (0: none)")
     return opts
 
 
@@ -88,14 +107,20 @@ def evaluate_dense(
     return evaluator.compute()
 
 
-def build_dense_eval_dataset(kind: str, root: str | os.PathLike[str], eval_args: dict[str, Any]) -> Any:
-    """The validation split of ``root`` with the evaluation settings a checkpoint stored (``eval_args``)."""
+def build_dense_eval_dataset(
+    kind: str, root: str | os.PathLike[str], eval_args: dict[str, Any], split: str = "val"
+) -> Any:
+    """The validation split (or with ``split="dev"`` the dev split) of ``root`` with the evaluation settings a
+    checkpoint stored (``eval_args``)."""
+    if split not in ("val", DEV_SPLIT):
+        raise ConfigError(f"split {split!r}: evaluate on val or {DEV_SPLIT}")
     if kind == "detection":
-        return CocoInstances(root, eval_args.get("val_split") or _coco_split(Path(root), "val"), train=False)
+        name = DEV_SPLIT if split == DEV_SPLIT else eval_args.get("val_split") or _coco_split(Path(root), "val")
+        return CocoInstances(root, name, train=False)
 
     return ADE20KSegmentation(
         root,
-        "validation",
+        DEV_SPLIT if split == DEV_SPLIT else "validation",
         train=False,
         num_classes=eval_args.get("num_classes"),
         reduce_zero_label=eval_args.get("reduce_zero_label"),
@@ -108,19 +133,75 @@ def _coco_split(root: Path, split: str) -> str:
     return f"{split}2017" if (root / "annotations" / f"instances_{split}2017.json").is_file() else split
 
 
+def _image_sizes(dataset: Any) -> set[tuple[int, int]]:
+    """The ``(height, width)`` of a split's images: from a COCO file's entries, else from the image headers."""
+    if isinstance(dataset, CocoInstances):
+        return {(int(i["height"]), int(i["width"])) for i in dataset.coco.imgs.values()}
+    sizes = set()
+    for path in dataset.images:
+        try:
+            with Image.open(path) as img:
+                sizes.add((img.height, img.width))
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read image {path} ({e}): replace the file") from None
+    return sizes
+
+
 class _DenseTask(Task):
     """What detection and segmentation share: seeded list batches, evaluation loop, metadata and export."""
 
     kind = ""
+    layout = ""  # "coco" or "ade20k": where a dev split's files are
     defaults: dict[str, Any] = {}
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.opts = _task_options(cfg, self.defaults)
         self.build_args: dict[str, Any] = {}
+        self.dev_set: Any = None
 
     def _open_data(self) -> tuple[Any, Any]:
         raise NotImplementedError
+
+    def _open_eval_split(self, split: str) -> Any:
+        """The ``val`` or ``dev`` split with this run's evaluation settings."""
+        raise NotImplementedError
+
+    def _open_dev(self) -> Any:
+        """The dev split when the run selects on it (``task.select_on``; by default when the folder has one), checked
+        against the training split: the same classes, and for a mosaic the size its ``meta.json`` gives."""
+        root = Path(self.cfg.data.path).expanduser()
+        select = self.opts["select_on"]
+        if select == "val":  # asked for: the dev split is not even looked at
+            return None
+        present = has_dev_split(root, self.layout)
+        if select == DEV_SPLIT and not present:
+            missing = " + ".join(str(f.relative_to(root)) for f in dev_split_files(root, self.layout))
+            raise ConfigError(
+                f"task.select_on is dev but {root} has no dev split ({missing}): rebuild it with 'rapidnet data "
+                "mosaic --num-dev 500', or set task.select_on: val"
+            )
+        if not present:
+            return None
+        dev = self._open_eval_split(DEV_SPLIT)
+        if list(dev.classes) != list(self.train_set.classes):
+            raise DataError(
+                f"{root}: the dev split has other classes ({', '.join(dev.classes[:3])}...) than the training split "
+                f"({', '.join(self.train_set.classes[:3])}...): rebuild the data set"
+            )
+        meta = mosaic_meta(root)
+        if meta is not None and meta.get("config", {}).get("image_size"):
+            want = tuple(int(v) for v in meta["config"]["image_size"])
+            other = sorted(_image_sizes(dev) - {want})
+            if other:
+                raise DataError(
+                    f"{root}: the dev split holds {other[0][0]}x{other[0][1]} images but meta.json says "
+                    f"{want[0]}x{want[1]}: rebuild the data set with 'rapidnet data mosaic --overwrite'"
+                )
+            if isinstance(dev, ADE20KSegmentation):  # check the label values now, not after an epoch of training
+                for index in range(len(dev)):
+                    dev.load_label(index)
+        return dev
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
@@ -134,8 +215,12 @@ class _DenseTask(Task):
             raise DataError(f"data set folder {d.path} not found: build one with 'rapidnet data mosaic --out DIR'")
         self.train_set, self.val_set = self._open_data()
         self.classes: list[str] = list(self.train_set.classes)
+        self.dev_set = self._open_dev()
+        if self.dev_set is not None:  # select on dev; val only in the final report
+            self.eval_split, self.report_split = DEV_SPLIT, "val"
         self.train_indices = subset_indices(len(self.train_set), d.limit_train)
         self.val_indices = subset_indices(len(self.val_set), d.limit_val)
+        self.dev_indices = subset_indices(len(self.dev_set), d.limit_val) if self.dev_set is not None else []
         if len(self.train_indices) < d.batch_size:
             raise ConfigError(
                 f"{len(self.train_indices)} training images but data.batch_size is {d.batch_size}: lower the batch size"
@@ -208,6 +293,11 @@ class _DenseTask(Task):
         )
         eval_bs = d.eval_batch_size or d.batch_size
         self.val_loader = dense_eval_loader(self.val_set, self.val_indices, eval_bs, info.rank, info.world_size)
+        self.dev_loader = (
+            dense_eval_loader(self.dev_set, self.dev_indices, eval_bs, info.rank, info.world_size)
+            if self.dev_set is not None
+            else None
+        )
 
     def steps_per_epoch(self) -> int:
         return self.sampler.num_batches
@@ -223,18 +313,31 @@ class _DenseTask(Task):
         losses = model(images, targets_to_device(targets, device))
         return StepOutput(sum(losses.values()), len(images), {k: v.detach() for k, v in losses.items()})
 
-    def make_evaluator(self) -> Any:
+    def make_evaluator(self, dataset: Any, bootstrap: int) -> Any:
+        """The metrics of ``dataset``, with ``bootstrap`` resamples for the intervals (0: none)."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """The selection split: dev (no intervals: they would only cost time) when the run has one, else val."""
         ctx = self.context
-        return evaluate_dense(model, self.val_loader, self.make_evaluator(), ctx.device, ctx.autocast)
+        if self.dev_loader is not None:
+            return evaluate_dense(
+                model, self.dev_loader, self.make_evaluator(self.dev_set, 0), ctx.device, ctx.autocast
+            )
+        evaluator = self.make_evaluator(self.val_set, int(self.opts["bootstrap"]))
+        return evaluate_dense(model, self.val_loader, evaluator, ctx.device, ctx.autocast)
+
+    def evaluate_report(self, model: nn.Module) -> dict[str, Any]:
+        """The validation split, with intervals: the engine's final report of a run that selected on dev."""
+        ctx = self.context
+        evaluator = self.make_evaluator(self.val_set, int(self.opts["bootstrap"]))
+        return evaluate_dense(model, self.val_loader, evaluator, ctx.device, ctx.autocast)
 
     def eval_args(self) -> dict[str, Any]:
         return {}
 
     def state(self) -> dict[str, Any]:
-        return {"classes": self.classes, "train_images": len(self.train_indices)}
+        return {"classes": self.classes, "train_images": len(self.train_indices), "select_on": self.eval_split}
 
     def check_state(self, saved: dict[str, Any], path: str) -> None:
         classes = saved.get("classes")
@@ -242,6 +345,13 @@ class _DenseTask(Task):
             raise CheckpointError(
                 f"{path} was trained on other classes ({', '.join(classes[:4])}...) than {self.cfg.data.path} has: "
                 "resume with the same data"
+            )
+        selected = saved.get("select_on", "val")  # checkpoints from before dev splits chose on val
+        if selected != self.eval_split:
+            raise CheckpointError(
+                f"{path} chose its best epoch on {selected}, but this run would choose on {self.eval_split} "
+                f"({self.cfg.data.path} {'has' if self.dev_set is not None else 'has no'} dev split): resume with "
+                "the data folder it was trained on"
             )
 
     def metadata(self, model: nn.Module) -> dict[str, str]:
@@ -262,9 +372,16 @@ class _DenseTask(Task):
                 "path": d.path,
                 "train images": len(self.train_indices),
                 "val images": len(self.val_indices),
+                "dev images": len(self.dev_indices) if self.dev_set is not None else None,
                 "classes": len(self.classes),
                 "batch per process": d.batch_size,
             },
+            "best epoch by": (
+                f"{self.metric_names.get(self.primary_metric, self.primary_metric)} on dev (val reported after the "
+                "run, for the best and the final weights)"
+                if self.dev_set is not None
+                else f"{self.metric_names.get(self.primary_metric, self.primary_metric)} on val"
+            ),
             "model": {
                 "task": self.kind,
                 "backbone": self.cfg.model.name,

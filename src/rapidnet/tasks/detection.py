@@ -1,5 +1,5 @@
 """Mask R-CNN detection and instance segmentation as an engine task (``rapidnet det train``): COCO-format data,
-box and mask AP, best weights by box AP."""
+box and mask AP, best weights by box AP (on the dev split when the data has one; see ``rapidnet.tasks._dense``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rapidnet.data.coco import CocoInstances
 from rapidnet.errors import ConfigError, DataError
 from rapidnet.metrics import CocoEvaluator
 from rapidnet.models.mask_rcnn import mask_rcnn
-from rapidnet.tasks._dense import _coco_split, _DenseTask
+from rapidnet.tasks._dense import _coco_split, _DenseTask, build_dense_eval_dataset
 
 __all__ = ["DETECTION_DEFAULTS", "DetectionTask"]
 
@@ -27,6 +27,8 @@ DETECTION_DEFAULTS: dict[str, Any] = {
     "hflip": 0.5,
     "train_split": None,  # default: train2017 when the COCO files exist, else train (the mosaic's)
     "val_split": None,
+    "select_on": None,  # the split that chooses model_best: dev / val; default dev when the data has one
+    "bootstrap": 1000,  # resamples of the images for the reported 95% intervals (0: none)
     "model_kwargs": {},  # more mask_rcnn() arguments: anchor_sizes, rpn_*, box_* ...
 }
 
@@ -35,6 +37,7 @@ class DetectionTask(_DenseTask):
     """Mask R-CNN + FPN on a COCO-format data set; best weights by box AP."""
 
     kind = "detection"
+    layout = "coco"
     builder = staticmethod(mask_rcnn)
     defaults = DETECTION_DEFAULTS
     primary_metric = "bbox_AP"
@@ -59,9 +62,12 @@ class DetectionTask(_DenseTask):
     def builder_args(self) -> dict[str, Any]:
         return {"min_size": self.opts["min_size"], "max_size": int(self.opts["max_size"])}
 
-    def make_evaluator(self) -> Any:
+    def _open_eval_split(self, split: str) -> Any:
+        return build_dense_eval_dataset(self.kind, self.cfg.data.path, self.eval_args(), split)
 
-        return CocoEvaluator.from_dataset(self.val_set)
+    def make_evaluator(self, dataset: Any, bootstrap: int) -> Any:
+
+        return CocoEvaluator.from_dataset(dataset, bootstrap=bootstrap)
 
     def eval_args(self) -> dict[str, Any]:
         return {"val_split": self.val_split}

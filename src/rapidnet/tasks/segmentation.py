@@ -1,5 +1,5 @@
 """Semantic FPN segmentation as an engine task (``rapidnet seg train``): ADE20K-layout data, mIoU, best weights by
-mIoU."""
+mIoU (on the dev split when the data has one; see ``rapidnet.tasks._dense``)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ SEGMENTATION_DEFAULTS: dict[str, Any] = {
     "hflip": 0.5,
     "photometric": True,
     "reduce_zero_label": None,  # default: the data set's meta.json, else True (ADE20K)
+    "select_on": None,  # the split that chooses model_best: dev / val; default dev when the data has one
+    "bootstrap": 1000,  # resamples of the images for the reported 95% intervals (0: none)
     "model_kwargs": {},  # more semantic_fpn() arguments: head_channels, head_norm, dropout ...
 }
 
@@ -36,6 +38,7 @@ class SegmentationTask(_DenseTask):
     """Semantic FPN on an ADE20K-layout data set; best weights by mIoU."""
 
     kind = "segmentation"
+    layout = "ade20k"
     builder = staticmethod(semantic_fpn)
     defaults = SEGMENTATION_DEFAULTS
     primary_metric = "mIoU"
@@ -58,17 +61,21 @@ class SegmentationTask(_DenseTask):
             photometric=bool(o["photometric"]),
             **common,
         )
-        val = build_dense_eval_dataset(self.kind, self.cfg.data.path, {**common, "scale": self._test_scale()})
+        self._eval_dataset_args = {**common, "scale": self._test_scale()}
+        val = build_dense_eval_dataset(self.kind, self.cfg.data.path, self._eval_dataset_args)
         self.reduce_zero_label = train.reduce_zero_label
         self.ignore_index = train.ignore_index
         return train, val
 
+    def _open_eval_split(self, split: str) -> Any:
+        return build_dense_eval_dataset(self.kind, self.cfg.data.path, self._eval_dataset_args, split)
+
     def builder_args(self) -> dict[str, Any]:
         return {"ignore_index": self.ignore_index}
 
-    def make_evaluator(self) -> Any:
+    def make_evaluator(self, dataset: Any, bootstrap: int) -> Any:
 
-        return SegmentationMetrics(len(self.classes), self.ignore_index, self.classes)
+        return SegmentationMetrics(len(self.classes), self.ignore_index, self.classes, bootstrap=bootstrap)
 
     def _test_scale(self) -> Any:
         return self.opts["test_scale"] if self.opts["test_scale"] is not None else self.opts["scale"]

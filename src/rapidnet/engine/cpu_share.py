@@ -1,0 +1,101 @@
+"""Eager CPU training on a shared machine: torch's intra-op threads follow the cores other processes leave free.
+
+PyTorch's CPU kernels split each operator over ``torch.get_num_threads()`` OpenMP threads, which meet at a barrier
+at its end. When another process keeps one of the cores busy, one of our threads keeps losing that core, and every
+operator waits for it at the barrier. Measured on the 2-core Intel Xeon with one other busy process
+(``benchmarks/train_step_profile.py``, the demo's step): 2.48 s per step with 2 threads, 0.65 s with 1 thread, against
+0.23 s on an idle machine. So the trainer samples, every few seconds, how much CPU the *other* processes used on the
+cores this process may run on (``/proc/stat`` minus ``/proc/self/stat``), and trains on the cores they leave free:
+fewer threads while they run, all of them again when they stop. Where ``/proc`` is missing it does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["ThreadGovernor", "allowed_cpus", "busy_ticks", "own_ticks"]
+
+
+def allowed_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity mask), or all of them where the OS does not say."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def busy_ticks(cpus: list[int], stat: Path = Path("/proc/stat")) -> tuple[float, float] | None:
+    """``(busy, total)`` clock ticks of ``cpus`` since boot (busy: everything but idle and iowait)."""
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        return None
+    wanted = {f"cpu{i}" for i in cpus}
+    busy = total = 0.0
+    for line in lines:
+        fields = line.split()
+        if fields and fields[0] in wanted:
+            ticks = [float(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+            total += sum(ticks)
+            busy += sum(ticks) - ticks[3] - ticks[4]
+    return (busy, total) if total > 0 else None
+
+
+def own_ticks(stat: Path = Path("/proc/self/stat")) -> float | None:
+    """Clock ticks of CPU this process has used (user + system, all threads)."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return float(fields[11]) + float(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+
+
+class ThreadGovernor:
+    """Decides the intra-op thread count from what other processes use; call :meth:`poll` as often as you like.
+
+    ``poll(now)`` samples at most every ``interval_s`` seconds and returns a new thread count when it should change,
+    else None: ``max_threads`` while the others use less than a quarter of a core, else the cores they leave free
+    (at least one).
+    """
+
+    def __init__(
+        self,
+        max_threads: int,
+        now: float,
+        interval_s: float = 5.0,
+        cpus: list[int] | None = None,
+        read_busy: Callable[[list[int]], tuple[float, float] | None] = busy_ticks,
+        read_own: Callable[[], float | None] = own_ticks,
+    ) -> None:
+        self.max_threads = max_threads
+        self.threads = max_threads
+        self.interval_s = interval_s
+        self.cpus = cpus if cpus is not None else allowed_cpus()
+        self.read_busy, self.read_own = read_busy, read_own
+        self.others = 0.0  # cores the other processes used over the last interval
+        self._last = self._read(now)
+
+    def _read(self, now: float) -> tuple[float, float, float, float] | None:
+        busy, own = self.read_busy(self.cpus), self.read_own()
+        return None if busy is None or own is None else (now, busy[0], busy[1], own)
+
+    def poll(self, now: float) -> int | None:
+        if self._last is None or now - self._last[0] < self.interval_s:
+            return None
+        current = self._read(now)
+        if current is None:
+            return None
+        previous, self._last = self._last, current
+        d_busy, d_total, d_own = (current[i] - previous[i] for i in (1, 2, 3))
+        if d_total <= 0:
+            return None
+        cores = len(self.cpus)
+        self.others = max(0.0, (d_busy - d_own) / d_total * cores)
+        free = int(cores - self.others + 0.25)
+        wanted = self.max_threads if self.others < 0.25 else max(1, min(self.max_threads, free))
+        if wanted == self.threads:
+            return None
+        self.threads = wanted
+        return wanted
