@@ -108,3 +108,16 @@ def torchrun() -> Callable[..., subprocess.CompletedProcess]:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """The ``rapidnet`` command in-process: ``(exit status, stdout, stderr)``; argparse's own usage errors
+    (SystemExit) count as their exit status."""
+    from rapidnet.cli.main import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -11,17 +11,10 @@ import pytest
 import torch
 
 import rapidnet
-from conftest import MICRO
-from rapidnet.cli.main import main
+from conftest import MICRO, run_cli
 from rapidnet.models.checkpoint import infer_arch
 
 SAMPLE = __import__("pathlib").Path(rapidnet.__file__).parent / "assets" / "sample_ankle_boot.png"
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_info_json_equals_spec(capsys):

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 import rapidnet
-from conftest import MICRO
+from conftest import MICRO, run_cli
 from rapidnet.analysis import (
     build_model,
     erf_fractions,
@@ -25,21 +25,10 @@ from rapidnet.analysis import (
     stage_features,
     theoretical_rf,
 )
-from rapidnet.cli.main import main
 from rapidnet.errors import ConfigError, DataError
 
 #: a micro RapidNet as a dense model's backbone (no head)
 MICRO_BACKBONE = {k: v for k, v in MICRO.items() if k != "head_dim"}
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """The CLI in-process; argparse's own usage errors (SystemExit) count as their exit status."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

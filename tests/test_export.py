@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import rapidnet
-from conftest import MICRO, randomize_
-from rapidnet.cli.main import main
+from conftest import MICRO, randomize_, run_cli
 from rapidnet.deploy import export, export_onnx, ort_session, read_metadata, run_ort
 from rapidnet.deploy.export import coreml_spec_problems, verify_onnx
 
@@ -41,12 +40,6 @@ def micro_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "micro.safetensors"
     rapidnet.save_weights(_micro(), path)
     return path
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---- ONNX ----------------------------------------------------------------------------------------------------------

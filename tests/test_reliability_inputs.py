@@ -23,8 +23,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import rapidnet
-from conftest import MICRO
-from rapidnet.cli.main import main
+from conftest import MICRO, run_cli
 from rapidnet.config import load_config
 from rapidnet.data import ImageFolderDataset, build_dataset, load_rgb
 from rapidnet.errors import CheckpointError, ConfigError, DataError, RapidNetError
@@ -61,16 +60,6 @@ def peak_memory_growth(fn: Callable[[], Any]) -> tuple[Any, int]:
     except RapidNetError as e:
         result = e
     return result, max(0, _status_kb("VmHWM") - before) * 1024
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """The CLI in-process; argparse's own usage errors (SystemExit) count as their exit status."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def last_line_error(err: str) -> str:
