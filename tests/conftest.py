@@ -30,6 +30,13 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _threads_back_to_one(_one_torch_thread):
+    """A test that sets the thread count (the bench, a 2-thread training) must not change the next test's rounding."""
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def micro_expected() -> dict:
     return torch.load(DATA / "micro_expected.pt", weights_only=True)

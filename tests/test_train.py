@@ -580,3 +580,29 @@ def test_distillation_loss_matches_deit():
     p_t = torch.softmax(t / tau, 1)
     kl = (p_t * (p_t.log() - torch.log_softmax(dist / tau, 1))).sum() * tau * tau / dist.numel()
     assert soft.item() == pytest.approx((0.7 * torch.nn.functional.cross_entropy(cls, y) + 0.3 * kl).item(), rel=1e-5)
+
+
+def test_threads_follow_the_free_cores_at_start_and_a_resume_keeps_them(fm, tiny_config, tmp_path, monkeypatch):
+    """Another busy process at start: the run trains on the free core, records it, and a resume on an idle machine
+    keeps that count (a different count would change float rounding, and the losses with it)."""
+    import rapidnet.engine.trainer as trainer_module
+
+    seen: list[int] = []
+    monkeypatch.setattr(trainer_module, "free_threads", lambda most: (1, 1.0))
+    original_step = ClassificationTask.train_step
+
+    def counting_step(self, model, batch):
+        seen.append(torch.get_num_threads())
+        return original_step(self, model, batch)
+
+    monkeypatch.setattr(ClassificationTask, "train_step", counting_step)
+    torch.set_num_threads(2)
+    out = tmp_path / "busy"
+    assert train_on(tiny_config, fm, out, "--epochs", "1") == 0
+    assert set(seen) == {1} and torch.get_num_threads() == 2  # restored when fit returns
+    assert load_training_state(out / "last.pt")["threads"] == 1
+    assert all("other_cores" in r for r in read_jsonl(out / "steps.jsonl"))
+    seen.clear()
+    monkeypatch.setattr(trainer_module, "free_threads", lambda most: (2, 0.0))  # idle now
+    assert train_on(tiny_config, fm, out, "--epochs", "2", "--resume", str(out / "last.pt")) == 0
+    assert set(seen) == {1}

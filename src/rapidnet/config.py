@@ -172,7 +172,7 @@ class TrainConfig:
     compile: bool = False
     # eager CPU: convs skip the kernel taps that only multiply zero padding (exact; see rapidnet.engine.conv_taps)
     trim_padding_taps: bool = True
-    # CPU: train on the cores other processes leave free (they make every thread barrier wait; see engine/cpu_share)
+    # CPU: start on the cores other processes leave free, kept for the run and by --resume (see engine/cpu_share)
     adapt_threads: bool = True
     sync_bn: bool = True  # SyncBatchNorm when training on several CUDA processes
     output: str = "runs/train"

@@ -1,12 +1,17 @@
-"""Eager CPU training on a shared machine: torch's intra-op threads follow the cores other processes leave free.
+"""Eager CPU training on a shared machine: train on the cores that other processes leave free.
 
 PyTorch's CPU kernels split each operator over ``torch.get_num_threads()`` OpenMP threads, which meet at a barrier
 at its end. When another process keeps one of the cores busy, one of our threads keeps losing that core, and every
 operator waits for it at the barrier. Measured on the 2-core Intel Xeon with one other busy process
 (``benchmarks/train_step_profile.py``, the demo's step): 2.48 s per step with 2 threads, 0.65 s with 1 thread, against
-0.23 s on an idle machine. So the trainer samples, every few seconds, how much CPU the *other* processes used on the
-cores this process may run on (``/proc/stat`` minus ``/proc/self/stat``), and trains on the cores they leave free:
-fewer threads while they run, all of them again when they stop. Where ``/proc`` is missing it does nothing.
+0.23 s on an idle machine.
+
+So the trainer measures, when a run starts, how much CPU the *other* processes use on the cores this process may run
+on (``/proc/stat`` minus ``/proc/self/stat``) and trains on the cores they leave free. The count is then kept for the
+whole run and recorded in ``last.pt``, and a resume takes it again: a different thread count changes float
+rounding, and a resumed run must give the losses of the uninterrupted one. While the run goes on,
+:class:`ThreadGovernor` keeps watching and says (once) when the picture changes, so a user can restart if they
+like. Where ``/proc`` is missing nothing is measured.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["ThreadGovernor", "allowed_cpus", "busy_ticks", "own_ticks"]
+__all__ = ["ThreadGovernor", "allowed_cpus", "busy_ticks", "free_threads", "own_ticks"]
 
 
 def allowed_cpus() -> list[int]:
@@ -50,6 +55,16 @@ def own_ticks(stat: Path = Path("/proc/self/stat")) -> float | None:
     except (OSError, IndexError):
         return None
     return float(fields[11]) + float(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+
+
+def free_threads(max_threads: int, seconds: float = 1.0) -> tuple[int, float]:
+    """``(threads, cores the other processes use)`` measured over ``seconds`` now: what a run should start with."""
+    import time
+
+    governor = ThreadGovernor(max_threads, time.perf_counter(), interval_s=seconds)
+    time.sleep(seconds)
+    wanted = governor.poll(time.perf_counter())
+    return (wanted if wanted is not None else governor.threads), governor.others
 
 
 class ThreadGovernor:

@@ -55,7 +55,7 @@ from rapidnet.engine.checkpoint import (
     save_training_state,
 )
 from rapidnet.engine.conv_taps import trim_padding_taps_
-from rapidnet.engine.cpu_share import ThreadGovernor
+from rapidnet.engine.cpu_share import ThreadGovernor, free_threads
 from rapidnet.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, init_distributed
 from rapidnet.engine.runlog import JsonlLog
 from rapidnet.engine.seeding import seed_everything, seed_step
@@ -445,12 +445,7 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         if cfg.train.trim_padding_taps and info.device.type == "cpu":
             trim_padding_taps_(model)
-        shares_cores = cfg.train.adapt_threads and info.device.type == "cpu" and not info.distributed
-        self.governor = (
-            ThreadGovernor(torch.get_num_threads(), time.perf_counter())
-            if shares_cores and torch.get_num_threads() > 1
-            else None
-        )
+        self.governor = self._pick_threads(state) if cfg.train.adapt_threads else None
         self.model = model
         self.weights: dict[str, nn.Module] = {"model": model}
 
@@ -570,6 +565,7 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "task": self.task.state(),
             "world_size": self.info.world_size,
+            "threads": torch.get_num_threads(),  # a resume takes the same count: the same float rounding
             "rapidnet": self.task.metadata(self.model),
             # the epoch's steps are done but its evaluation is not: a resume evaluates first (and logs the epoch)
             "pending_eval": {"lr": self.pending["lr"]} if self.pending and self.pending["evaluate"] else None,
@@ -584,6 +580,35 @@ class Trainer:
             save_training_state(path, self._state())
         barrier(self.info)
         return path
+
+    def _pick_threads(self, state: dict[str, Any] | None) -> ThreadGovernor | None:
+        """On a CPU, train on the cores other processes leave free (``engine/cpu_share``), or on the count a resumed
+        run recorded; returns the governor that keeps watching (None where nothing is to decide)."""
+        info, most = self.info, torch.get_num_threads()
+        if info.device.type != "cpu" or info.distributed:
+            return None
+        recorded = (state or {}).get("threads")
+        if isinstance(recorded, int) and recorded >= 1:
+            threads, others = min(recorded, most), 0.0
+        else:
+            threads, others = free_threads(most) if most > 1 else (1, 0.0)
+        torch.set_num_threads(threads)
+        governor = ThreadGovernor(most, time.perf_counter())
+        governor.threads, governor.others = threads, others
+        if threads < most and not isinstance(recorded, int):
+            self._say(
+                f"note: other processes are using {others:.1f} cores: training on {threads} of {most} threads, "
+                "kept for the whole run (and by --resume) so that results stay reproducible (train.adapt_threads)"
+            )
+        return governor if most > 1 else None
+
+    def _threads_note(self) -> str:
+        g = self.governor
+        assert g is not None
+        busy = f"other processes are now using {g.others:.1f} cores"
+        if g.threads < torch.get_num_threads():
+            return f"note: {busy}: this run keeps {torch.get_num_threads()} threads and will be slower"
+        return f"note: {busy}: this run keeps {torch.get_num_threads()} threads ({g.threads} would be free)"
 
     # ---- the loop -----------------------------------------------------------------------------------------------
 
@@ -705,13 +730,8 @@ class Trainer:
                     self.scheduler.step_update(num_updates=self.updates)
                     self._call("on_optimizer_step")
                 now = time.perf_counter()
-                if self.governor is not None and (threads := self.governor.poll(now)) is not None:
-                    torch.set_num_threads(threads)
-                    g = self.governor
-                    self._say(
-                        f"note: other processes are using {g.others:.1f} of {len(g.cpus)} cores: training on "
-                        f"{threads} thread(s) until they stop (train.adapt_threads)"
-                    )
+                if self.governor is not None and self.governor.poll(now) is not None:
+                    self._say(self._threads_note())
                 self.meter.loss_sum += sums[0]
                 self.meter.samples += sums[1]
                 self.meter.time += now - tick
@@ -733,7 +753,7 @@ class Trainer:
                         **{loss_key(name): value for name, value in parts.items()},
                         "lr": lr,
                         "img_per_s": round(rate, 2),
-                        **({"threads": torch.get_num_threads()} if self.governor is not None else {}),
+                        **({"other_cores": round(self.governor.others, 2)} if self.governor is not None else {}),
                     }
                     self.steps_log.append(record)
                     window_samples, window_start = 0.0, now
