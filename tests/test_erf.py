@@ -15,6 +15,7 @@ import rapidnet
 from conftest import MICRO, run_cli
 from rapidnet.analysis import (
     build_model,
+    erf_centre,
     erf_fractions,
     input_gradient_map,
     load_images,
@@ -130,9 +131,13 @@ def test_erf_fractions_of_hand_made_maps():
     assert uniform["t50"] == 47 / 64  # sqrt(0.5) * 64 = 45.3 -> the next odd side
     for t in (0.2, 0.5, 0.9, 0.99):
         assert uniform[f"t{round(t * 100)}"] == smallest_odd_side(t, 64) / 64
-    corner = np.zeros((33, 33))
-    corner[16, 16], corner[0, 0] = 1.0, 1.0
-    assert erf_fractions(corner, (0.5, 0.6)) == {"t50": 1 / 33, "t60": 1.0}
+    # squares are centred on the map's centre of mass (where the centre output looks), not on the input's centre
+    off = np.zeros((64, 64))
+    off[20, 40] = 1.0
+    assert erf_centre(off) == (20, 40) and erf_fractions(off)["t99"] == 1 / 64
+    block = np.zeros((64, 64))
+    block[10:21, 30:41] = 1.0  # an 11x11 block around (15, 35)
+    assert erf_fractions(block, (1.0,)) == {"t100": 11 / 64}
     assert erf_fractions(torch.ones(9, 9), (1.0,)) == {"t100": 1.0}
 
 

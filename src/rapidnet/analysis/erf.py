@@ -4,14 +4,16 @@ CVPR 2022, "Scaling Up Your Kernels to 31x31", their ``erf/`` scripts).
 For a stage's output map ``f = features(x)`` (N, C, h, w) the scalar is the rectified centre of the map summed over
 channels, ``relu(f[:, :, h//2, w//2]).sum()``; its gradient with respect to the input, in absolute value and summed
 over the input channels and over N images, is the ERF map (:func:`input_gradient_map`). Two numbers summarise a map
-(:func:`erf_fractions`): the side of the smallest centred square that holds a fraction ``t`` of the map's total,
-as a fraction of the input side (``t20``, ``t50``, ``t90``, ``t99``). Beside it, the theoretical receptive field
-(:func:`theoretical_rf`): the side of the box of input pixels that can affect the centre output at all, so that the
-ERF can be read against the RF it could have.
+(:func:`erf_fractions`): the side of the smallest square, centred where the map's mass is, that holds a fraction
+``t`` of the map's total, as a fraction of the input side (``t20``, ``t50``, ``t90``, ``t99``). Beside it, the
+theoretical receptive field (:func:`theoretical_rf`): the side of the box of input pixels that can affect the centre
+output at all, so that the ERF can be read against the RF it could have.
 
 Differences from RepLKNet's scripts, on purpose: the gradient is taken in absolute value (RepLKNet rectifies it, so
 negative contributions vanish from its maps), and the squares are measured on the raw map (RepLKNet measures them
-on ``log10(map + 1)``, which depends on the map's scale); the plots use RepLKNet's log scale.
+on ``log10(map + 1)``, which depends on the map's scale), centred on the map's centre of mass rather than the
+input's centre (:func:`erf_centre`: at small inputs the centre output looks off-centre); the plots use RepLKNet's
+log scale.
 
 A stage ``S`` is the output of stride ``4 * 2**S`` (0..3: strides 4, 8, 16, 32) for every model: RapidNet, any timm
 model built with ``features_only=True`` (the feature whose ``feature_info`` reduction is that stride), and the
@@ -59,6 +61,7 @@ __all__ = [
     "build_model",
     "check_model_name",
     "check_plot_path",
+    "erf_centre",
     "erf_fractions",
     "feature_body",
     "input_gradient_map",
@@ -121,12 +124,13 @@ def threshold_key(threshold: float) -> str:
 
 
 def erf_fractions(grad_map: np.ndarray | Tensor, thresholds: Sequence[float] = ERF_THRESHOLDS) -> dict[str, float]:
-    """For each ``t``: the side of the smallest square centred on ``(H//2, W//2)`` that holds at least ``t`` of the
-    map's total, over the input side (``max(H, W)``); keys from :func:`threshold_key` (``t20``, ``t50``, ...).
+    """For each ``t``: the side of the smallest square centred on the map's centre (:func:`erf_centre`) that holds at
+    least ``t`` of the map's total, over the input side (``max(H, W)``); keys from :func:`threshold_key` (``t20``,
+    ``t50``, ...).
 
-    The square grows one ring of pixels at a time (sides 1, 3, 5, ...), clipped at the border, so a delta at the
-    centre gives ``1/H`` for every ``t`` and a map whose mass reaches the corners gives 1. Ring sums come from an
-    integral image: one pass, whatever the number of thresholds.
+    The square grows one ring of pixels at a time (sides 1, 3, 5, ...), clipped at the border, so a delta gives
+    ``1/H`` for every ``t`` and a map whose mass reaches the corners gives 1. Ring sums come from an integral image:
+    one pass, whatever the number of thresholds.
     """
     values = np.asarray(grad_map.detach().cpu() if isinstance(grad_map, Tensor) else grad_map, dtype=np.float64)
     if values.ndim != 2 or values.size == 0:
@@ -143,7 +147,7 @@ def erf_fractions(grad_map: np.ndarray | Tensor, thresholds: Sequence[float] = E
             "measure more images, another stage or a trained model"
         )
     height, width = values.shape
-    cy, cx = height // 2, width // 2
+    cy, cx = erf_centre(values)
     side_max = max(height, width)
     integral = np.zeros((height + 1, width + 1))
     integral[1:, 1:] = values.cumsum(0).cumsum(1)
@@ -157,6 +161,22 @@ def erf_fractions(grad_map: np.ndarray | Tensor, thresholds: Sequence[float] = E
         ring = int(np.argmax(held >= t - 1e-12))
         out[threshold_key(t)] = min(2 * ring + 1, side_max) / side_max
     return out
+
+
+def erf_centre(grad_map: np.ndarray) -> tuple[int, int]:
+    """Where the squares are centred: the map's centre of mass, rounded to a pixel.
+
+    Not the input's centre (RepLKNet's choice, at 1024 px): every stride-2 conv with "same" padding centres output
+    pixel ``i`` on input pixel ``2i``, so the centre output of a stride-32 stage looks about 16 px up and left of
+    the centre of an input whose map has an odd side (160 px: 5x5), which at small inputs would inflate every square.
+    """
+    total = float(grad_map.sum())
+    if total <= 0:
+        return grad_map.shape[0] // 2, grad_map.shape[1] // 2
+    ys, xs = np.arange(grad_map.shape[0]), np.arange(grad_map.shape[1])
+    cy = float((grad_map.sum(1) * ys).sum() / total)
+    cx = float((grad_map.sum(0) * xs).sum() / total)
+    return round(cy), round(cx)
 
 
 # ---- the theoretical receptive field -------------------------------------------------------------------------------
@@ -700,7 +720,8 @@ def plot_erf(results: Sequence[Mapping[str, Any]], path: str | Path, scale: floa
             for key, style in (("t50", "-"), ("t90", "--")):
                 if key in r:
                     side = float(r[key]) * side_max
-                    corner = (width // 2 - side / 2, height // 2 - side / 2)
+                    cy, cx = erf_centre(values)
+                    corner = (cx - side / 2, cy - side / 2)
                     ax.add_patch(Rectangle(corner, side, side, fill=False, edgecolor="black", linestyle=style, lw=0.8))
                     parts.append(f"{key} {float(r[key]):.2f}")
             ax.set_title(title + ("\n" + "  ".join(parts) if parts else ""), fontsize=8)
