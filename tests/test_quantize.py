@@ -262,9 +262,11 @@ def test_runtime_int8_is_quantized_and_agrees_with_fp32(runtime_quantized, fmnis
     assert fp32.shape == int8.shape == (40, 10) and np.abs(int8 - fp32).max() > 0
     cosine = (fp32 * int8).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))
     assert cosine.min() > 0.95, cosine.min()
-    # the report's fp32 top-1 is the fp32 file's (run in the same runtime), whose logits are PyTorch's: compared as
-    # logits, since a top-1 can flip on a near-tie between two float-rounding orders
-    assert report["evaluation"]["fp32_top1"] == pytest.approx(100 * float((fp32.argmax(1) == labels).mean()))
+    # the report's fp32 top-1 is the fp32 file's, whose logits are PyTorch's. Compared as logits: a top-1 can flip on
+    # a near-tie between two float-rounding orders (the report's chunked batches against this one batch of 40; in the
+    # full suite one such flip was seen), so the top-1s only have to agree to within one image
+    own_top1 = 100 * float((fp32.argmax(1) == labels).mean())
+    assert abs(report["evaluation"]["fp32_top1"] - own_top1) <= 100 / len(labels) + 1e-6
     model = rapidnet.load_model(micro_file).eval()
     with torch.no_grad():
         np.testing.assert_allclose(fp32, model(torch.from_numpy(images)).numpy(), rtol=1e-3, atol=1e-3)
