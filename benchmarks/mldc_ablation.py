@@ -63,13 +63,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 REPEATS = {"paper (2, 3), seed +1": ("paper (2, 3)", 1)}
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def slug(variant: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in variant.lower()).strip("-").replace("--", "-")
 
@@ -283,7 +276,7 @@ def main() -> None:
     erf_rows, erf_results = measure_erfs(args.variants, runs, data, args)
     report: dict[str, Any] = {
         "command": " ".join(sys.argv),
-        "machine": {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__},
+        "machine": {"cpu": bench.cpu_model() or "unknown CPU", "threads": args.threads, "torch": torch.__version__},
         "epochs": args.epochs,
         "seed": args.seed,
         "data": {"num_train": args.num_train, "num_val": args.num_val, "resolution": args.resolution},

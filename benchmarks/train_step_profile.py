@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import rapidnet
+from rapidnet.deploy.bench import cpu_model
 from rapidnet.engine.conv_taps import trim_padding_taps_
 
 SETTINGS = [
@@ -36,17 +37,13 @@ SETTINGS = [
 
 def cpu_description() -> dict[str, object]:
     """The CPU's model name and the ISA flags that decide which kernels oneDNN picks."""
-    name, flags = platform.processor(), set()
+    flags: set[str] = set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name") and not name:
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+        line = next((x for x in cpuinfo.read_text().splitlines() if x.startswith("flags")), "flags:")
+        flags = set(line.split(":", 1)[1].split())
     wanted = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
-    return {"model": name, "flags": sorted(f for f in wanted if f in flags)}
+    return {"model": cpu_model() or platform.processor(), "flags": sorted(f for f in wanted if f in flags)}
 
 
 def main() -> None:

@@ -242,21 +242,13 @@ def receptive_field(
         size = min(2 * size, cap)
 
 
-def theoretical_rf(
-    features: Callable[[Tensor], Tensor],
-    channels: int = 3,
-    *,
-    start: int = 32,
-    cap: int = RF_CAP,
-    probes: int = 2,
-    seed: int = 0,
-) -> int:
+def theoretical_rf(features: Callable[[Tensor], Tensor], channels: int = 3, **options: Any) -> int:
     """The side (pixels) of the theoretical receptive field of the centre output: :func:`receptive_field`'s ``side``.
 
     3 for one 3x3 conv, 5 with dilation 2, 5 for two stacked 3x3 convs, 1 for 1x1 convs; ``cap`` when the RF is
     larger than the largest probe (use :func:`receptive_field` to be told so: its ``clipped``).
     """
-    return receptive_field(features, channels, start=start, cap=cap, probes=probes, seed=seed).side
+    return receptive_field(features, channels, **options).side
 
 
 def _gradient_box(

@@ -374,6 +374,15 @@ def _copy_for(backend: str, model: nn.Module) -> nn.Module:
     return copy.deepcopy(model) if backend in ("torch-cl", "cuda") else model
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo`` (None where there is none): every figure names its machine."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
 def _machine_info(threads: int, peak: float, peak_source: str) -> dict[str, Any]:
 
     info = {
@@ -388,11 +397,7 @@ def _machine_info(threads: int, peak: float, peak_source: str) -> dict[str, Any]
     for package in ("onnxruntime", "openvino", "nncf", "executorch"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             info[package] = importlib.metadata.version(package)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
+    info["cpu"] = cpu_model() or info["cpu"]
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
     return info
