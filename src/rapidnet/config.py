@@ -180,6 +180,9 @@ class TrainConfig:
     # evaluate after every N-th epoch and after the last (mmdetection's interval): a Mask R-CNN evaluation on CPU
     # costs a sixth of an epoch's time, which a short budget would rather spend on training
     eval_interval: int = 1
+    # minutes of training and evaluation the run may take: after its first evaluation it measures an epoch and an
+    # evaluation on this machine and runs as many of ``epochs`` as fit (the schedule follows); --epochs turns it off
+    time_budget: float | None = None
 
 
 @dataclass
@@ -498,6 +501,13 @@ def _validate(cfg: Config, source: str) -> None:
     need(cfg.aug.noise >= 0, "aug.noise", "0 or more")
     need(cfg.train.log_interval >= 1, "train.log_interval", "at least 1")
     need(cfg.train.eval_interval >= 1, "train.eval_interval", "at least 1")
+    budget = cfg.train.time_budget
+    need(budget is None or 0 < budget <= 100_000, "train.time_budget", "minutes (positive), or null")
+    need(
+        all(-cfg.train.epochs < m for m in cfg.sched.decay_milestones),
+        "sched.decay_milestones",
+        "epochs (a negative one counts back from the last epoch, -1: the last) within train.epochs",
+    )
     need(len(cfg.aug.scale) == 2, "aug.scale", "a [min, max] pair")
     need(len(cfg.aug.ratio) == 2, "aug.ratio", "a [min, max] pair")
     for key in ("data.mean", "data.std"):

@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="output folder (created; must be empty or an older mosaic)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--num-train", type=int, default=2000, metavar="N")
-    m.add_argument("--num-val", type=int, default=200, metavar="N")
+    m.add_argument("--num-val", type=int, default=1000, metavar="N")
     m.add_argument("--num-dev", type=int, default=500, metavar="N",
                    help="scenes of the dev split that chooses the best epoch (garments from Fashion-MNIST "
                         "training images no train scene uses; 0: none, the best epoch is chosen on val)")  # fmt: skip

@@ -49,6 +49,7 @@ FLAG_KEYS: dict[str, str] = {
     "pipeline": "data.pipeline",
     "log_interval": "train.log_interval",
     "eval_interval": "train.eval_interval",
+    "time_budget": "train.time_budget",
 }
 
 
@@ -75,7 +76,13 @@ def add_train_options(
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its last.pt (or best.pt)")
     p.add_argument("--model", help="RapidNet variant (rapidnet_ti|s|m|b) or any timm model name")
     p.add_argument("--data", help=data_help)
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="train this many epochs (replaces the config's train.time_budget)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="MINUTES",
+        help="run as many of the epochs as fit this many minutes of training and evaluation here",
+    )
     p.add_argument("--batch-size", type=int, help="images per step on each process")
     p.add_argument("--lr", type=float, help="learning rate (default: base_lr x global batch / 1024)")
     p.add_argument("--output", help="run folder (checkpoints, logs); default: the config's, or the resumed run's")
@@ -144,6 +151,8 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     teacher = getattr(args, "teacher", None) or getattr(args, "teacher_checkpoint", None)
     if teacher and getattr(args, "distillation", None) is None:
         values.setdefault("distill.type", "hard")
+    if "train.epochs" in values and "train.time_budget" not in values:
+        values["train.time_budget"] = None  # the count asked for, not the one a config's budget would choose
     return values
 
 

@@ -287,7 +287,7 @@ def build_mosaic(
     out_dir: str | os.PathLike[str],
     seed: int = 0,
     num_train: int = 2000,
-    num_val: int = 200,
+    num_val: int = 1000,
     image_size: int | tuple[int, int] = 128,
     min_objects: int = 2,
     max_objects: int = 6,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -238,6 +239,7 @@ class FinalReport(Callback):
         task, split = trainer.task, trainer.task.report_split
         if split is None or result.status != "completed":
             return
+        started = time.perf_counter()
         best = self.selector.best
         source = best["source"] if best is not None else "model"
         final = task.evaluate_report(trainer.weights.get(source, trainer.model))
@@ -255,6 +257,7 @@ class FinalReport(Callback):
         }
         for name, metrics in (("best", chosen), ("final", final)):
             record.update({f"{split}_{name}_{k}": v for k, v in (metrics or {}).items()})
+        record["report_time"] = round(time.perf_counter() - started, 3)  # outside a time budget: it is not training
         trainer.log.append(record)
         names = task.metric_names
         if chosen is not None and best is not None:

@@ -45,6 +45,7 @@ from torch import nn
 from tqdm import tqdm
 
 from rapidnet.config import Config, config_from_dict, config_to_dict, save_config, scaled_lr
+from rapidnet.engine.budget import Budget
 from rapidnet.engine.callbacks import BEST, BEST_WEIGHTS, BestCheckpoint, Callback, TensorBoard, default_callbacks
 from rapidnet.engine.checkpoint import (
     capture_rng,
@@ -93,6 +94,7 @@ MAY_DIFFER_ON_RESUME = (
     "train.adapt_threads",
     "train.log_interval",
     "train.epochs",
+    "train.time_budget",
     "data.workers",
     "data.pin_memory",
     "data.eval_batch_size",
@@ -425,6 +427,7 @@ class Trainer:
         self.info = info
         self.output = Path(cfg.train.output)
         state = self._read_resume_state()  # first: a bad checkpoint is refused before the output folder is touched
+        self.budget = self._resume_budget(state)
         delete = self._check_output()
         amp = cfg.train.amp
         ctx = RunContext(cfg=cfg, dist=info, output=self.output, amp=amp, channels_last=cfg.train.channels_last)
@@ -497,19 +500,33 @@ class Trainer:
                 raise write_error(self.output / CONFIG, e) or e from None
             save_config(cfg, self.output / CONFIG)
 
+    def _resume_budget(self, state: dict[str, Any] | None) -> Budget | None:
+        """The run's time budget (None without one); resumed, what it had spent and the epoch count it chose, which
+        then replaces ``train.epochs`` (the budget was spent choosing it)."""
+        minutes = self.cfg.train.time_budget
+        if minutes is None:
+            return None
+        recorded = (state or {}).get("budget")
+        budget = Budget.from_state(recorded) if isinstance(recorded, dict) else Budget(minutes)
+        budget.minutes = float(minutes)
+        if budget.epochs is not None:
+            self.cfg.train.epochs = budget.epochs
+        return budget
+
     def _build_scheduler(self) -> Any:
 
         s = self.cfg.sched
+        epochs = self.cfg.train.epochs
         try:
             scheduler, _ = create_scheduler_v2(
                 self.optimizer,
                 sched=s.name,
-                num_epochs=self.cfg.train.epochs,
+                num_epochs=epochs,
                 warmup_epochs=s.warmup_epochs,
                 warmup_lr=s.warmup_lr,
                 min_lr=s.min_lr,
                 cooldown_epochs=s.cooldown_epochs,
-                decay_milestones=list(s.decay_milestones),
+                decay_milestones=[m if m >= 0 else epochs + m for m in s.decay_milestones],
                 decay_rate=s.decay_rate,
                 step_on_epochs=s.step_on_epochs,
                 updates_per_epoch=self.steps,
@@ -566,6 +583,7 @@ class Trainer:
             "task": self.task.state(),
             "world_size": self.info.world_size,
             "threads": torch.get_num_threads(),  # a resume takes the same count: the same float rounding
+            "budget": self.budget.state() if self.budget is not None else None,
             "rapidnet": self.task.metadata(self.model),
             # the epoch's steps are done but its evaluation is not: a resume evaluates first (and logs the epoch)
             "pending_eval": {"lr": self.pending["lr"]} if self.pending and self.pending["evaluate"] else None,
@@ -622,19 +640,19 @@ class Trainer:
             self._call("teardown")
 
     def _run(self) -> FitResult:
-        epochs = self.cfg.train.epochs
+        train = self.cfg.train  # train.epochs may change once, when a time budget fixes it
         self._announce()
         self._call("on_fit_start")
         last_record: dict[str, Any] | None = None
         with _StopRequest(announce=self.info.is_main) as stop:
             self.stop = stop
-            while self.epoch < epochs or self.pending is not None:
+            while self.epoch < train.epochs or self.pending is not None:
                 if self.pending is None:  # else resumed between an epoch's steps and its evaluation
                     if self._train_epoch():
                         return self._interrupted()
                     self._close_epoch()
                 last_record = self._end_epoch()
-                if self.epoch < epochs and self._agree(stop.signum is not None):
+                if self.epoch < train.epochs and self._agree(stop.signum is not None):
                     return self._interrupted()
         notes = self.task.finish()
         for note in notes:
@@ -659,13 +677,19 @@ class Trainer:
         )
         lines.append(
             f"{cfg.optim.opt} lr {self.lr:.3g} ({self.lr_note}), wd {cfg.optim.weight_decay:g}, {cfg.sched.name} "
-            f"schedule, warm-up {cfg.sched.warmup_epochs} epoch(s); {cfg.train.epochs} epochs of {self.steps} steps"
+            f"schedule, warm-up {cfg.sched.warmup_epochs} epoch(s); {self._epochs_text()} of {self.steps} steps"
             + (f", EMA {cfg.ema.decay:g}" if cfg.ema.enabled else "")
         )
         board = next((c for c in self.callbacks if isinstance(c, TensorBoard)), None)
         lines.append(f"output {self.output}" + (f" (TensorBoard: {board.folder}/)" if board is not None else ""))
         for line in lines:
             self._say(line)
+
+    def _epochs_text(self) -> str:
+        epochs, budget = self.cfg.train.epochs, self.budget
+        if budget is None or budget.epochs is not None:
+            return f"{epochs} epochs" + (f" (fitted to {budget.minutes:g} min)" if budget is not None else "")
+        return f"up to {epochs} epochs, as many as fit in {budget.minutes:g} min (train.time_budget)"
 
     def _agree(self, flag: bool) -> bool:
         """True on every process when any process says so (one collective; free on one process)."""
@@ -817,7 +841,7 @@ class Trainer:
 
     def _evaluates(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` (1-based) ends with an evaluation: every ``train.eval_interval``, and the last."""
-        return epoch % self.cfg.train.eval_interval == 0 or epoch >= self.cfg.train.epochs
+        return self._evaluates_in(epoch, self.cfg.train.epochs)
 
     def _close_epoch(self) -> None:
         """After the epoch's steps: schedule, ``on_train_epoch_end``, then save ``last.pt`` at once, before any
@@ -828,6 +852,8 @@ class Trainer:
         self._call("on_train_epoch_end")
         self.epoch, self.step = epoch + 1, 0
         self.pending = {"lr": lr, "evaluate": self._evaluates(epoch + 1)}
+        if self.budget is not None:
+            self.budget.train_s += self.meter.time
         self._save_last()
 
     def _end_epoch(self) -> dict[str, Any]:
@@ -844,6 +870,8 @@ class Trainer:
         eval_time = time.perf_counter() - t0
         self.pending = None
         if pending["evaluate"]:
+            if self.budget is not None:
+                self._spend_on_evaluation(eval_time)
             self._save_last()  # the evaluation's outcome (best so far, RNG states) for an exact resume
 
         epoch = self.epoch
@@ -881,6 +909,46 @@ class Trainer:
             )
         self.epochs_finished += 1
         return record
+
+    def _spend_on_evaluation(self, seconds: float) -> None:
+        """Count an evaluation against the budget; after the first, fix the epoch count (every process alike: they
+        choose from the times averaged over processes) and refit the schedule to it."""
+        budget = self.budget
+        assert budget is not None
+        budget.eval_s += seconds
+        budget.evaluations += 1
+        if budget.epochs is not None:
+            return
+        train = self.cfg.train
+        measured = Budget(budget.minutes, budget.train_s, budget.eval_s, budget.evaluations)
+        if self.info.distributed:
+            sums = all_reduce_sum(self.info, [budget.train_s, budget.eval_s])
+            measured.train_s, measured.eval_s = (v / self.info.world_size for v in sums)
+        most = train.epochs
+        budget.epochs = measured.choose(self.epoch, most, self._evaluates_in)
+        epoch_s, eval_s = measured.train_s / self.epoch, measured.eval_s / measured.evaluations
+        self._say(
+            f"time budget {budget.minutes:g} min: an epoch takes {format_duration(epoch_s)} and an evaluation "
+            f"{format_duration(eval_s)} here, so the run takes {budget.epochs} of up to {most} epochs "
+            f"(about {format_duration(self._projected(budget.epochs, epoch_s, eval_s, measured))}); the schedule "
+            "follows (--epochs N sets them yourself)"
+        )
+        if budget.epochs != most:
+            train.epochs = budget.epochs
+            self.scheduler = self._build_scheduler()
+            self.scheduler.step(self.epoch)
+            self.scheduler.step_update(num_updates=self.updates)
+        if self.info.is_main:
+            save_config(self.cfg, self.output / CONFIG)
+
+    def _evaluates_in(self, epoch: int, total: int) -> bool:
+        """Whether epoch ``epoch`` is evaluated in a run of ``total`` epochs."""
+        return epoch % self.cfg.train.eval_interval == 0 or epoch >= total
+
+    def _projected(self, total: int, epoch_s: float, eval_s: float, spent: Budget) -> float:
+        done = self.epoch
+        evaluations = sum(self._evaluates_in(e, total) for e in range(done + 1, total + 1))
+        return spent.train_s + spent.eval_s + (total - done) * epoch_s + evaluations * eval_s
 
     def _time_left(self, eval_time: float | None) -> float | None:
         """After the first epoch this process ends, the seconds the remaining epochs should take: each trains as

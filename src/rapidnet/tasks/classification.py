@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from rapidnet.config import Config, DataConfig, DistillConfig, ModelConfig
 from rapidnet.data import build_dataset, check_same_classes, collate_skip_corrupt, load_rgb
+from rapidnet.data.augment import keep_posterize_total
 from rapidnet.engine.distributed import DistInfo, reduce_sums
 from rapidnet.engine.seeding import (
     SeededDataset,
@@ -219,6 +220,7 @@ def build_train_transform(cfg: Config, data_config: dict[str, Any]) -> Callable[
     """timm's ImageNet training transform with the recipe in ``cfg.aug`` (random erasing per sample)."""
 
     a = cfg.aug
+    keep_posterize_total()  # timm's strongest posterize level raises on Pillow 13 (rapidnet.data.augment)
     try:
         return create_transform(
             input_size=data_config["input_size"],
