@@ -896,6 +896,8 @@ class Trainer:
             **task.epoch_stats(),
         }
         left = self._time_left(eval_time if pending["evaluate"] else None)
+        if self.budget is not None and self.budget.epochs is None:
+            left = None  # the count is not fixed before the first evaluation: no remainder to project yet
         if left is not None:
             record["eta_s"] = round(left, 1)
         self._call("on_epoch_end", record)
