@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(VENV)/bin/rapidnet plot $(DEMO_DIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
