@@ -709,10 +709,10 @@ def plot_erf(results: Sequence[Mapping[str, Any]], path: str | Path, scale: floa
             side_max = max(height, width)
             title = f"{label}\nstage {stage} (stride {r.get('reduction', 4 * 2**stage)})"
             parts = []
+            cy, cx = erf_centre(values)
             for key, style in (("t50", "-"), ("t90", "--")):
                 if key in r:
                     side = float(r[key]) * side_max
-                    cy, cx = erf_centre(values)
                     corner = (cx - side / 2, cy - side / 2)
                     ax.add_patch(Rectangle(corner, side, side, fill=False, edgecolor="black", linestyle=style, lw=0.8))
                     parts.append(f"{key} {float(r[key]):.2f}")

@@ -12,11 +12,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["BUDGET_SHARE", "Budget", "epochs_within_budget"]
+__all__ = ["BUDGET_SHARE", "Budget", "epochs_within_budget", "remaining_s"]
 
 #: the share of the budget the projection may fill: the hosts measured so far drift by 10-30% within half an hour,
 #: and an epoch is the smallest unit a run can give back
 BUDGET_SHARE = 0.9
+
+
+def remaining_s(done: int, total: int, epoch_s: float, eval_s: float, evaluates: Callable[[int, int], bool]) -> float:
+    """The seconds epochs ``done + 1 .. total`` take: ``epoch_s`` each, plus ``eval_s`` for each that
+    ``evaluates(epoch, total)`` says is evaluated in a run of ``total`` epochs."""
+    evaluations = sum(evaluates(e, total) for e in range(done + 1, total + 1))
+    return (total - done) * epoch_s + evaluations * eval_s
 
 
 def epochs_within_budget(
@@ -35,11 +42,10 @@ def epochs_within_budget(
     """
     fits = done
     for total in range(done + 1, most + 1):
-        evaluations = sum(evaluates(e, total) for e in range(done + 1, total + 1))
-        if spent_s + (total - done) * epoch_s + evaluations * eval_s > budget_s:
+        if spent_s + remaining_s(done, total, epoch_s, eval_s, evaluates) > budget_s:
             break
         fits = total
-    return max(fits, done)
+    return fits
 
 
 @dataclass
@@ -72,10 +78,13 @@ class Budget:
             epochs=int(epochs) if epochs is not None else None,
         )
 
+    def means(self, done: int) -> tuple[float, float]:
+        """The mean epoch and the mean evaluation (seconds) over the ``done`` epochs so far."""
+        return self.train_s / max(done, 1), self.eval_s / max(self.evaluations, 1)
+
     def choose(self, done: int, most: int, evaluates: Callable[[int, int], bool]) -> int:
         """Fix the epoch count from the mean epoch and evaluation measured over the ``done`` epochs so far."""
-        epoch_s = self.train_s / max(done, 1)
-        eval_s = self.eval_s / max(self.evaluations, 1)
+        epoch_s, eval_s = self.means(done)
         self.epochs = epochs_within_budget(
             self.minutes * 60.0 * BUDGET_SHARE, self.train_s + self.eval_s, done, epoch_s, eval_s, most, evaluates
         )

@@ -45,7 +45,7 @@ from torch import nn
 from tqdm import tqdm
 
 from rapidnet.config import Config, config_from_dict, config_to_dict, save_config, scaled_lr
-from rapidnet.engine.budget import Budget
+from rapidnet.engine.budget import Budget, remaining_s
 from rapidnet.engine.callbacks import BEST, BEST_WEIGHTS, BestCheckpoint, Callback, TensorBoard, default_callbacks
 from rapidnet.engine.checkpoint import (
     capture_rng,
@@ -896,8 +896,6 @@ class Trainer:
             **task.epoch_stats(),
         }
         left = self._time_left(eval_time if pending["evaluate"] else None)
-        if self.budget is not None and self.budget.epochs is None:
-            left = None  # the count is not fixed before the first evaluation: no remainder to project yet
         if left is not None:
             record["eta_s"] = round(left, 1)
         self._call("on_epoch_end", record)
@@ -922,18 +920,18 @@ class Trainer:
         if budget.epochs is not None:
             return
         train = self.cfg.train
-        measured = Budget(budget.minutes, budget.train_s, budget.eval_s, budget.evaluations)
+        spent = [budget.train_s, budget.eval_s]
         if self.info.distributed:
-            sums = all_reduce_sum(self.info, [budget.train_s, budget.eval_s])
-            measured.train_s, measured.eval_s = (v / self.info.world_size for v in sums)
+            spent = [v / self.info.world_size for v in all_reduce_sum(self.info, spent)]
+        measured = Budget(budget.minutes, *spent, budget.evaluations)
         most = train.epochs
         budget.epochs = measured.choose(self.epoch, most, self._evaluates_in)
-        epoch_s, eval_s = measured.train_s / self.epoch, measured.eval_s / measured.evaluations
+        epoch_s, eval_s = measured.means(self.epoch)
+        total_s = sum(spent) + remaining_s(self.epoch, budget.epochs, epoch_s, eval_s, self._evaluates_in)
         self._say(
             f"time budget {budget.minutes:g} min: an epoch takes {format_duration(epoch_s)} and an evaluation "
             f"{format_duration(eval_s)} here, so the run takes {budget.epochs} of up to {most} epochs "
-            f"(about {format_duration(self._projected(budget.epochs, epoch_s, eval_s, measured))}); the schedule "
-            "follows (--epochs N sets them yourself)"
+            f"(about {format_duration(total_s)}); the schedule follows (--epochs N sets them yourself)"
         )
         if budget.epochs != most:
             train.epochs = budget.epochs
@@ -947,20 +945,14 @@ class Trainer:
         """Whether epoch ``epoch`` is evaluated in a run of ``total`` epochs."""
         return epoch % self.cfg.train.eval_interval == 0 or epoch >= total
 
-    def _projected(self, total: int, epoch_s: float, eval_s: float, spent: Budget) -> float:
-        done = self.epoch
-        evaluations = sum(self._evaluates_in(e, total) for e in range(done + 1, total + 1))
-        return spent.train_s + spent.eval_s + (total - done) * epoch_s + evaluations * eval_s
-
     def _time_left(self, eval_time: float | None) -> float | None:
         """After the first epoch this process ends, the seconds the remaining epochs should take: each trains as
-        long as this one did and each evaluated one adds this evaluation's time (None: not the first epoch, or
-        nothing left)."""
-        remaining = self.cfg.train.epochs - self.epoch
-        if self.epochs_finished or remaining <= 0:
+        long as this one did and each evaluated one adds this evaluation's time (None: not the first epoch, nothing
+        left, or a time budget that has not fixed the count yet)."""
+        epochs = self.cfg.train.epochs
+        if self.epochs_finished or self.epoch >= epochs or (self.budget is not None and self.budget.epochs is None):
             return None
-        evaluations = sum(self._evaluates(e) for e in range(self.epoch + 1, self.cfg.train.epochs + 1))
-        return remaining * self.meter.time + evaluations * (eval_time or 0.0)
+        return remaining_s(self.epoch, epochs, self.meter.time, eval_time or 0.0, self._evaluates_in)
 
     def _epoch_line(self, record: dict[str, Any], results: dict[str, dict[str, float]]) -> str:
         names = self.task.metric_names
