@@ -153,14 +153,18 @@ class _TooLarge(Exception):
 def _gunzip_bounded(data: bytes, limit: int) -> bytearray:
     """``gzip.decompress`` that stops with :class:`_TooLarge` once the output passes ``limit`` bytes.
 
-    Output comes in chunks of at most 16 MB, so the peak memory is the output so far plus one chunk.
+    Output comes in chunks of at most 16 MB, kept apart until the end: while expanding, the peak memory is the
+    output so far plus one chunk (growing one buffer would copy it on reallocation, up to twice the output, which
+    is what a bomb's limit is set against); joined once the stream has proved small enough.
     """
-    out = bytearray()
+    chunks: list[bytes] = []
+    size = 0
     while data:
         inflate = zlib.decompressobj(wbits=31)  # one gzip member (``gzip.compress`` output may hold several)
         while True:
-            out += inflate.decompress(data, _GUNZIP_CHUNK)
-            if len(out) > limit:
+            chunks.append(inflate.decompress(data, _GUNZIP_CHUNK))
+            size += len(chunks[-1])
+            if size > limit:
                 raise _TooLarge(limit)
             data = inflate.unconsumed_tail
             if inflate.eof or not data:
@@ -168,7 +172,7 @@ def _gunzip_bounded(data: bytes, limit: int) -> bytearray:
         if not inflate.eof:
             raise EOFError("compressed file ended before the end-of-stream marker was reached")
         data = inflate.unused_data.lstrip(b"\0")
-    return out
+    return bytearray().join(chunks)
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
