@@ -100,7 +100,7 @@ def test_eager_cpu_backends_run_the_cpu_pass_exporters_the_plain_graph():
 
 
 def test_openvino_and_executorch_backends_fp32_and_int8(tmp_path):
-    """Each runtime runs the file it exported, and its -int8 backend the file its own quantizer made.
+    """A runtime's fp32 backend runs the file it exported, and an -int8 backend the file its own quantizer made.
 
     Run as the command a user types, in its own process: with OpenVINO, NNCF and ExecuTorch loaded into the pytest
     process here, a later test's interpreter crashed (SIGSEGV in the eval loop; root cause not found).
@@ -110,7 +110,9 @@ def test_openvino_and_executorch_backends_fp32_and_int8(tmp_path):
 
     pytest.importorskip("nncf")
     pytest.importorskip("executorch")
-    backends = ["openvino", "openvino-int8", "executorch", "executorch-int8"]
+    # one fp32 and one int8 backend, one on each runtime: each runtime's runner is one function with an int8 flag,
+    # so this covers both functions and both settings (the other two pairs cost another 45 s of exports here)
+    backends = ["openvino", "executorch-int8"]
     argv = ["bench", "--models", "rapidnet_ti", "--backends", *backends, "--resolution", "32", "--threads", "1"]
     argv += ["--rounds", "2", "--output", str(tmp_path), "--json"]
     proc = subprocess.run(

@@ -167,12 +167,25 @@ def test_a_negative_milestone_counts_back_from_the_last_epoch(budget_config, dat
     assert lrs["-1"] == pytest.approx([first] * (2 * STEPS - 2) + [first * 0.1] * (STEPS + 2))
 
 
+def test_a_one_epoch_run_of_a_last_epoch_milestone_trains_at_the_dropped_lr(budget_config, data, tmp_path):
+    """``--epochs 1`` on a config that drops for the last epoch (the Mask R-CNN mosaic config's quick try): that
+    epoch is the whole run, so every step is at lr x 0.1 (it used to be refused as a milestone outside the run)."""
+    lrs = {}
+    for rate in ("0.1", "1.0"):  # 1.0: the same schedule without the drop
+        out = tmp_path / rate
+        args = ["--config", str(budget_config), "--data", str(data), "--epochs", "1", "--output", str(out)]
+        args += ["--set", "sched.name=multistep", "--set", f"sched.decay_rate={rate}", "--set", "sched.warmup_epochs=0"]
+        assert train(*args, "--set", "sched.decay_milestones=[-1]") == 0
+        lrs[rate] = [r["lr"] for r in read_jsonl(out / "steps.jsonl")]
+    assert len(lrs["0.1"]) == STEPS and lrs["0.1"] == pytest.approx([lr * 0.1 for lr in lrs["1.0"]])
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
         ("train.time_budget=0", "train.time_budget"),
         ("train.time_budget=-5", "train.time_budget"),
-        ("sched.decay_milestones=[-3]", "sched.decay_milestones"),
+        ("sched.decay_milestones=[-4]", "sched.decay_milestones"),
     ],
 )
 def test_bad_budgets_and_milestones_are_config_errors(override, key):

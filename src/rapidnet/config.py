@@ -504,7 +504,7 @@ def _validate(cfg: Config, source: str) -> None:
     budget = cfg.train.time_budget
     need(budget is None or 0 < budget <= 100_000, "train.time_budget", "minutes (positive), or null")
     need(
-        all(-cfg.train.epochs < m for m in cfg.sched.decay_milestones),
+        all(-cfg.train.epochs <= m for m in cfg.sched.decay_milestones),
         "sched.decay_milestones",
         "epochs (a negative one counts back from the last epoch, -1: the last) within train.epochs",
     )
