@@ -152,16 +152,18 @@ def test_a_resume_keeps_the_count_the_budget_chose(budget_config, data, tmp_path
     capsys.readouterr()
 
 
+def _multistep_lrs(budget_config, data, out, epochs: int, milestone: str, rate: str = "0.1") -> list[float]:
+    """Each step's logged lr of an ``epochs``-epoch multistep run (no warm-up) dropping ``rate`` at ``milestone``."""
+    args = ["--config", str(budget_config), "--data", str(data), "--epochs", str(epochs), "--output", str(out)]
+    args += ["--set", "sched.name=multistep", "--set", f"sched.decay_rate={rate}", "--set", "sched.warmup_epochs=0"]
+    assert train(*args, "--set", f"sched.decay_milestones=[{milestone}]") == 0
+    return [r["lr"] for r in read_jsonl(out / "steps.jsonl")]
+
+
 def test_a_negative_milestone_counts_back_from_the_last_epoch(budget_config, data, tmp_path):
     """multistep [-1] in a 3-epoch run is [2]: the lr drops x0.1 for the last epoch (timm's per-update multistep
     drops one update early, and a logged lr is the next update's: the drop shows from epoch 2's ninth step)."""
-    lrs = {}
-    for milestone in ("-1", "2"):
-        out = tmp_path / milestone
-        args = ["--config", str(budget_config), "--data", str(data), "--epochs", "3", "--output", str(out)]
-        args += ["--set", "sched.name=multistep", "--set", "sched.decay_rate=0.1", "--set", "sched.warmup_epochs=0"]
-        assert train(*args, "--set", f"sched.decay_milestones=[{milestone}]") == 0
-        lrs[milestone] = [r["lr"] for r in read_jsonl(out / "steps.jsonl")]
+    lrs = {m: _multistep_lrs(budget_config, data, tmp_path / m, 3, m) for m in ("-1", "2")}
     assert lrs["-1"] == lrs["2"]
     first = lrs["-1"][0]
     assert lrs["-1"] == pytest.approx([first] * (2 * STEPS - 2) + [first * 0.1] * (STEPS + 2))
@@ -170,13 +172,8 @@ def test_a_negative_milestone_counts_back_from_the_last_epoch(budget_config, dat
 def test_a_one_epoch_run_of_a_last_epoch_milestone_trains_at_the_dropped_lr(budget_config, data, tmp_path):
     """``--epochs 1`` on a config that drops for the last epoch (the Mask R-CNN mosaic config's quick try): that
     epoch is the whole run, so every step is at lr x 0.1 (it used to be refused as a milestone outside the run)."""
-    lrs = {}
-    for rate in ("0.1", "1.0"):  # 1.0: the same schedule without the drop
-        out = tmp_path / rate
-        args = ["--config", str(budget_config), "--data", str(data), "--epochs", "1", "--output", str(out)]
-        args += ["--set", "sched.name=multistep", "--set", f"sched.decay_rate={rate}", "--set", "sched.warmup_epochs=0"]
-        assert train(*args, "--set", "sched.decay_milestones=[-1]") == 0
-        lrs[rate] = [r["lr"] for r in read_jsonl(out / "steps.jsonl")]
+    # rate 1.0: the same schedule without the drop
+    lrs = {rate: _multistep_lrs(budget_config, data, tmp_path / rate, 1, "-1", rate) for rate in ("0.1", "1.0")}
     assert len(lrs["0.1"]) == STEPS and lrs["0.1"] == pytest.approx([lr * 0.1 for lr in lrs["1.0"]])
 
 
