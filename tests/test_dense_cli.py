@@ -219,6 +219,23 @@ def test_det_eval_reproduces_logged_metrics(capsys, det_run, mosaic):
             assert _same(metrics[key], record[f"val_{key}"]), key
 
 
+def test_det_eval_size_overrides_the_runs_test_size(capsys, det_run, mosaic, monkeypatch):
+    """``det eval --size`` reads the images at another shorter side than the run's (stored: none, so min_size);
+    a size below 1 is one line."""
+    import rapidnet.tasks._dense as dense_tasks
+
+    sizes: list = []
+    real = dense_tasks.evaluate_dense
+    monkeypatch.setattr(dense_tasks, "evaluate_dense", lambda m, *a: sizes.append(m.transform.test_size) or real(m, *a))
+    for extra in ([], ["--size", "96"]):
+        code, out, _ = _run(capsys, "det", "eval", "--checkpoint", det_run / "last.pt", "--data", mosaic, "--json",
+                            "--bootstrap", "0", *extra)  # fmt: skip
+        assert code == 0 and 0 <= json.loads(out)["bbox_AP"] <= 100
+    assert sizes == [None, 96]
+    code, _, err = _run(capsys, "det", "eval", "--checkpoint", det_run / "last.pt", "--data", mosaic, "--size", 0)
+    assert code == 2 and "--size" in _one_line_error(err, "det")
+
+
 def test_det_predict_writes_overlays(capsys, det_run, mosaic, tmp_path):
     images = [mosaic / "val" / "000000.png", mosaic / "val" / "000001.png"]
     code, out, _ = _run(capsys, "det", "predict", *images, "--checkpoint", det_run / "model_best.safetensors",

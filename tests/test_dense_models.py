@@ -243,6 +243,8 @@ def test_timm_backbone_and_its_checkpoint(tmp_path):
         dict(num_classes=0),
         dict(anchor_sizes=(8, 16)),
         dict(roi_canonical_scale=0),
+        dict(test_size=0),
+        dict(test_size=True),
     ],
 )
 def test_bad_model_options_are_config_errors(kwargs):
@@ -265,6 +267,31 @@ def test_build_args_rebuild_the_same_network():
     rebuilt = semantic_fpn(**json.loads(json.dumps(seg.build_args)))
     rebuilt.load_state_dict(seg.state_dict())
     assert rebuilt.image_mean.flatten().tolist() == [0.5, 0.5, 0.5]
+
+
+def test_test_size_resizes_evaluation_only_and_maps_predictions_back():
+    """``test_size`` enlarges evaluation images (the longer side's cap with them) and leaves training's resize alone;
+    predictions come back in the input's coordinates; checkpoints rebuild it."""
+    torch.manual_seed(0)
+    model = mask_rcnn("rapidnet_ti", num_classes=2, test_size=96, **TINY_DET)
+    images, targets = _detection_batch()
+    seen: list[tuple[int, ...]] = []
+    model.backbone.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape[-2:])))
+    model.train()(images, targets)
+    model.eval()
+    with torch.no_grad():
+        pred = model(images)
+        model.transform.test_size = None  # torchvision's own: the last min_size
+        model(images)
+    assert seen == [(64, 64), (96, 96), (64, 64)]
+    for p in pred:
+        assert p["masks"].shape[-2:] == (64, 64)
+        assert len(p["boxes"]) == 0 or float(p["boxes"].max()) <= 64
+    rebuilt = mask_rcnn(**json.loads(json.dumps(model.build_args)))
+    assert rebuilt.transform.test_size == 96
+    tall = torch.rand(3, 64, 32)  # longer side capped at 64 x 96/64: the shorter one reaches 48, not 96
+    rebuilt.eval()
+    assert rebuilt.transform([tall])[0].image_sizes == [(96, 48)]
 
 
 def _roi_levels(model, boxes: torch.Tensor) -> list[int]:

@@ -62,6 +62,11 @@ def add_dense_parser(sub: argparse._SubParsersAction, kind: str, doc: str) -> ar
                         "0: none)")  # fmt: skip
     e.add_argument("--raw-weights", action="store_true", help="the raw weights, not the EMA ones, when both exist")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    if kind == "detection":
+        e.add_argument(
+            "--size", type=int, metavar="PX",
+            help="evaluate at this shorter side instead of the run's test size (e.g. to compare sizes)",
+        )  # fmt: skip
     if kind == "segmentation":
         e.add_argument(
             "--scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
@@ -100,6 +105,9 @@ def _eval(args: argparse.Namespace, kind: str) -> int:
     scale = getattr(args, "scale", None)  # segmentation only
     if scale is not None and min(scale) < 1:
         raise ConfigError(f"--scale {scale[0]} {scale[1]}: give two positive sides, e.g. --scale 160 160")
+    size = getattr(args, "size", None)  # detection only
+    if size is not None and size < 1:
+        raise ConfigError(f"--size {size}: give the shorter side in pixels, e.g. --size 160")
     if not Path(args.data).expanduser().is_dir():
         raise DataError(f"data set folder {args.data} not found: pass the folder the model was trained on")
     if args.split == "dev" and not dense_tasks.has_dev_split(args.data, "coco" if kind == "detection" else "ade20k"):
@@ -108,6 +116,8 @@ def _eval(args: argparse.Namespace, kind: str) -> int:
     model, meta = _load(args.checkpoint, kind, device, use_ema=not args.raw_weights)
     if scale is not None:
         meta["eval_args"]["scale"] = list(scale)
+    if size is not None:
+        model.transform.test_size = size
     dataset = dense_tasks.build_dense_eval_dataset(kind, args.data, meta["eval_args"], args.split)
     if list(dataset.classes) != list(meta["class_names"]):
         raise DataError(f"{args.data} has other classes than {args.checkpoint} was trained on: use the same data")

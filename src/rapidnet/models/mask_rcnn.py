@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks, resize_boxes
 
 from rapidnet.errors import ConfigError
 from rapidnet.models.backbone import (
@@ -28,7 +29,7 @@ from rapidnet.models.backbone import (
 from rapidnet.models.rapidnet import DEFAULT_DROP_PATH_RATE
 from rapidnet.models.roi_align import MatmulRoIAlign
 
-__all__ = ["RapidMaskRCNN", "mask_rcnn"]
+__all__ = ["RapidMaskRCNN", "TestSizeTransform", "mask_rcnn"]
 
 
 class RapidMaskRCNN(MaskRCNN):
@@ -43,6 +44,30 @@ class RapidMaskRCNN(MaskRCNN):
         elif targets is None:
             raise ValueError("Mask R-CNN in train mode needs targets (boxes, labels, masks): call model.eval() first")
         return super().forward(list(images), None if targets is None else list(targets))
+
+
+class TestSizeTransform(GeneralizedRCNNTransform):
+    """torchvision's resize and normalisation, with an evaluation size of its own.
+
+    ``test_size`` (None: torchvision's, the last ``min_size``) is the shorter side of evaluation images; the longer
+    side's cap grows in proportion. A detector trained at one size can read its images enlarged, as FixRes (Touvron
+    et al. 2019) does for classifiers: the size is chosen on a dev split, and ``rapidnet det eval --size`` compares.
+    """
+
+    def __init__(self, *args: Any, test_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.test_size = test_size
+
+    def resize(self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None) -> Any:
+        if self.training or self.test_size is None:
+            return super().resize(image, target)
+        short = int(self.test_size)
+        long = round(self.max_size * short / self.min_size[-1])
+        h, w = image.shape[-2:]
+        image, target = _resize_image_and_masks(image, short, long, target, self.fixed_size)
+        if target is not None:
+            target["boxes"] = resize_boxes(target["boxes"], [h, w], list(image.shape[-2:]))
+        return image, target
 
 
 def _anchor_generator(sizes: Sequence[int] | Sequence[Sequence[int]], ratios: Sequence[float]) -> AnchorGenerator:
@@ -88,6 +113,7 @@ def mask_rcnn(
     drop_path_rate: float = DEFAULT_DROP_PATH_RATE,
     class_names: Sequence[str] | None = None,
     roi_canonical_scale: int = 224,
+    test_size: int | None = None,
     **kwargs: Any,
 ) -> RapidMaskRCNN:
     """Mask R-CNN + FPN (256 channels, 5 levels) over ``backbone``.
@@ -103,6 +129,8 @@ def mask_rcnn(
         trainable_stages: how many of the five backbone units (stem, stage 0..3), counted from the top, are trained.
         min_size, max_size: torchvision's resize (shorter side ``min_size``, a tuple means multi-scale training,
             longer side at most ``max_size``); the 1x recipe is 800 / 1333.
+        test_size: the shorter side of evaluation images (default: the last ``min_size``), the longer side's cap
+            scaled with it (:class:`TestSizeTransform`).
         anchor_sizes: one anchor size per FPN level (default 32, 64, 128, 256, 512); smaller for small images.
         image_mean, image_std: input normalisation; default the backbone's (ImageNet's).
         backbone_kwargs: extra arguments for the backbone (e.g. ``depths``/``widths`` of a custom RapidNet).
@@ -113,6 +141,8 @@ def mask_rcnn(
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes={num_classes!r}: give the number of object classes (background excluded)")
+    if test_size is not None and (isinstance(test_size, bool) or not isinstance(test_size, int) or test_size < 1):
+        raise ConfigError(f"test_size={test_size!r}: give the shorter side of evaluation images in pixels, or null")
     neck, build_args = fpn_backbone(
         backbone,
         backbone_checkpoint,
@@ -141,6 +171,11 @@ def mask_rcnn(
         image_std=build_args["image_std"],
         **kwargs,
     )
+    t = model.transform
+    model.transform = TestSizeTransform(
+        t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible, t.fixed_size,
+        _skip_resize=t._skip_resize, test_size=test_size,
+    )  # fmt: skip
     return attach_build_info(
         model,
         class_names,
@@ -151,5 +186,6 @@ def mask_rcnn(
         anchor_sizes=anchor_sizes,
         aspect_ratios=aspect_ratios,
         roi_canonical_scale=roi_canonical_scale,
+        test_size=test_size,
         **{k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))},
     )

@@ -24,6 +24,7 @@ DETECTION_DEFAULTS: dict[str, Any] = {
     "backbone_lr_scale": 1.0,  # the pretrained backbone's learning rate over the heads' (fine-tuning)
     "min_size": 800,
     "max_size": 1333,
+    "test_size": None,  # shorter side of evaluation images; default min_size (larger: objects read enlarged)
     "hflip": 0.5,
     "train_split": None,  # default: train2017 when the COCO files exist, else train (the mosaic's)
     "val_split": None,
@@ -60,7 +61,8 @@ class DetectionTask(_DenseTask):
         return train, val
 
     def builder_args(self) -> dict[str, Any]:
-        return {"min_size": self.opts["min_size"], "max_size": int(self.opts["max_size"])}
+        o = self.opts
+        return {"min_size": o["min_size"], "max_size": int(o["max_size"]), "test_size": o["test_size"]}
 
     def _open_eval_split(self, split: str) -> Any:
         return build_dense_eval_dataset(self.kind, self.cfg.data.path, self.eval_args(), split)
