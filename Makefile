@@ -30,8 +30,10 @@ demo: $(STAMP)
 	$(VENV)/bin/rapidnet predict src/rapidnet/assets/sample_ankle_boot.png --checkpoint $(DEMO_DIR)/model_best.safetensors --top-k 3
 	$(VENV)/bin/rapidnet plot $(DEMO_DIR)
 
+# One worker per core (pytest-xdist), each test file on one worker so that its module fixtures are built once; the
+# tests themselves use one torch thread (tests/conftest.py), so a second worker uses the otherwise idle core.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

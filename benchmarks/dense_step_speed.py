@@ -2,13 +2,16 @@
 
     python benchmarks/dense_step_speed.py [--backbone rapidnet_ti] [--rounds 6] [--threads 2]
                                           [--fpn-widths 256 128] [--roi-pools] [--det-channels-last]
+                                          [--det-profile]
 
 Semantic FPN (batch 8, channels_last) and Mask R-CNN (batch 4, the mosaic config's RPN/RoI settings) train on
 128x128 inputs; fp32 and bf16 steps are interleaved round by round and the medians printed, with their ratio.
 Then one AdamW step over Mask R-CNN's trained parameters: torch's default (for-loop), ``foreach`` and ``fused``.
 With ``--fpn-widths``, Semantic FPN's bf16 steps are also timed at each FPN width (interleaved); with ``--roi-pools``,
 Mask R-CNN's bf16 steps with torchvision's RoIAlign against ours (``rapidnet.models.roi_align``); with
-``--det-channels-last``, Mask R-CNN's bf16 steps with NCHW against channels_last weights (``train.channels_last``).
+``--det-channels-last``, Mask R-CNN's bf16 steps with NCHW against channels_last weights (``train.channels_last``);
+with ``--det-profile``, only where a Mask R-CNN bf16 step's time goes: ``torch.profiler`` over three steps, each part's
+share (forward and backward of its modules, by module scope) and the slowest operators with their input shapes.
 One JSON line per measurement.
 """
 
@@ -58,6 +61,60 @@ def detection_batch(size: int = 128, count: int = 4) -> tuple[list[torch.Tensor]
     return images, targets
 
 
+#: Mask R-CNN's parts, as module name prefixes (torchvision's names; the first match counts)
+DET_PARTS = {
+    "backbone": "backbone.body",
+    "fpn": "backbone.fpn",
+    "rpn": "rpn",
+    "box RoIAlign": "roi_heads.box_roi_pool",
+    "box head + predictor": "roi_heads.box_",
+    "mask RoIAlign": "roi_heads.mask_roi_pool",
+    "mask head + predictor": "roi_heads.mask_",
+}
+
+
+def profile_detection_step(step: Callable[[bool], None], model: torch.nn.Module, steps: int = 3) -> None:
+    """Each part's share of a bf16 Mask R-CNN step's forward pass, and the ten costliest
+    operators with their input shapes (these include the backward ones, whose shapes say which layer they are).
+
+    Parts are ``record_function`` scopes opened and closed by forward hooks on the detector's outermost modules of
+    each part; autograd's backward ops run outside them, so they fall in "the rest"."""
+    from torch.profiler import ProfilerActivity, profile
+
+    scopes: dict[int, torch.autograd.profiler.record_function] = {}
+    for name, module in model.named_modules():
+        part = next((k for k, prefix in DET_PARTS.items() if name.startswith(prefix)), None)
+        if part is None or name.count(".") != DET_PARTS[part].count("."):
+            continue  # only the part's outermost modules open its scope
+        module.register_forward_pre_hook(lambda m, a, part=part: scopes.update({id(m): _enter(part)}))
+        module.register_forward_hook(lambda m, a, o: _exit(scopes.pop(id(m))))
+    step(True)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(True)
+        seconds = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    parts = {f"{e.key} forward %": round(100 * e.cpu_time_total / total, 1) for e in events if e.key in DET_PARTS}
+    rest = round(100 - sum(parts.values()), 1)
+    print(json.dumps({"model": "mask_rcnn_b4_bf16_profile", "step_s": round(seconds, 3), **parts,
+                      "the rest % (backward, optimizer, losses, resize)": rest}))  # fmt: skip
+    for e in sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[:10]:
+        print(json.dumps({"op": e.key, "shapes": str(e.input_shapes)[:120],
+                          "self_pct": round(100 * e.self_cpu_time_total / total, 1)}))  # fmt: skip
+
+
+def _enter(part: str) -> torch.autograd.profiler.record_function:
+    scope = torch.autograd.profiler.record_function(part)
+    scope.__enter__()
+    return scope
+
+
+def _exit(scope: torch.autograd.profiler.record_function) -> None:
+    scope.__exit__(None, None, None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="rapidnet_ti")
@@ -66,6 +123,7 @@ def main() -> None:
     p.add_argument("--fpn-widths", type=int, nargs="*", default=[], help="also time Semantic FPN at these widths")
     p.add_argument("--roi-pools", action="store_true", help="also time Mask R-CNN with torchvision's RoIAlign")
     p.add_argument("--det-channels-last", action="store_true", help="also time Mask R-CNN with channels_last weights")
+    p.add_argument("--det-profile", action="store_true", help="only profile Mask R-CNN's bf16 step by part and op")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -99,7 +157,7 @@ def main() -> None:
 
     def det_stepper(
         channels_last: bool = False, **pools: MultiScaleRoIAlign
-    ) -> tuple[Callable[[bool], None], list[torch.Tensor]]:
+    ) -> tuple[Callable[[bool], None], list[torch.Tensor], torch.nn.Module]:
         torch.manual_seed(0)
         det = mask_rcnn(backbone=args.backbone, num_classes=10, min_size=128, max_size=128,
                         anchor_sizes=[16, 32, 64, 128, 256], rpn_pre_nms_top_n_train=1000,
@@ -116,7 +174,7 @@ def main() -> None:
             loss.backward()
             det_opt.step()
 
-        return det_step, trained
+        return det_step, trained, det
 
     if args.roi_pools:
         names = ["0", "1", "2", "3"]
@@ -133,7 +191,10 @@ def main() -> None:
         print(json.dumps({"model": "mask_rcnn_b4_bf16_layout", "backbone": args.backbone, "threads": args.threads,
                           **{f"{k}_s": round(v, 3) for k, v in t.items()},
                           "speedup": round(t["nchw"] / t["channels_last"], 2)}))  # fmt: skip
-    det_step, trained = det_stepper()
+    det_step, trained, det = det_stepper()
+    if args.det_profile:
+        profile_detection_step(det_step, det)
+        return
 
     for name, step in (("semantic_fpn_b8", seg_step), ("mask_rcnn_b4", det_step)):
         t = interleaved({"fp32": lambda s=step: s(False), "bf16": lambda s=step: s(True)}, args.rounds)
