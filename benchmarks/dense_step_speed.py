@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import MultiScaleRoIAlign
 
 from rapidnet.models.mask_rcnn import mask_rcnn
@@ -73,9 +74,12 @@ DET_PARTS = {
 }
 
 
-def profile_detection_step(step: Callable[[bool], None], model: torch.nn.Module, steps: int = 3) -> None:
-    """Each part's share of a bf16 Mask R-CNN step's forward pass, and the ten costliest
-    operators with their input shapes (these include the backward ones, whose shapes say which layer they are).
+def profile_detection_step(
+    step: Callable[[bool], None], model: torch.nn.Module, batch: tuple[list, list], steps: int = 3
+) -> None:
+    """Each part's share of a bf16 Mask R-CNN step's forward pass, the ten costliest operators with their input
+    shapes (these include the backward ones, whose shapes say which layer they are), then each part's forward FLOPs
+    and the step's achieved rate (forward and backward FLOPs over its time) against a bf16 matmul's.
 
     Parts are ``record_function`` scopes opened and closed by forward hooks on the detector's outermost modules of
     each part; autograd's backward ops run outside them, so they fall in "the rest"."""
@@ -83,9 +87,9 @@ def profile_detection_step(step: Callable[[bool], None], model: torch.nn.Module,
 
     scopes: dict[int, torch.autograd.profiler.record_function] = {}
     for name, module in model.named_modules():
-        part = next((k for k, prefix in DET_PARTS.items() if name.startswith(prefix)), None)
-        if part is None or name.count(".") != DET_PARTS[part].count("."):
-            continue  # only the part's outermost modules open its scope
+        part = _part_of(name)
+        if part is None:
+            continue
         module.register_forward_pre_hook(lambda m, a, part=part: scopes.update({id(m): _enter(part)}))
         module.register_forward_hook(lambda m, a, o: _exit(scopes.pop(id(m))))
     step(True)
@@ -103,6 +107,41 @@ def profile_detection_step(step: Callable[[bool], None], model: torch.nn.Module,
     for e in sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[:10]:
         print(json.dumps({"op": e.key, "shapes": str(e.input_shapes)[:120],
                           "self_pct": round(100 * e.self_cpu_time_total / total, 1)}))  # fmt: skip
+    with FlopCounterMode(display=False) as counter:  # the whole step's FLOPs, forward and backward
+        step(True)
+    step_flops = counter.get_total_flops()
+    # by part, forward only: the counter's module attribution of backward FLOPs is not exact
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(*batch)
+    flops = dict.fromkeys(DET_PARTS, 0)
+    for name, ops in counter.get_flop_counts().items():  # names start with the model's class name
+        part = _part_of(name.split(".", 1)[-1])
+        if part is not None:
+            flops[part] += sum(ops.values())
+    peak = bf16_matmul_peak()
+    print(json.dumps({"model": "mask_rcnn_b4_bf16_flops", "step_GFLOP": round(step_flops / 1e9, 1),
+                      "forward_GFLOP": round(counter.get_total_flops() / 1e9, 1),
+                      **{f"{k} forward GFLOP": round(v / 1e9, 1) for k, v in flops.items()},
+                      "achieved_GFLOP_per_s": round(step_flops / seconds / 1e9, 1),
+                      "bf16_matmul_peak_GFLOP_per_s": round(peak, 1),
+                      "fraction_of_peak": round(step_flops / seconds / 1e9 / peak, 3)}))  # fmt: skip
+
+
+def bf16_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    """The best bfloat16 GFLOP/s of a square PyTorch matmul: the ceiling of an autocast step's convs and FCs."""
+    a = torch.randn(size, size, dtype=torch.bfloat16)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def _part_of(name: str) -> str | None:
+    """The part of ``DET_PARTS`` whose outermost modules include ``name`` (first match), else None."""
+    part = next((k for k, prefix in DET_PARTS.items() if name.startswith(prefix)), None)
+    return part if part is not None and name.count(".") == DET_PARTS[part].count(".") else None
 
 
 def _enter(part: str) -> torch.autograd.profiler.record_function:
@@ -193,7 +232,7 @@ def main() -> None:
                           "speedup": round(t["nchw"] / t["channels_last"], 2)}))  # fmt: skip
     det_step, trained, det = det_stepper()
     if args.det_profile:
-        profile_detection_step(det_step, det)
+        profile_detection_step(det_step, det, (images, targets))
         return
 
     for name, step in (("semantic_fpn_b8", seg_step), ("mask_rcnn_b4", det_step)):
