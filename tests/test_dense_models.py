@@ -245,6 +245,7 @@ def test_timm_backbone_and_its_checkpoint(tmp_path):
         dict(roi_canonical_scale=0),
         dict(test_size=0),
         dict(test_size=True),
+        dict(mask_head_channels=0),
     ],
 )
 def test_bad_model_options_are_config_errors(kwargs):
@@ -262,6 +263,10 @@ def test_build_args_rebuild_the_same_network():
     again.load_state_dict(det.state_dict())  # strict: the same architecture
     assert again.class_names == ["a", "b"] and again.roi_heads.fg_bg_sampler.batch_size_per_image == 32
     assert again.rpn.anchor_generator.sizes == det.rpn.anchor_generator.sizes
+    narrow = mask_rcnn("rapidnet_ti", num_classes=2, mask_head_channels=64, **TINY_DET)
+    assert [m.out_channels for m in narrow.roi_heads.mask_head.modules() if isinstance(m, torch.nn.Conv2d)] == [64] * 4
+    assert narrow.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 3  # 2 classes + background
+    mask_rcnn(**json.loads(json.dumps(narrow.build_args))).load_state_dict(narrow.state_dict())
 
     seg = semantic_fpn("rapidnet_ti", num_classes=3, head_norm="bn", backbone_kwargs=MICRO, image_mean=(0.5,) * 3)
     rebuilt = semantic_fpn(**json.loads(json.dumps(seg.build_args)))

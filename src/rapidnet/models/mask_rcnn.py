@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks, resize_boxes
 
 from rapidnet.errors import ConfigError
@@ -114,6 +115,7 @@ def mask_rcnn(
     class_names: Sequence[str] | None = None,
     roi_canonical_scale: int = 224,
     test_size: int | None = None,
+    mask_head_channels: int = 256,
     **kwargs: Any,
 ) -> RapidMaskRCNN:
     """Mask R-CNN + FPN (256 channels, 5 levels) over ``backbone``.
@@ -131,6 +133,8 @@ def mask_rcnn(
             longer side at most ``max_size``); the 1x recipe is 800 / 1333.
         test_size: the shorter side of evaluation images (default: the last ``min_size``), the longer side's cap
             scaled with it (:class:`TestSizeTransform`).
+        mask_head_channels: the width of the mask head's four 3x3 convs and deconv (Mask R-CNN's: 256). On small
+            images the head on each positive RoI is most of a training step's FLOPs (``docs/results.md``).
         anchor_sizes: one anchor size per FPN level (default 32, 64, 128, 256, 512); smaller for small images.
         image_mean, image_std: input normalisation; default the backbone's (ImageNet's).
         backbone_kwargs: extra arguments for the backbone (e.g. ``depths``/``widths`` of a custom RapidNet).
@@ -162,6 +166,8 @@ def mask_rcnn(
         kwargs["rpn_anchor_generator"] = _anchor_generator((32, 64, 128, 256, 512), aspect_ratios)
     for name, pool in _roi_pools(roi_canonical_scale).items():
         kwargs.setdefault(name, pool)
+    if isinstance(mask_head_channels, bool) or not isinstance(mask_head_channels, int) or mask_head_channels < 1:
+        raise ConfigError(f"mask_head_channels={mask_head_channels!r}: give the mask head's width (Mask R-CNN: 256)")
     model = RapidMaskRCNN(
         neck,
         num_classes=num_classes + 1,
@@ -171,6 +177,9 @@ def mask_rcnn(
         image_std=build_args["image_std"],
         **kwargs,
     )
+    if mask_head_channels != 256:  # torchvision builds 256-wide ones (and refuses num_classes with a predictor given)
+        model.roi_heads.mask_head = MaskRCNNHeads(fpn_channels, (mask_head_channels,) * 4, 1)
+        model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes + 1)
     t = model.transform
     model.transform = TestSizeTransform(
         t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible, t.fixed_size,
@@ -187,5 +196,6 @@ def mask_rcnn(
         aspect_ratios=aspect_ratios,
         roi_canonical_scale=roi_canonical_scale,
         test_size=test_size,
+        mask_head_channels=mask_head_channels,
         **{k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))},
     )
