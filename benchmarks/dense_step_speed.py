@@ -11,7 +11,7 @@ With ``--fpn-widths``, Semantic FPN's bf16 steps are also timed at each FPN widt
 Mask R-CNN's bf16 steps with torchvision's RoIAlign against ours (``rapidnet.models.roi_align``); with
 ``--det-channels-last``, Mask R-CNN's bf16 steps with NCHW against channels_last weights (``train.channels_last``);
 with ``--det-profile``, only where a Mask R-CNN bf16 step's time goes: ``torch.profiler`` over three steps, each part's
-share (forward and backward of its modules, by module scope) and the slowest operators with their input shapes.
+share of the forward pass, the slowest operators with their input shapes, the FLOPs and the bf16 fraction of peak.
 One JSON line per measurement.
 """
 
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import MultiScaleRoIAlign
 
+from rapidnet.deploy.bench import _best_seconds as best_seconds
 from rapidnet.models.mask_rcnn import mask_rcnn
 from rapidnet.models.semantic_fpn import semantic_fpn
 
@@ -128,14 +129,10 @@ def profile_detection_step(
 
 
 def bf16_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    """The best bfloat16 GFLOP/s of a square PyTorch matmul: the ceiling of an autocast step's convs and FCs."""
+    """The best bfloat16 GFLOP/s of a square PyTorch matmul: the ceiling of an autocast step's convs and FCs (the
+    bench's ``measure_matmul_peak`` is the fp32 one)."""
     a = torch.randn(size, size, dtype=torch.bfloat16)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+    return 2 * size**3 / best_seconds(lambda: a @ a, repeats) / 1e9
 
 
 def _part_of(name: str) -> str | None:
@@ -190,7 +187,6 @@ def main() -> None:
         t = interleaved({str(w): lambda s=s: s(True) for w, s in steppers.items()}, args.rounds)
         print(json.dumps({"model": "semantic_fpn_b8_bf16", "backbone": args.backbone, "threads": args.threads,
                           **{f"fpn{w}_s": round(v, 3) for w, v in t.items()}}))  # fmt: skip
-    seg_step = seg_stepper()
 
     images, targets = detection_batch()
 
@@ -235,6 +231,7 @@ def main() -> None:
         profile_detection_step(det_step, det, (images, targets))
         return
 
+    seg_step = seg_stepper()
     for name, step in (("semantic_fpn_b8", seg_step), ("mask_rcnn_b4", det_step)):
         t = interleaved({"fp32": lambda s=step: s(False), "bf16": lambda s=step: s(True)}, args.rounds)
         print(json.dumps({"model": name, "backbone": args.backbone, "threads": args.threads,

@@ -71,6 +71,12 @@ class TestSizeTransform(GeneralizedRCNNTransform):
         return image, target
 
 
+def _need_pixels(name: str, value: Any, fix: str) -> None:
+    """A one-line ``ConfigError`` unless ``value`` is a positive int (a bool is not one, though Python says so)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r}: {fix}")
+
+
 def _anchor_generator(sizes: Sequence[int] | Sequence[Sequence[int]], ratios: Sequence[float]) -> AnchorGenerator:
     levels = tuple(tuple(int(x) for x in s) if isinstance(s, Sequence) else (int(s),) for s in sizes)
     if len(levels) != 5:
@@ -145,8 +151,8 @@ def mask_rcnn(
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes={num_classes!r}: give the number of object classes (background excluded)")
-    if test_size is not None and (isinstance(test_size, bool) or not isinstance(test_size, int) or test_size < 1):
-        raise ConfigError(f"test_size={test_size!r}: give the shorter side of evaluation images in pixels, or null")
+    if test_size is not None:
+        _need_pixels("test_size", test_size, "give the shorter side of evaluation images in pixels, or null")
     neck, build_args = fpn_backbone(
         backbone,
         backbone_checkpoint,
@@ -166,8 +172,7 @@ def mask_rcnn(
         kwargs["rpn_anchor_generator"] = _anchor_generator((32, 64, 128, 256, 512), aspect_ratios)
     for name, pool in _roi_pools(roi_canonical_scale).items():
         kwargs.setdefault(name, pool)
-    if isinstance(mask_head_channels, bool) or not isinstance(mask_head_channels, int) or mask_head_channels < 1:
-        raise ConfigError(f"mask_head_channels={mask_head_channels!r}: give the mask head's width (Mask R-CNN: 256)")
+    _need_pixels("mask_head_channels", mask_head_channels, "give the mask head's width (Mask R-CNN: 256)")
     model = RapidMaskRCNN(
         neck,
         num_classes=num_classes + 1,
