@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import MultiScaleRoIAlign
 
-from rapidnet.deploy.bench import _best_seconds as best_seconds
+from rapidnet.deploy.bench import best_seconds
 from rapidnet.models.mask_rcnn import mask_rcnn
 from rapidnet.models.semantic_fpn import semantic_fpn
 

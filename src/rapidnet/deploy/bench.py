@@ -139,7 +139,8 @@ def build_inference_model(name: str, cpu_optimized: bool = False) -> nn.Module:
     return timm.utils.reparameterize_model(model)
 
 
-def _best_seconds(run: Callable[[], Any], repeats: int) -> float:
+def best_seconds(run: Callable[[], Any], repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls after three untimed ones: a peak probe wants the best case."""
     for _ in range(3):
         run()
     times = []
@@ -159,11 +160,11 @@ def measure_matmul_peak(threads: int, size: int = 1024, repeats: int = 10) -> tu
     torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
     flops = 2 * size**3
-    peaks = {f"PyTorch {torch.__version__} matmul": flops / _best_seconds(lambda: a @ b, repeats) / 1e9}
+    peaks = {f"PyTorch {torch.__version__} matmul": flops / best_seconds(lambda: a @ b, repeats) / 1e9}
     with tempfile.TemporaryDirectory() as tmp:
         for label, runner in _runtime_matmuls(b, threads, Path(tmp)):
             with contextlib.suppress(Exception):  # a runtime that cannot build the probe just does not compete
-                peaks[label] = flops / _best_seconds(lambda r=runner: r(a.numpy()), repeats) / 1e9
+                peaks[label] = flops / best_seconds(lambda r=runner: r(a.numpy()), repeats) / 1e9
     best = max(peaks, key=peaks.get)
     return peaks[best], best
 

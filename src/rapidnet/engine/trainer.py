@@ -847,7 +847,7 @@ class Trainer:
         """After the epoch's steps: schedule, ``on_train_epoch_end``, then save ``last.pt`` at once, before any
         evaluation can fail (an unreadable validation image must not cost the epoch's training)."""
         epoch = self.epoch
-        lr = self.optimizer.param_groups[0]["lr"]  # the last step's, before the schedule moves on
+        lr = self.optimizer.param_groups[0]["lr"]  # after the last update (timm logs it so), before the epoch step
         self.scheduler.step(epoch + 1)
         self._call("on_train_epoch_end")
         self.epoch, self.step = epoch + 1, 0

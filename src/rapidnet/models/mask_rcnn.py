@@ -153,6 +153,7 @@ def mask_rcnn(
         raise ConfigError(f"num_classes={num_classes!r}: give the number of object classes (background excluded)")
     if test_size is not None:
         _need_pixels("test_size", test_size, "give the shorter side of evaluation images in pixels, or null")
+    _need_pixels("mask_head_channels", mask_head_channels, "give the mask head's width (Mask R-CNN: 256)")
     neck, build_args = fpn_backbone(
         backbone,
         backbone_checkpoint,
@@ -172,7 +173,6 @@ def mask_rcnn(
         kwargs["rpn_anchor_generator"] = _anchor_generator((32, 64, 128, 256, 512), aspect_ratios)
     for name, pool in _roi_pools(roi_canonical_scale).items():
         kwargs.setdefault(name, pool)
-    _need_pixels("mask_head_channels", mask_head_channels, "give the mask head's width (Mask R-CNN: 256)")
     model = RapidMaskRCNN(
         neck,
         num_classes=num_classes + 1,
@@ -182,7 +182,8 @@ def mask_rcnn(
         image_std=build_args["image_std"],
         **kwargs,
     )
-    if mask_head_channels != 256:  # torchvision builds 256-wide ones (and refuses num_classes with a predictor given)
+    if mask_head_channels != 256:  # after construction: torchvision refuses num_classes beside a predictor of ours,
+        # and building the narrow head last keeps the other layers' seeded initialisation that of the 256-wide model
         model.roi_heads.mask_head = MaskRCNNHeads(fpn_channels, (mask_head_channels,) * 4, 1)
         model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes + 1)
     t = model.transform
