@@ -133,6 +133,28 @@ def test_a_budget_runs_the_epochs_that_fit_and_the_schedule_follows(budget_confi
     assert steps[-1]["lr"] == pytest.approx(1e-5)  # the cosine reached min_lr at epoch 4, not 6
 
 
+def test_an_evaluation_planned_too_late_for_the_budget_is_brought_forward(budget_config, data, tmp_path, clock, capsys):
+    """Half a minute (27 s usable) and an evaluation every third epoch: three 10-s epochs would pass the budget
+    before anything is measured, so epoch 1 is evaluated and fixes the count at 2 (13 + 10 + 3 = 26 s)."""
+    out = tmp_path / "slow"
+    argv = ["--config", str(budget_config), "--data", str(data), "--output", str(out), "--eval-interval", "3"]
+    result = _fit(_timed(ClassificationTask, clock), _config(*argv, "--set", "train.time_budget=0.5"))
+    assert result.status == "completed" and result.epochs_done == 2
+    printed = capsys.readouterr().out
+    assert "3 epochs would pass it here before the first planned evaluation (epoch 3)" in printed
+    assert "an epoch takes 10s and an evaluation 3s here, so the run takes 2 of up to 6 epochs" in printed
+    log = read_jsonl(out / "log.jsonl")
+    assert [r.get("val_top1") is not None for r in log] == [True, True]
+    budget = load_training_state(out / "last.pt")["budget"]
+    assert budget["train_s"] + budget["eval_s"] == 26.0 <= 0.5 * 60 * BUDGET_SHARE
+    # with room for the planned evaluation, nothing is brought forward: epochs 1-2 unevaluated, epoch 3 evaluated
+    roomy = tmp_path / "roomy"
+    argv = ["--config", str(budget_config), "--data", str(data), "--output", str(roomy), "--eval-interval", "3"]
+    assert _fit(_timed(ClassificationTask, clock), _config(*argv)).status == "completed"
+    assert [r.get("val_top1") is not None for r in read_jsonl(roomy / "log.jsonl")][:3] == [False, False, True]
+    assert "before the first planned evaluation" not in capsys.readouterr().out
+
+
 def test_a_resume_keeps_the_count_the_budget_chose(budget_config, data, tmp_path, clock, capsys):
     args = ("--config", str(budget_config), "--data", str(data))
     ref = _fit(_timed(ClassificationTask, clock), _config(*args, "--output", str(tmp_path / "ref")))

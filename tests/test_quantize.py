@@ -152,6 +152,45 @@ def test_static_batch_export_and_array_calibration(tmp_path):
     assert run_ort(ort_session(int8, threads=1), batches[0])[0].shape == (2, 10)
 
 
+@pytest.mark.parametrize("saturates", [False, True])
+def test_weights_keep_to_7_bits_where_the_cpu_saturates(tmp_path, monkeypatch, saturates):
+    """x86 without VNNI (onnxruntime's u8s8 kernels overflow 16 bits): 7-bit weights, said in the report."""
+    import onnx
+
+    import rapidnet.deploy.quantize as quantize
+
+    monkeypatch.setattr(quantize, "cpu_int8_saturates", lambda: saturates)
+    model = randomize_(rapidnet.create_model("rapidnet_ti", num_classes=10, **MICRO)).eval()
+    fp32 = quantize.export_onnx(model, tmp_path / "m.onnx", (32, 32), batch_size=2)
+    batches = [np.random.default_rng(i).standard_normal((2, 3, 32, 32)).astype(np.float32) for i in range(2)]
+    int8 = quantize.quantize_onnx(fp32, tmp_path / "m_int8.onnx", batches)
+    proto = onnx.load(str(int8))
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    weights = [init[n.input[0]] for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in init]
+    weights = [w for w in weights if w.dtype == np.int8]
+    top = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert top <= 64 if saturates else top == 127  # 7 bits: [-64, 63]; per-channel 8 bits reach 127
+    forced = quantize.quantize_onnx(fp32, tmp_path / "m_full.onnx", batches, reduce_range=False)
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(forced)).graph.initializer}
+    assert max(int(np.abs(v.astype(np.int32)).max()) for v in init.values() if v.dtype == np.int8) == 127
+
+
+def test_cpu_int8_saturates_on_x86_without_vnni(monkeypatch):
+    import rapidnet.utils as utils
+
+    cases = [
+        ("x86_64", {"avx2", "fma"}, True),
+        ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, False),
+        ("AMD64", {"avx_vnni"}, False),
+        ("x86_64", set(), True),  # no /proc/cpuinfo: assume the worst
+        ("aarch64", set(), False),
+    ]
+    for machine, flags, expected in cases:
+        monkeypatch.setattr(utils.platform, "machine", lambda m=machine: m)
+        monkeypatch.setattr(utils, "cpu_flags", lambda f=flags: frozenset(f))
+        assert utils.cpu_int8_saturates() is expected, (machine, flags)
+
+
 def test_compare_accuracy_arithmetic():
     """Top-1 and agreement from fixed logits: fp32 right on 3/4, int8 right on 2/4, agreeing on 3/4."""
 

@@ -169,6 +169,31 @@ def test_eval_interval_skips_evaluation_but_not_the_last_epoch(fm, tiny_config, 
     assert (out / "model_best.safetensors").is_file() and (out / "last.pt").is_file()
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_runs_fp32_where_the_cpu_would_emulate_bfloat16(fm, tiny_config, tmp_path, capsys, monkeypatch, native):
+    """bf16 autocast is for speed: on a CPU without bf16 kernels (14x slower there) the run says so and trains fp32."""
+    import rapidnet.engine.trainer as trainer
+
+    monkeypatch.setattr(trainer, "cpu_has_bfloat16", lambda: native)
+    seen: list[torch.dtype] = []
+    original = torch.nn.Linear.forward
+
+    def linear(self, x):
+        out = original(self, x)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", linear)
+    out = tmp_path / "amp"
+    assert train_on(tiny_config, fm, out, "--epochs", "1", "--amp", "--limit-train", "16", "--limit-val", "8") == 0
+    printed = capsys.readouterr().out
+    if native:
+        assert "amp bfloat16" in printed and torch.bfloat16 in seen
+    else:
+        assert "fp32 (train.amp is set, but this CPU has no bfloat16 kernels" in printed
+        assert set(seen) == {torch.float32}
+
+
 def test_plot_writes_png(short_run, tmp_path, capsys):
     out = tmp_path / "curves.png"
     assert main(["plot", str(short_run), "-o", str(out)]) == 0

@@ -167,7 +167,7 @@ class TrainConfig:
     epochs: int = 300
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = False  # bfloat16 autocast on CPU, float16 + GradScaler on CUDA
+    amp: bool = False  # bfloat16 autocast on CPU (fp32 where it has no bf16 kernels), float16 + GradScaler on CUDA
     channels_last: bool = False
     compile: bool = False
     # eager CPU: convs skip the kernel taps that only multiply zero padding (exact; see rapidnet.engine.conv_taps)

@@ -48,7 +48,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", action="store_true", help="bfloat16 (CPU) / float16 (CUDA) autocast")
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="bfloat16 (CPU) / float16 (CUDA) autocast; CPUs without AVX-512 or AMX emulate bf16, many times slower",
+    )
     p.add_argument("--channels-last", action="store_true")
     p.add_argument(
         "--input-size",

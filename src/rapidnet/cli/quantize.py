@@ -61,6 +61,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--all-ops", action="store_true", help="onnxruntime: quantize every op it can (default: Conv/Gemm/MatMul)"
     )
+    p.add_argument(
+        "--reduce-range",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="onnxruntime: 7-bit weights, for x86 CPUs without VNNI, whose int8 kernels saturate on 8-bit ones "
+        "(auto: on where this CPU is such a one)",
+    )
     p.add_argument("--save-fp32", metavar="PATH", help="also keep the fp32 model compared against")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, help="runtime threads for the accuracy check")
@@ -103,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         fp32_output=args.save_fp32,
         runtime=args.runtime,
         preset=args.preset,
+        reduce_range={"auto": None, "on": True, "off": False}[args.reduce_range],
         class_names=names,
         source_label=args.checkpoint,
     )

@@ -97,7 +97,8 @@ def add_train_options(
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="mixed precision: bfloat16 on CPU, float16 + GradScaler on CUDA",
+        help="mixed precision: bfloat16 on CPU (where it has AVX-512 or AMX; elsewhere fp32 is faster and is used), "
+        "float16 + GradScaler on CUDA",
     )
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
