@@ -41,7 +41,7 @@ from rapidnet.deploy import bench, cpu
 from rapidnet.engine import read_jsonl
 from rapidnet.models import create_model, is_rapidnet
 from rapidnet.models.complexity import count_gmacs, count_params
-from rapidnet.utils import atomic_write
+from rapidnet.utils import atomic_write, cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "mldc_ablation_semantic_fpn.yaml"
@@ -276,7 +276,7 @@ def main() -> None:
     erf_rows, erf_results = measure_erfs(args.variants, runs, data, args)
     report: dict[str, Any] = {
         "command": " ".join(sys.argv),
-        "machine": {"cpu": bench.cpu_model() or "unknown CPU", "threads": args.threads, "torch": torch.__version__},
+        "machine": {"cpu": cpu_model() or "unknown CPU", "threads": args.threads, "torch": torch.__version__},
         "epochs": args.epochs,
         "seed": args.seed,
         "data": {"num_train": args.num_train, "num_val": args.num_val, "resolution": args.resolution},

@@ -19,14 +19,13 @@ import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import rapidnet
-from rapidnet.deploy.bench import cpu_model
 from rapidnet.engine.conv_taps import trim_padding_taps_
+from rapidnet.utils import cpu_flags, cpu_model
 
 SETTINGS = [
     "channels_last-fp32-t2-trim-fused",  # what the demo config does on a CPU
@@ -37,11 +36,7 @@ SETTINGS = [
 
 def cpu_description() -> dict[str, object]:
     """The CPU's model name and the ISA flags that decide which kernels oneDNN picks."""
-    flags: set[str] = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        line = next((x for x in cpuinfo.read_text().splitlines() if x.startswith("flags")), "flags:")
-        flags = set(line.split(":", 1)[1].split())
+    flags = cpu_flags()
     wanted = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
     return {"model": cpu_model() or platform.processor(), "flags": sorted(f for f in wanted if f in flags)}
 

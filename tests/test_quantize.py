@@ -163,16 +163,15 @@ def test_weights_keep_to_7_bits_where_the_cpu_saturates(tmp_path, monkeypatch, s
     model = randomize_(rapidnet.create_model("rapidnet_ti", num_classes=10, **MICRO)).eval()
     fp32 = quantize.export_onnx(model, tmp_path / "m.onnx", (32, 32), batch_size=2)
     batches = [np.random.default_rng(i).standard_normal((2, 3, 32, 32)).astype(np.float32) for i in range(2)]
-    int8 = quantize.quantize_onnx(fp32, tmp_path / "m_int8.onnx", batches)
-    proto = onnx.load(str(int8))
-    init = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
-    weights = [init[n.input[0]] for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in init]
-    weights = [w for w in weights if w.dtype == np.int8]
-    top = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+
+    def weight_peak(path: Path) -> int:
+        """The largest |value| among the model's int8 initializers (the weights and their zero points)."""
+        arrays = (onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer)
+        return max(int(np.abs(a.astype(np.int32)).max()) for a in arrays if a.dtype == np.int8)
+
+    top = weight_peak(quantize.quantize_onnx(fp32, tmp_path / "m_int8.onnx", batches))
     assert top <= 64 if saturates else top == 127  # 7 bits: [-64, 63]; per-channel 8 bits reach 127
-    forced = quantize.quantize_onnx(fp32, tmp_path / "m_full.onnx", batches, reduce_range=False)
-    init = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(forced)).graph.initializer}
-    assert max(int(np.abs(v.astype(np.int32)).max()) for v in init.values() if v.dtype == np.int8) == 127
+    assert weight_peak(quantize.quantize_onnx(fp32, tmp_path / "m_full.onnx", batches, reduce_range=False)) == 127
 
 
 def test_cpu_int8_saturates_on_x86_without_vnni(monkeypatch):

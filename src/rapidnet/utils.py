@@ -30,6 +30,7 @@ __all__ = [
     "cpu_flags",
     "cpu_has_bfloat16",
     "cpu_int8_saturates",
+    "cpu_model",
     "jsonable",
     "read_checkpoint",
     "refuse_overwriting_input",
@@ -328,13 +329,23 @@ def jsonable(value: Any) -> Any:
 # ---- the CPU -------------------------------------------------------------------------------------------------------
 
 
-def cpu_flags() -> frozenset[str]:
-    """The instruction-set flags ``/proc/cpuinfo`` lists for the first CPU (empty where there is no such file)."""
+def _cpuinfo(key: str) -> str | None:
+    """The first CPU's ``key`` line of ``/proc/cpuinfo`` (None where there is no such file or line)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (None where ``/proc/cpuinfo`` has none): every figure names its machine."""
+    return _cpuinfo("model name")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags the CPU reports (empty where ``/proc/cpuinfo`` has none)."""
+    return frozenset((_cpuinfo("flags") or "").split())
 
 
 def cpu_has_bfloat16() -> bool:

@@ -41,6 +41,7 @@ from rapidnet.deploy.runtimes import executorch_method, executorch_threads, open
 from rapidnet.errors import ConfigError
 from rapidnet.models import RapidNet, create_model, is_rapidnet, reparameterize
 from rapidnet.models.complexity import count_gmacs, count_params
+from rapidnet.utils import cpu_model
 
 DEFAULT_PEERS = (
     "mobilenetv2_140",
@@ -373,15 +374,6 @@ def _copy_for(backend: str, model: nn.Module) -> nn.Module:
     if backend in ("torch", "torch-cl") and any(isinstance(m, RapidNet) for m in model.modules()):
         return cpu.optimize(model)
     return copy.deepcopy(model) if backend in ("torch-cl", "cuda") else model
-
-
-def cpu_model() -> str | None:
-    """The CPU's model name from ``/proc/cpuinfo`` (None where there is none): every figure names its machine."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return None
 
 
 def _machine_info(threads: int, peak: float, peak_source: str) -> dict[str, Any]:

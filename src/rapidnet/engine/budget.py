@@ -78,6 +78,16 @@ class Budget:
             epochs=int(epochs) if epochs is not None else None,
         )
 
+    @property
+    def usable_s(self) -> float:
+        """The seconds a projection may fill (``BUDGET_SHARE`` of the budget)."""
+        return self.minutes * 60.0 * BUDGET_SHARE
+
+    def passed_before(self, first: int, done: int, train_s: float) -> bool:
+        """Whether epochs ``1 .. first``, at the mean of the ``done`` that took ``train_s`` seconds, would alone fill
+        more than the usable budget: then the run cannot wait for an evaluation at epoch ``first`` to choose."""
+        return train_s * first / done > self.usable_s
+
     def means(self, done: int) -> tuple[float, float]:
         """The mean epoch and the mean evaluation (seconds) over the ``done`` epochs so far."""
         return self.train_s / max(done, 1), self.eval_s / max(self.evaluations, 1)
@@ -86,6 +96,6 @@ class Budget:
         """Fix the epoch count from the mean epoch and evaluation measured over the ``done`` epochs so far."""
         epoch_s, eval_s = self.means(done)
         self.epochs = epochs_within_budget(
-            self.minutes * 60.0 * BUDGET_SHARE, self.train_s + self.eval_s, done, epoch_s, eval_s, most, evaluates
+            self.usable_s, self.train_s + self.eval_s, done, epoch_s, eval_s, most, evaluates
         )
         return self.epochs

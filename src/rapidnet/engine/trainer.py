@@ -45,7 +45,7 @@ from torch import nn
 from tqdm import tqdm
 
 from rapidnet.config import Config, config_from_dict, config_to_dict, save_config, scaled_lr
-from rapidnet.engine.budget import BUDGET_SHARE, Budget, remaining_s
+from rapidnet.engine.budget import Budget, remaining_s
 from rapidnet.engine.callbacks import BEST, BEST_WEIGHTS, BestCheckpoint, Callback, TensorBoard, default_callbacks
 from rapidnet.engine.checkpoint import (
     capture_rng,
@@ -871,7 +871,7 @@ class Trainer:
         train_s = budget.train_s
         if self.info.distributed:  # every process decides alike, on the mean of their clocks
             train_s = all_reduce_sum(self.info, [train_s])[0] / self.info.world_size
-        if train_s * first / done <= budget.minutes * 60.0 * BUDGET_SHARE:
+        if not budget.passed_before(first, done, train_s):
             return False
         self._say(
             f"time budget {budget.minutes:g} min: {first} epochs would pass it here before the first planned "
