@@ -2,7 +2,7 @@
 
     python benchmarks/dense_step_speed.py [--backbone rapidnet_ti] [--rounds 6] [--threads 2]
                                           [--fpn-widths 256 128] [--roi-pools] [--det-channels-last]
-                                          [--det-profile]
+                                          [--det-fpn-widths 256 128] [--det-profile]
 
 Semantic FPN (batch 8, channels_last) and Mask R-CNN (batch 4, the mosaic config's RPN/RoI settings) train on
 128x128 inputs; fp32 and bf16 steps are interleaved round by round and the medians printed, with their ratio.
@@ -10,6 +10,7 @@ Then one AdamW step over Mask R-CNN's trained parameters: torch's default (for-l
 With ``--fpn-widths``, Semantic FPN's bf16 steps are also timed at each FPN width (interleaved); with ``--roi-pools``,
 Mask R-CNN's bf16 steps with torchvision's RoIAlign against ours (``rapidnet.models.roi_align``); with
 ``--det-channels-last``, Mask R-CNN's bf16 steps with NCHW against channels_last weights (``train.channels_last``);
+with ``--det-fpn-widths``, the mosaic config's Mask R-CNN (128-channel mask head, channels_last) at each FPN width;
 with ``--det-profile``, only where a Mask R-CNN bf16 step's time goes: ``torch.profiler`` over three steps, each part's
 share of the forward pass, the slowest operators with their input shapes, the FLOPs and the bf16 fraction of peak.
 One JSON line per measurement.
@@ -159,6 +160,7 @@ def main() -> None:
     p.add_argument("--fpn-widths", type=int, nargs="*", default=[], help="also time Semantic FPN at these widths")
     p.add_argument("--roi-pools", action="store_true", help="also time Mask R-CNN with torchvision's RoIAlign")
     p.add_argument("--det-channels-last", action="store_true", help="also time Mask R-CNN with channels_last weights")
+    p.add_argument("--det-fpn-widths", type=int, nargs="*", default=[], help="also time Mask R-CNN at these FPN widths")
     p.add_argument("--det-profile", action="store_true", help="only profile Mask R-CNN's bf16 step by part and op")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -191,12 +193,12 @@ def main() -> None:
     images, targets = detection_batch()
 
     def det_stepper(
-        channels_last: bool = False, **pools: MultiScaleRoIAlign
+        channels_last: bool = False, **model_kwargs: object
     ) -> tuple[Callable[[bool], None], list[torch.Tensor], torch.nn.Module]:
         torch.manual_seed(0)
         det = mask_rcnn(backbone=args.backbone, num_classes=10, min_size=128, max_size=128,
                         anchor_sizes=[16, 32, 64, 128, 256], rpn_pre_nms_top_n_train=1000,
-                        rpn_post_nms_top_n_train=200, box_batch_size_per_image=32, **pools).train()  # fmt: skip
+                        rpn_post_nms_top_n_train=200, box_batch_size_per_image=32, **model_kwargs).train()  # fmt: skip
         if channels_last:
             det = det.to(memory_format=torch.channels_last)
         trained = [q for q in det.parameters() if q.requires_grad]
@@ -226,6 +228,11 @@ def main() -> None:
         print(json.dumps({"model": "mask_rcnn_b4_bf16_layout", "backbone": args.backbone, "threads": args.threads,
                           **{f"{k}_s": round(v, 3) for k, v in t.items()},
                           "speedup": round(t["nchw"] / t["channels_last"], 2)}))  # fmt: skip
+    if args.det_fpn_widths:  # the mosaic config's detector: 128-channel mask head, channels_last weights
+        steppers = {w: det_stepper(True, fpn_channels=w, mask_head_channels=128)[0] for w in args.det_fpn_widths}
+        t = interleaved({str(w): lambda s=s: s(True) for w, s in steppers.items()}, args.rounds)
+        print(json.dumps({"model": "mask_rcnn_b4_bf16_mask128", "backbone": args.backbone, "threads": args.threads,
+                          **{f"fpn{w}_s": round(v, 3) for w, v in t.items()}}))  # fmt: skip
     det_step, trained, det = det_stepper()
     if args.det_profile:
         profile_detection_step(det_step, det, (images, targets))
