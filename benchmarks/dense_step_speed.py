@@ -184,11 +184,17 @@ def main() -> None:
 
         return seg_step
 
+    def race(model: str, steppers: dict[str, Callable[[bool], None]], speedup: tuple[str, str] | None = None) -> None:
+        """One JSON line: each variant's median bf16 step, interleaved, and ``speedup`` = slow / fast if named."""
+        t = interleaved({k: lambda s=s: s(True) for k, s in steppers.items()}, args.rounds)
+        line = {"model": model, "backbone": args.backbone, "threads": args.threads,
+                **{f"{k}_s": round(v, 3) for k, v in t.items()}}  # fmt: skip
+        if speedup:
+            line["speedup"] = round(t[speedup[0]] / t[speedup[1]], 2)
+        print(json.dumps(line))
+
     if args.fpn_widths:
-        steppers = {w: seg_stepper(w) for w in args.fpn_widths}
-        t = interleaved({str(w): lambda s=s: s(True) for w, s in steppers.items()}, args.rounds)
-        print(json.dumps({"model": "semantic_fpn_b8_bf16", "backbone": args.backbone, "threads": args.threads,
-                          **{f"fpn{w}_s": round(v, 3) for w, v in t.items()}}))  # fmt: skip
+        race("semantic_fpn_b8_bf16", {f"fpn{w}": seg_stepper(w) for w in args.fpn_widths})
 
     images, targets = detection_batch()
 
@@ -218,21 +224,14 @@ def main() -> None:
         torchvision_pools = {"box_roi_pool": MultiScaleRoIAlign(names, 7, 2),
                              "mask_roi_pool": MultiScaleRoIAlign(names, 14, 2)}  # fmt: skip
         steppers = {"torchvision": det_stepper(**torchvision_pools)[0], "rapidnet": det_stepper()[0]}
-        t = interleaved({k: lambda s=s: s(True) for k, s in steppers.items()}, args.rounds)
-        print(json.dumps({"model": "mask_rcnn_b4_bf16_roi_align", "backbone": args.backbone, "threads": args.threads,
-                          **{f"{k}_s": round(v, 3) for k, v in t.items()},
-                          "speedup": round(t["torchvision"] / t["rapidnet"], 2)}))  # fmt: skip
+        race("mask_rcnn_b4_bf16_roi_align", steppers, speedup=("torchvision", "rapidnet"))
     if args.det_channels_last:
         steppers = {"nchw": det_stepper()[0], "channels_last": det_stepper(channels_last=True)[0]}
-        t = interleaved({k: lambda s=s: s(True) for k, s in steppers.items()}, args.rounds)
-        print(json.dumps({"model": "mask_rcnn_b4_bf16_layout", "backbone": args.backbone, "threads": args.threads,
-                          **{f"{k}_s": round(v, 3) for k, v in t.items()},
-                          "speedup": round(t["nchw"] / t["channels_last"], 2)}))  # fmt: skip
+        race("mask_rcnn_b4_bf16_layout", steppers, speedup=("nchw", "channels_last"))
     if args.det_fpn_widths:  # the mosaic config's detector: 128-channel mask head, channels_last weights
-        steppers = {w: det_stepper(True, fpn_channels=w, mask_head_channels=128)[0] for w in args.det_fpn_widths}
-        t = interleaved({str(w): lambda s=s: s(True) for w, s in steppers.items()}, args.rounds)
-        print(json.dumps({"model": "mask_rcnn_b4_bf16_mask128", "backbone": args.backbone, "threads": args.threads,
-                          **{f"fpn{w}_s": round(v, 3) for w, v in t.items()}}))  # fmt: skip
+        steppers = {f"fpn{w}": det_stepper(channels_last=True, fpn_channels=w, mask_head_channels=128)[0]
+                    for w in args.det_fpn_widths}  # fmt: skip
+        race("mask_rcnn_b4_bf16_mask128", steppers)
     det_step, trained, det = det_stepper()
     if args.det_profile:
         profile_detection_step(det_step, det, (images, targets))
