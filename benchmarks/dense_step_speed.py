@@ -3,17 +3,20 @@
     python benchmarks/dense_step_speed.py [--backbone rapidnet_ti] [--rounds 6] [--threads 2]
                                           [--fpn-widths 256 128] [--roi-pools] [--det-channels-last]
                                           [--det-fpn-widths 256 128] [--det-profile]
+                                          [--precision auto|bf16|fp32]
 
 Semantic FPN (batch 8, channels_last) and Mask R-CNN (batch 4, the mosaic config's RPN/RoI settings) train on
 128x128 inputs; fp32 and bf16 steps are interleaved round by round and the medians printed, with their ratio.
 Then one AdamW step over Mask R-CNN's trained parameters: torch's default (for-loop), ``foreach`` and ``fused``.
-With ``--fpn-widths``, Semantic FPN's bf16 steps are also timed at each FPN width (interleaved); with ``--roi-pools``,
-Mask R-CNN's bf16 steps with torchvision's RoIAlign against ours (``rapidnet.models.roi_align``); with
-``--det-channels-last``, Mask R-CNN's bf16 steps with NCHW against channels_last weights (``train.channels_last``);
+With ``--fpn-widths``, Semantic FPN's steps are also timed at each FPN width (interleaved); with ``--roi-pools``,
+Mask R-CNN's steps with torchvision's RoIAlign against ours (``rapidnet.models.roi_align``); with
+``--det-channels-last``, Mask R-CNN's steps with NCHW against channels_last weights (``train.channels_last``);
 with ``--det-fpn-widths``, the mosaic config's Mask R-CNN (128-channel mask head, channels_last) at each FPN width;
-with ``--det-profile``, only where a Mask R-CNN bf16 step's time goes: ``torch.profiler`` over three steps, each part's
-share of the forward pass, the slowest operators with their input shapes, the FLOPs and the bf16 fraction of peak.
-One JSON line per measurement.
+with ``--det-profile``, only where the mosaic config's Mask R-CNN step's time goes: ``torch.profiler`` over three
+steps, each part's share of the forward pass, the slowest operators with their input shapes, the FLOPs and the
+fraction of a matmul's rate at the same precision.
+The optional comparisons and the profile run in bf16 autocast where oneDNN has bf16 kernels and in fp32 where it has
+not, as ``train.amp`` trains (``--precision bf16|fp32`` forces one). One JSON line per measurement.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from rapidnet.deploy.bench import best_seconds
 from rapidnet.models.mask_rcnn import mask_rcnn
 from rapidnet.models.semantic_fpn import semantic_fpn
+from rapidnet.utils import cpu_has_bfloat16
 
 
 def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, float]:
@@ -77,11 +81,11 @@ DET_PARTS = {
 
 
 def profile_detection_step(
-    step: Callable[[bool], None], model: torch.nn.Module, batch: tuple[list, list], steps: int = 3
+    step: Callable[[bool], None], model: torch.nn.Module, batch: tuple[list, list], amp: bool, steps: int = 3
 ) -> None:
-    """Each part's share of a bf16 Mask R-CNN step's forward pass, the ten costliest operators with their input
-    shapes (these include the backward ones, whose shapes say which layer they are), then each part's forward FLOPs
-    and the step's achieved rate (forward and backward FLOPs over its time) against a bf16 matmul's.
+    """Each part's share of a Mask R-CNN step's forward pass, the ten costliest operators with their input shapes
+    (these include the backward ones, whose shapes say which layer they are), then each part's forward FLOPs and the
+    step's achieved rate (forward and backward FLOPs over its time) against a matmul's at the same precision.
 
     Parts are ``record_function`` scopes opened and closed by forward hooks on the detector's outermost modules of
     each part; autograd's backward ops run outside them, so they fall in "the rest"."""
@@ -94,45 +98,46 @@ def profile_detection_step(
             continue
         module.register_forward_pre_hook(lambda m, a, part=part: scopes.update({id(m): _enter(part)}))
         module.register_forward_hook(lambda m, a, o: _exit(scopes.pop(id(m))))
-    step(True)
+    step(amp)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         start = time.perf_counter()
         for _ in range(steps):
-            step(True)
+            step(amp)
         seconds = (time.perf_counter() - start) / steps
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     parts = {f"{e.key} forward %": round(100 * e.cpu_time_total / total, 1) for e in events if e.key in DET_PARTS}
     rest = round(100 - sum(parts.values()), 1)
-    print(json.dumps({"model": "mask_rcnn_b4_bf16_profile", "step_s": round(seconds, 3), **parts,
+    precision = "bf16" if amp else "fp32"
+    print(json.dumps({"model": f"mask_rcnn_b4_{precision}_profile", "step_s": round(seconds, 3), **parts,
                       "the rest % (backward, optimizer, losses, resize)": rest}))  # fmt: skip
     for e in sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[:10]:
         print(json.dumps({"op": e.key, "shapes": str(e.input_shapes)[:120],
                           "self_pct": round(100 * e.self_cpu_time_total / total, 1)}))  # fmt: skip
     with FlopCounterMode(display=False) as counter:  # the whole step's FLOPs, forward and backward
-        step(True)
+        step(amp)
     step_flops = counter.get_total_flops()
     # by part, forward only: the counter's module attribution of backward FLOPs is not exact
-    with FlopCounterMode(display=False) as counter, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), torch.autocast("cpu", torch.bfloat16, amp):
         model(*batch)
     flops = dict.fromkeys(DET_PARTS, 0)
     for name, ops in counter.get_flop_counts().items():  # names start with the model's class name
         part = _part_of(name.split(".", 1)[-1])
         if part is not None:
             flops[part] += sum(ops.values())
-    peak = bf16_matmul_peak()
-    print(json.dumps({"model": "mask_rcnn_b4_bf16_flops", "step_GFLOP": round(step_flops / 1e9, 1),
+    peak = matmul_peak(torch.bfloat16 if amp else torch.float32)
+    print(json.dumps({"model": f"mask_rcnn_b4_{precision}_flops", "step_GFLOP": round(step_flops / 1e9, 1),
                       "forward_GFLOP": round(counter.get_total_flops() / 1e9, 1),
                       **{f"{k} forward GFLOP": round(v / 1e9, 1) for k, v in flops.items()},
                       "achieved_GFLOP_per_s": round(step_flops / seconds / 1e9, 1),
-                      "bf16_matmul_peak_GFLOP_per_s": round(peak, 1),
+                      f"{precision}_matmul_peak_GFLOP_per_s": round(peak, 1),
                       "fraction_of_peak": round(step_flops / seconds / 1e9 / peak, 3)}))  # fmt: skip
 
 
-def bf16_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    """The best bfloat16 GFLOP/s of a square PyTorch matmul: the ceiling of an autocast step's convs and FCs (the
-    bench's ``measure_matmul_peak`` is the fp32 one)."""
-    a = torch.randn(size, size, dtype=torch.bfloat16)
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """The best GFLOP/s of a square PyTorch matmul in ``dtype``: the ceiling of a step's convs and FCs at that
+    precision (the bench's ``measure_matmul_peak`` races fp32 across runtimes; a training step runs in PyTorch)."""
+    a = torch.randn(size, size, dtype=dtype)
     return 2 * size**3 / best_seconds(lambda: a @ a, repeats) / 1e9
 
 
@@ -161,9 +166,17 @@ def main() -> None:
     p.add_argument("--roi-pools", action="store_true", help="also time Mask R-CNN with torchvision's RoIAlign")
     p.add_argument("--det-channels-last", action="store_true", help="also time Mask R-CNN with channels_last weights")
     p.add_argument("--det-fpn-widths", type=int, nargs="*", default=[], help="also time Mask R-CNN at these FPN widths")
-    p.add_argument("--det-profile", action="store_true", help="only profile Mask R-CNN's bf16 step by part and op")
+    p.add_argument("--det-profile", action="store_true", help="only profile Mask R-CNN's step by part and op")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="of the comparisons and the profile; auto: bf16 where oneDNN has its kernels (as train.amp)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    amp = cpu_has_bfloat16() if args.precision == "auto" else args.precision == "bf16"
+    precision = "bf16" if amp else "fp32"
     torch.manual_seed(0)
 
     x = torch.randn(8, 3, 128, 128).contiguous(memory_format=torch.channels_last)
@@ -185,16 +198,16 @@ def main() -> None:
         return seg_step
 
     def race(model: str, steppers: dict[str, Callable[[bool], None]], speedup: tuple[str, str] | None = None) -> None:
-        """One JSON line: each variant's median bf16 step, interleaved, and ``speedup`` = slow / fast if named."""
-        t = interleaved({k: lambda s=s: s(True) for k, s in steppers.items()}, args.rounds)
-        line = {"model": model, "backbone": args.backbone, "threads": args.threads,
+        """One JSON line: each variant's median step, interleaved, and ``speedup`` = slow / fast if named."""
+        t = interleaved({k: lambda s=s: s(amp) for k, s in steppers.items()}, args.rounds)
+        line = {"model": model.format(precision=precision), "backbone": args.backbone, "threads": args.threads,
                 **{f"{k}_s": round(v, 3) for k, v in t.items()}}  # fmt: skip
         if speedup:
             line["speedup"] = round(t[speedup[0]] / t[speedup[1]], 2)
         print(json.dumps(line))
 
     if args.fpn_widths:
-        race("semantic_fpn_b8_bf16", {f"fpn{w}": seg_stepper(w) for w in args.fpn_widths})
+        race("semantic_fpn_b8_{precision}", {f"fpn{w}": seg_stepper(w) for w in args.fpn_widths})
 
     images, targets = detection_batch()
 
@@ -224,18 +237,19 @@ def main() -> None:
         torchvision_pools = {"box_roi_pool": MultiScaleRoIAlign(names, 7, 2),
                              "mask_roi_pool": MultiScaleRoIAlign(names, 14, 2)}  # fmt: skip
         steppers = {"torchvision": det_stepper(**torchvision_pools)[0], "rapidnet": det_stepper()[0]}
-        race("mask_rcnn_b4_bf16_roi_align", steppers, speedup=("torchvision", "rapidnet"))
+        race("mask_rcnn_b4_{precision}_roi_align", steppers, speedup=("torchvision", "rapidnet"))
     if args.det_channels_last:
         steppers = {"nchw": det_stepper()[0], "channels_last": det_stepper(channels_last=True)[0]}
-        race("mask_rcnn_b4_bf16_layout", steppers, speedup=("nchw", "channels_last"))
+        race("mask_rcnn_b4_{precision}_layout", steppers, speedup=("nchw", "channels_last"))
     if args.det_fpn_widths:  # the mosaic config's detector: 128-channel mask head, channels_last weights
         steppers = {f"fpn{w}": det_stepper(channels_last=True, fpn_channels=w, mask_head_channels=128)[0]
                     for w in args.det_fpn_widths}  # fmt: skip
-        race("mask_rcnn_b4_bf16_mask128", steppers)
-    det_step, trained, det = det_stepper()
-    if args.det_profile:
-        profile_detection_step(det_step, det, (images, targets))
+        race("mask_rcnn_b4_{precision}_mask128", steppers)
+    if args.det_profile:  # the mosaic config's detector: 128-channel FPN and mask head, channels_last weights
+        det_step, _, det = det_stepper(channels_last=True, fpn_channels=128, mask_head_channels=128)
+        profile_detection_step(det_step, det, (images, targets), amp)
         return
+    det_step, trained, det = det_stepper()
 
     seg_step = seg_stepper()
     for name, step in (("semantic_fpn_b8", seg_step), ("mask_rcnn_b4", det_step)):

@@ -4,11 +4,12 @@ count, interleaved, then a ``torch.profiler`` table of the slowest operators for
     python benchmarks/train_step_profile.py                     # the demo: rapidnet_ti, 10 classes, batch 128, 32x32
     python benchmarks/train_step_profile.py --resolution 224 --batch 32 --profile channels_last-fp32-t2
 
-Each setting is ``FORMAT-PRECISION-tTHREADS[-trim][-fused]``: ``contiguous`` or ``channels_last``; ``fp32`` or
-``bf16`` (CPU autocast); ``trim``: convs skip padding-only taps (``rapidnet.engine.conv_taps``, as the trainer does on
-a CPU); ``fused``: torch's fused AdamW (``optim.fused``). Steps of all settings are interleaved round by round after
-warm-up and reported as medians (images/s and the ratio to the first setting). The report also prints the CPU's name
-and its AMX/AVX-512 flags, because the answer differs between machines.
+Each setting is ``FORMAT-PRECISION-tTHREADS[-trim[-nopad]][-fused]``: ``contiguous`` or ``channels_last``; ``fp32``
+or ``bf16`` (CPU autocast); ``trim``: convs skip padding-only taps (``rapidnet.engine.conv_taps``, as the trainer does
+on a CPU); ``nopad``: trimmed depthwise convs pad narrow maps themselves rather than padding them first (the trim as
+it was before 2026-12-03); ``fused``: torch's fused AdamW (``optim.fused``). Steps of all settings are interleaved
+round by round after warm-up and reported as medians (images/s and the ratio to the first setting). The report also
+prints the CPU's name and its AMX/AVX-512 flags, because the answer differs between machines.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import rapidnet
-from rapidnet.engine.conv_taps import trim_padding_taps_
+from rapidnet.engine.conv_taps import PaddingTapsTrimmedConv2d, trim_padding_taps_
 from rapidnet.utils import cpu_flags, cpu_model
 
 SETTINGS = [
@@ -65,6 +66,9 @@ def main() -> None:
         model = copy.deepcopy(base).to(memory_format=fmt).train()
         if "trim" in extra:
             trim_padding_taps_(model)
+            for conv in model.modules():
+                if isinstance(conv, PaddingTapsTrimmedConv2d) and "nopad" in extra:
+                    conv.pad_narrow_depthwise = False
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused="fused" in extra)
         runs[setting] = (model, opt, x32.contiguous(memory_format=fmt), prec == "bf16", int(threads[1:]))
 

@@ -15,7 +15,20 @@ from rapidnet.engine.conv_taps import PaddingTapsTrimmedConv2d, kept_radius, tri
 
 @pytest.mark.parametrize(
     "kernel, dilation, groups, size",
-    [(3, 2, 1, 1), (3, 3, 1, 2), (3, 2, 1, 3), (7, 1, 8, 1), (7, 1, 8, 2), (7, 1, 8, 5), (3, 3, 2, 4), (5, 2, 1, 3)],
+    [
+        (3, 2, 1, 1),
+        (3, 3, 1, 2),
+        (3, 2, 1, 3),
+        (7, 1, 8, 1),
+        (7, 1, 8, 2),
+        (7, 1, 8, 5),
+        (3, 3, 2, 4),
+        (5, 2, 1, 3),
+        (3, 1, 8, 2),
+        (5, 1, 8, 3),
+        (3, 2, 8, 4),
+        (3, 1, 1, 2),  # depthwise windows wider than the map: padded first
+    ],
 )
 def test_trimmed_conv_matches_the_full_conv_in_values_and_gradients(kernel, dilation, groups, size):
     torch.manual_seed(kernel * 100 + dilation * 10 + size)
@@ -33,6 +46,28 @@ def test_trimmed_conv_matches_the_full_conv_in_values_and_gradients(kernel, dila
     torch.testing.assert_close(trimmed.weight.grad, full.weight.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(trimmed.bias.grad, full.bias.grad, rtol=1e-5, atol=1e-5)
     assert trimmed.state_dict().keys() == full.state_dict().keys()
+
+
+@pytest.mark.parametrize("groups, size, pads_first", [(8, 2, True), (8, 4, False), (1, 2, False), (2, 2, False)])
+def test_only_depthwise_convs_on_maps_narrower_than_their_window_are_padded_first(
+    monkeypatch, groups, size, pads_first
+):
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+    trim_padding_taps_(conv)
+    paddings = []
+    real_conv2d = torch.nn.functional.conv2d
+
+    def recording_conv2d(x, weight, bias=None, stride=1, padding=0, *rest):
+        paddings.append((tuple(x.shape[-2:]), padding))
+        return real_conv2d(x, weight, bias, stride, padding, *rest)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", recording_conv2d)
+    y = conv(torch.randn(2, 8, size, size))
+    assert y.shape[-2:] == (size, size)
+    if pads_first:  # oneDNN's slow backward for a depthwise window wider than its input is avoided
+        assert paddings == [((size + 2, size + 2), (0, 0))]
+    else:
+        assert paddings == [((size, size), (1, 1))]  # the conv pads the map itself
 
 
 def test_kept_radius_is_the_taps_that_overlap_the_map():
