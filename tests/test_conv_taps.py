@@ -24,10 +24,11 @@ from rapidnet.engine.conv_taps import PaddingTapsTrimmedConv2d, kept_radius, tri
         (7, 1, 8, 5),
         (3, 3, 2, 4),
         (5, 2, 1, 3),
+        # depthwise windows wider than the map (padded first), then a dense one (the conv pads)
         (3, 1, 8, 2),
         (5, 1, 8, 3),
         (3, 2, 8, 4),
-        (3, 1, 1, 2),  # depthwise windows wider than the map: padded first
+        (3, 1, 1, 2),
     ],
 )
 def test_trimmed_conv_matches_the_full_conv_in_values_and_gradients(kernel, dilation, groups, size):

@@ -17,10 +17,11 @@ EPYC (batch 128, channels_last, forward and backward) a 448-channel depthwise 3x
 6.8 ms padded first, a 7x7 on a 4x4 map 50.4 and 22.9 ms; six such convs held 43% of the demo step's conv backward
 time, and the whole step ran 1.52x faster (``benchmarks/train_step_profile.py``, settings ``-trim`` against
 ``-trim-nopad``). Dense convs got slower padded first (20.2 against 27.7 ms for a 224-channel 3x3 on a 2x2 map), so
-they keep the conv's own padding. Weights, their keys and the state
-dict are untouched. Wherever a tool records the graph (``torch.jit``, ``torch.fx``, ``torch.compile``/``export``,
-ONNX export, a dispatch mode such as ``FlopCounterMode``) or the tensor is not on the CPU, the conv runs in full,
-so nothing size-dependent reaches a traced or exported graph.
+they keep the conv's own padding.
+
+Weights, their keys and the state dict are untouched. Wherever a tool records the graph (``torch.jit``, ``torch.fx``,
+``torch.compile``/``export``, ONNX export, a dispatch mode such as ``FlopCounterMode``) or the tensor is not on the
+CPU, the conv runs in full, so nothing size-dependent reaches a traced or exported graph.
 """
 
 from __future__ import annotations
