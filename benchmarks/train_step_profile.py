@@ -66,8 +66,9 @@ def main() -> None:
         model = copy.deepcopy(base).to(memory_format=fmt).train()
         if "trim" in extra:
             trim_padding_taps_(model)
+        if "nopad" in extra:
             for conv in model.modules():
-                if isinstance(conv, PaddingTapsTrimmedConv2d) and "nopad" in extra:
+                if isinstance(conv, PaddingTapsTrimmedConv2d):
                     conv.pad_narrow_depthwise = False
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused="fused" in extra)
         runs[setting] = (model, opt, x32.contiguous(memory_format=fmt), prec == "bf16", int(threads[1:]))

@@ -15,22 +15,10 @@ from rapidnet.engine.conv_taps import PaddingTapsTrimmedConv2d, kept_radius, tri
 
 @pytest.mark.parametrize(
     "kernel, dilation, groups, size",
-    [
-        (3, 2, 1, 1),
-        (3, 3, 1, 2),
-        (3, 2, 1, 3),
-        (7, 1, 8, 1),
-        (7, 1, 8, 2),
-        (7, 1, 8, 5),
-        (3, 3, 2, 4),
-        (5, 2, 1, 3),
-        # depthwise windows wider than the map (padded first), then a dense one (the conv pads)
-        (3, 1, 8, 2),
-        (5, 1, 8, 3),
-        (3, 2, 8, 4),
-        (3, 1, 1, 2),
-    ],
-)
+    [(3, 2, 1, 1), (3, 3, 1, 2), (3, 2, 1, 3), (7, 1, 8, 1), (7, 1, 8, 2), (7, 1, 8, 5), (3, 3, 2, 4), (5, 2, 1, 3),
+     # depthwise windows wider than the map (padded first), then a dense one (the conv pads)
+     (3, 1, 8, 2), (5, 1, 8, 3), (3, 2, 8, 4), (3, 1, 1, 2)],
+)  # fmt: skip
 def test_trimmed_conv_matches_the_full_conv_in_values_and_gradients(kernel, dilation, groups, size):
     torch.manual_seed(kernel * 100 + dilation * 10 + size)
     full = nn.Conv2d(8, 8, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation, groups=groups)

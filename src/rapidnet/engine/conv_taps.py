@@ -66,15 +66,13 @@ class PaddingTapsTrimmedConv2d(nn.Conv2d):
         rh, rw = kept_radius(h, kh, dh), kept_radius(w, kw, dw)
         ch, cw = (kh - 1) // 2, (kw - 1) // 2
         ph, pw = rh * dh, rw * dw
-        weight = self.weight
-        if rh != ch or rw != cw:
-            weight = weight[:, :, ch - rh : ch + rh + 1, cw - rw : cw + rw + 1]
-        pad_first = self.pad_narrow_depthwise and self.groups == self.in_channels > 1
-        if pad_first and (ph or pw) and (h <= 2 * ph or w <= 2 * pw):  # a window wider than the map: pad first
-            x = F.pad(x, (pw, pw, ph, ph))
-            ph = pw = 0
-        elif weight is self.weight:
+        depthwise = self.groups == self.in_channels > 1
+        pad_first = self.pad_narrow_depthwise and depthwise and (h <= 2 * ph or w <= 2 * pw)  # window wider than map
+        if rh == ch and rw == cw and not pad_first:
             return super().forward(x)
+        weight = self.weight[:, :, ch - rh : ch + rh + 1, cw - rw : cw + rw + 1]
+        if pad_first:
+            x, ph, pw = F.pad(x, (pw, pw, ph, ph)), 0, 0
         return F.conv2d(x, weight, self.bias, 1, (ph, pw), self.dilation, self.groups)
 
 
