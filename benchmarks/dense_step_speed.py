@@ -166,6 +166,8 @@ def main() -> None:
     p.add_argument("--roi-pools", action="store_true", help="also time Mask R-CNN with torchvision's RoIAlign")
     p.add_argument("--det-channels-last", action="store_true", help="also time Mask R-CNN with channels_last weights")
     p.add_argument("--det-fpn-widths", type=int, nargs="*", default=[], help="also time Mask R-CNN at these FPN widths")
+    p.add_argument("--det-mask-widths", type=int, nargs="*", default=[],
+                   help="also time Mask R-CNN at these mask-head widths (128-channel FPN)")  # fmt: skip
     p.add_argument("--det-profile", action="store_true", help="only profile Mask R-CNN's step by part and op")
     p.add_argument(
         "--precision",
@@ -245,6 +247,10 @@ def main() -> None:
         steppers = {f"fpn{w}": det_stepper(channels_last=True, fpn_channels=w, mask_head_channels=128)[0]
                     for w in args.det_fpn_widths}  # fmt: skip
         race("mask_rcnn_b4_{precision}_mask128", steppers)
+    if args.det_mask_widths:  # the mosaic config's detector at other mask-head widths
+        steppers = {f"mask{w}": det_stepper(channels_last=True, fpn_channels=128, mask_head_channels=w)[0]
+                    for w in args.det_mask_widths}  # fmt: skip
+        race("mask_rcnn_b4_{precision}_fpn128", steppers)
     if args.det_profile:  # the mosaic config's detector: 128-channel FPN and mask head, channels_last weights
         det_step, _, det = det_stepper(channels_last=True, fpn_channels=128, mask_head_channels=128)
         profile_detection_step(det_step, det, (images, targets), amp)

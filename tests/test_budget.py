@@ -205,8 +205,24 @@ def test_a_one_epoch_run_of_a_last_epoch_milestone_trains_at_the_dropped_lr(budg
         ("train.time_budget=0", "train.time_budget"),
         ("train.time_budget=-5", "train.time_budget"),
         ("sched.decay_milestones=[-4]", "sched.decay_milestones"),
+        ("sched.warmup_epochs=0.5", "sched.warmup_epochs"),  # a fraction of an epoch, stepped once an epoch
     ],
 )
 def test_bad_budgets_and_milestones_are_config_errors(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(overrides=["train.epochs=3", override])
+
+
+def test_a_fractional_warm_up_spans_that_share_of_an_epochs_updates(budget_config, data, tmp_path):
+    """``sched.warmup_epochs: 0.5`` with per-update steps warms up over half an epoch's updates, then trains at the
+    full rate (the COCO configs give the paper's 500 iterations as 0.0682 of an epoch)."""
+    out = tmp_path / "half"
+    args = ["--config", str(budget_config), "--data", str(data), "--epochs", "2", "--output", str(out)]
+    args += ["--set", "sched.name=multistep", "--set", "sched.decay_rate=1.0", "--set", "sched.warmup_epochs=0.5"]
+    assert train(*args, "--set", "sched.step_on_epochs=false") == 0
+    lrs = [r["lr"] for r in read_jsonl(out / "steps.jsonl")]
+    top = max(lrs)
+    ramp = [lr for lr in lrs if lr < top * (1 - 1e-9)]
+    assert ramp == sorted(ramp) and len(set(ramp)) == len(ramp)  # strictly rising
+    assert lrs[len(ramp) :] == pytest.approx([top] * (len(lrs) - len(ramp)))  # then flat
+    assert abs(len(ramp) - STEPS / 2) <= 1 and len(lrs) == 2 * STEPS  # half of the first epoch

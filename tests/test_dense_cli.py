@@ -436,7 +436,8 @@ def test_det_train_selects_on_dev_and_reports_val_with_intervals(capsys, dev_mos
                          out, "--limit-train", 4, "--no-progress")  # fmt: skip
     assert code == 0 and "dev images 4" in text and "box AP on dev" in text
     epoch, final = _records(out)
-    assert {"dev_bbox_AP", "dev_segm_AP", "best_bbox_AP"} <= set(epoch) and "dev_bbox_AP_ci" not in epoch
+    assert {"dev_bbox_AP", "best_bbox_AP"} <= set(epoch) and "dev_bbox_AP_ci" not in epoch
+    assert "dev_segm_AP" not in epoch and "val_best_segm_AP" in final  # dev picks by boxes; val scores masks too
     assert final["best_epoch"] == 1 and final["val_best_bbox_AP"] == final["val_final_bbox_AP"]  # scored once
     code, shown, _ = _run(capsys, "det", "eval", "--checkpoint", out / "model_best.safetensors", "--data", dev_mosaic,
                           "--json")  # fmt: skip
@@ -447,7 +448,13 @@ def test_det_train_selects_on_dev_and_reports_val_with_intervals(capsys, dev_mos
                           "--split", "dev", "--bootstrap", 0, "--json")  # fmt: skip
     metrics = json.loads(shown)
     assert code == 0 and metrics["images"] == NUM_DEV and "bbox_AP_ci" not in metrics
-    assert _same(metrics["bbox_AP"], epoch["dev_bbox_AP"]) and _same(metrics["segm_AP"], epoch["dev_segm_AP"])
+    assert _same(metrics["bbox_AP"], epoch["dev_bbox_AP"]) and "segm_AP" in metrics
+    code, _, _ = _run(capsys, "det", "train", "--config", tmp_path / "det.yaml", "--data", dev_mosaic,
+                      "--output", tmp_path / "masks", "--limit-train", 4, "--no-progress",
+                      "--set", "task.dev_masks=true")  # fmt: skip
+    with_masks = _records(tmp_path / "masks")[0]
+    assert code == 0 and _same(with_masks["dev_segm_AP"], metrics["segm_AP"])
+    assert _same(with_masks["dev_bbox_AP"], epoch["dev_bbox_AP"])  # the same training: masks change no box
     code, shown, _ = _run(capsys, "det", "eval", "--checkpoint", out / "last.pt", "--data", dev_mosaic)
     assert code == 0 and re.search(rf"bbox_AP \d+\.\d\d {INTERVAL}  segm_AP \d+\.\d\d {INTERVAL}", shown)
 
@@ -468,6 +475,7 @@ def test_dev_split_mismatches_are_one_line_errors(capsys, dev_mosaic, mosaic, tm
 
     assert "select_on is dev" in train("seg", mosaic, "--set", "task.select_on=dev")
     assert "task.select_on='test'" in train("det", dev_mosaic, "--set", "task.select_on=test")
+    assert "task.dev_masks='yes please'" in train("det", dev_mosaic, "--set", "task.dev_masks=yes please")
     missing = tmp_path / "missing"
     shutil.copytree(dev_mosaic, missing)
     shutil.rmtree(missing / "annotations" / "dev")

@@ -83,6 +83,18 @@ def test_mask_rcnn_overfits_one_batch():
     preds = model(images, targets)  # eval ignores targets
     assert len(preds) == 2 and {"boxes", "labels", "scores", "masks"} <= set(preds[0])
     assert preds[0]["masks"].shape[1:] == (1, 64, 64)
+    assert len(preds[0]["boxes"]) > 0  # trained: something to compare boxes_only() against
+
+    mask_calls: list[int] = []
+    model.roi_heads.mask_head.register_forward_hook(lambda *_: mask_calls.append(1))
+    with torch.no_grad(), model.boxes_only():
+        boxes_only = model(images)
+    assert not mask_calls and "masks" not in boxes_only[0]
+    for full, fast in zip(preds, boxes_only, strict=True):
+        for key in ("boxes", "labels", "scores"):
+            assert torch.equal(full[key], fast[key]), key
+    with torch.no_grad():
+        assert "masks" in model(images)[0] and mask_calls  # the block restores the mask head
 
 
 def _segmentation_batch() -> tuple[list[torch.Tensor], list[dict]]:

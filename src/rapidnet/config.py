@@ -130,7 +130,7 @@ class SchedConfig:
     """Learning-rate schedule (timm ``create_scheduler_v2``); ``step_on_epochs: false`` updates it every step."""
 
     name: str = "cosine"
-    warmup_epochs: int = 20
+    warmup_epochs: float = 20  # fractions count updates where step_on_epochs is false (0.2: a fifth of an epoch)
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     cooldown_epochs: int = 0
@@ -487,6 +487,11 @@ def _validate(cfg: Config, source: str) -> None:
     need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "0 or more")
     need(cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0, "optim.clip_grad", "positive or null")
     need(cfg.sched.warmup_epochs >= 0, "sched.warmup_epochs", "0 or more")
+    need(
+        not cfg.sched.step_on_epochs or float(cfg.sched.warmup_epochs).is_integer(),
+        "sched.warmup_epochs",
+        "whole epochs where sched.step_on_epochs is true (a fraction needs step_on_epochs: false)",
+    )
     need(0 <= cfg.ema.decay < 1, "ema.decay", "in [0, 1)")
     need(0 <= cfg.distill.alpha <= 1, "distill.alpha", "in [0, 1]")
     need(cfg.distill.tau > 0, "distill.tau", "positive")

@@ -680,7 +680,7 @@ class Trainer:
         )
         lines.append(
             f"{cfg.optim.opt} lr {self.lr:.3g} ({self.lr_note}), wd {cfg.optim.weight_decay:g}, {cfg.sched.name} "
-            f"schedule, warm-up {cfg.sched.warmup_epochs} epoch(s); {self._epochs_text()} of {self.steps} steps"
+            f"schedule, warm-up {cfg.sched.warmup_epochs:g} epoch(s); {self._epochs_text()} of {self.steps} steps"
             + (f", EMA {cfg.ema.decay:g}" if cfg.ema.enabled else "")
         )
         board = next((c for c in self.callbacks if isinstance(c, TensorBoard)), None)

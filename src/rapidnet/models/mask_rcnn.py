@@ -12,8 +12,9 @@ float tensors in ``[0, 1]`` and ``targets`` a list of dicts (``boxes`` XYXY floa
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +46,18 @@ class RapidMaskRCNN(MaskRCNN):
         elif targets is None:
             raise ValueError("Mask R-CNN in train mode needs targets (boxes, labels, masks): call model.eval() first")
         return super().forward(list(images), None if targets is None else list(targets))
+
+    @contextlib.contextmanager
+    def boxes_only(self) -> Iterator[None]:
+        """Inside the block, eval mode returns boxes without masks. The mask head runs on every kept detection (up
+        to ``box_detections_per_img`` an image, against a few sampled RoIs in training), so an evaluation that needs
+        only box AP spends most of its time there."""
+        pool = self.roi_heads.mask_roi_pool
+        self.roi_heads.mask_roi_pool = None  # torchvision's RoIHeads.has_mask() is then False
+        try:
+            yield
+        finally:
+            self.roi_heads.mask_roi_pool = pool
 
 
 class TestSizeTransform(GeneralizedRCNNTransform):

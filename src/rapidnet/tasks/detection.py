@@ -1,16 +1,22 @@
 """Mask R-CNN detection and instance segmentation as an engine task (``rapidnet det train``): COCO-format data,
-box and mask AP, best weights by box AP (on the dev split when the data has one; see ``rapidnet.tasks._dense``)."""
+box and mask AP, best weights by box AP (on the dev split when the data has one; see ``rapidnet.tasks._dense``).
+
+The dev evaluations score boxes only by default (``task.dev_masks``): they exist to choose ``model_best`` by box AP,
+and the mask head on every detection took most of their time, time a budgeted run spends on training instead. The
+validation report always scores masks too."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from rapidnet.data.coco import CocoInstances
 from rapidnet.errors import ConfigError, DataError
 from rapidnet.metrics import CocoEvaluator
 from rapidnet.models.mask_rcnn import mask_rcnn
-from rapidnet.tasks._dense import _coco_split, _DenseTask, build_dense_eval_dataset
+from rapidnet.tasks._dense import _coco_split, _DenseTask, build_dense_eval_dataset, evaluate_dense
 
 __all__ = ["DETECTION_DEFAULTS", "DetectionTask"]
 
@@ -29,6 +35,7 @@ DETECTION_DEFAULTS: dict[str, Any] = {
     "train_split": None,  # default: train2017 when the COCO files exist, else train (the mosaic's)
     "val_split": None,
     "select_on": None,  # the split that chooses model_best: dev / val; default dev when the data has one
+    "dev_masks": False,  # score masks in the dev evaluations too (they choose by box AP; val always has masks)
     "bootstrap": 1000,  # resamples of the images for the reported 95% intervals (0: none)
     "model_kwargs": {},  # more mask_rcnn() arguments: anchor_sizes, rpn_*, box_* ...
 }
@@ -44,6 +51,11 @@ class DetectionTask(_DenseTask):
     primary_metric = "bbox_AP"
     higher_is_better = True
     metric_names = {"bbox_AP": "box AP", "segm_AP": "mask AP", "bbox_AP50": "box AP50"}
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        if not isinstance(self.opts["dev_masks"], bool):
+            raise ConfigError(f"task.dev_masks={self.opts['dev_masks']!r}: use true or false")
 
     def _open_data(self) -> tuple[Any, Any]:
 
@@ -70,6 +82,15 @@ class DetectionTask(_DenseTask):
     def make_evaluator(self, dataset: Any, bootstrap: int) -> Any:
 
         return CocoEvaluator.from_dataset(dataset, bootstrap=bootstrap)
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """The selection split; on dev, boxes only unless ``task.dev_masks`` (val, when it selects, scores both)."""
+        net = getattr(model, "module", model)  # DDP
+        if self.dev_loader is None or self.opts["dev_masks"] or not hasattr(net, "boxes_only"):
+            return super().evaluate(model)
+        evaluator = CocoEvaluator.from_dataset(self.dev_set, ("bbox",), bootstrap=0)
+        with net.boxes_only():
+            return evaluate_dense(model, self.dev_loader, evaluator, self.context.device, self.context.autocast)
 
     def eval_args(self) -> dict[str, Any]:
         return {"val_split": self.val_split}
