@@ -2,8 +2,8 @@
 
     python benchmarks/dense_step_speed.py [--backbone rapidnet_ti] [--rounds 6] [--threads 2]
                                           [--fpn-widths 256 128] [--roi-pools] [--det-channels-last]
-                                          [--det-fpn-widths 256 128] [--det-profile]
-                                          [--precision auto|bf16|fp32]
+                                          [--det-fpn-widths 256 128] [--det-mask-widths 128 64] [--det-profile]
+                                          [--precision auto|bf16|fp32] [--only-asked]
 
 Semantic FPN (batch 8, channels_last) and Mask R-CNN (batch 4, the mosaic config's RPN/RoI settings) train on
 128x128 inputs; fp32 and bf16 steps are interleaved round by round and the medians printed, with their ratio.
@@ -12,9 +12,11 @@ With ``--fpn-widths``, Semantic FPN's steps are also timed at each FPN width (in
 Mask R-CNN's steps with torchvision's RoIAlign against ours (``rapidnet.models.roi_align``); with
 ``--det-channels-last``, Mask R-CNN's steps with NCHW against channels_last weights (``train.channels_last``);
 with ``--det-fpn-widths``, the mosaic config's Mask R-CNN (128-channel mask head, channels_last) at each FPN width;
+with ``--det-mask-widths``, the same with a 128-channel FPN at each mask-head width;
 with ``--det-profile``, only where the mosaic config's Mask R-CNN step's time goes: ``torch.profiler`` over three
 steps, each part's share of the forward pass, the slowest operators with their input shapes, the FLOPs and the
-fraction of a matmul's rate at the same precision.
+fraction of a matmul's rate at the same precision. ``--only-asked`` skips the comparisons that always run (fp32
+against bf16 costs minutes on a CPU that emulates bf16).
 The optional comparisons and the profile run in bf16 autocast where oneDNN has bf16 kernels and in fp32 where it has
 not, as ``train.amp`` trains (``--precision bf16|fp32`` forces one). One JSON line per measurement.
 """
@@ -169,6 +171,7 @@ def main() -> None:
     p.add_argument("--det-mask-widths", type=int, nargs="*", default=[],
                    help="also time Mask R-CNN at these mask-head widths (128-channel FPN)")  # fmt: skip
     p.add_argument("--det-profile", action="store_true", help="only profile Mask R-CNN's step by part and op")
+    p.add_argument("--only-asked", action="store_true", help="skip the precision and AdamW comparisons that always run")
     p.add_argument(
         "--precision",
         choices=["auto", "bf16", "fp32"],
@@ -254,6 +257,8 @@ def main() -> None:
     if args.det_profile:  # the mosaic config's detector: 128-channel FPN and mask head, channels_last weights
         det_step, _, det = det_stepper(channels_last=True, fpn_channels=128, mask_head_channels=128)
         profile_detection_step(det_step, det, (images, targets), amp)
+        return
+    if args.only_asked:
         return
     det_step, trained, det = det_stepper()
 
