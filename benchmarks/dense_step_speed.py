@@ -11,9 +11,9 @@ Then one AdamW step over Mask R-CNN's trained parameters: torch's default (for-l
 With ``--fpn-widths``, Semantic FPN's steps are also timed at each FPN width (interleaved); with ``--roi-pools``,
 Mask R-CNN's steps with torchvision's RoIAlign against ours (``rapidnet.models.roi_align``); with
 ``--det-channels-last``, Mask R-CNN's steps with NCHW against channels_last weights (``train.channels_last``);
-with ``--det-fpn-widths``, the mosaic config's Mask R-CNN (128-channel mask head, channels_last) at each FPN width;
+with ``--det-fpn-widths``, Mask R-CNN with a 128-channel mask head (channels_last) at each FPN width;
 with ``--det-mask-widths``, the same with a 128-channel FPN at each mask-head width;
-with ``--det-profile``, only where the mosaic config's Mask R-CNN step's time goes: ``torch.profiler`` over three
+with ``--det-profile``, only where a 128-channel Mask R-CNN step's time goes: ``torch.profiler`` over three
 steps, each part's share of the forward pass, the slowest operators with their input shapes, the FLOPs and the
 fraction of a matmul's rate at the same precision. ``--only-asked`` skips the comparisons that always run (fp32
 against bf16 costs minutes on a CPU that emulates bf16).
@@ -246,15 +246,14 @@ def main() -> None:
     if args.det_channels_last:
         steppers = {"nchw": det_stepper()[0], "channels_last": det_stepper(channels_last=True)[0]}
         race("mask_rcnn_b4_{precision}_layout", steppers, speedup=("nchw", "channels_last"))
-    if args.det_fpn_widths:  # the mosaic config's detector: 128-channel mask head, channels_last weights
-        steppers = {f"fpn{w}": det_stepper(channels_last=True, fpn_channels=w, mask_head_channels=128)[0]
-                    for w in args.det_fpn_widths}  # fmt: skip
-        race("mask_rcnn_b4_{precision}_mask128", steppers)
-    if args.det_mask_widths:  # the mosaic config's detector at other mask-head widths
-        steppers = {f"mask{w}": det_stepper(channels_last=True, fpn_channels=128, mask_head_channels=w)[0]
-                    for w in args.det_mask_widths}  # fmt: skip
-        race("mask_rcnn_b4_{precision}_fpn128", steppers)
-    if args.det_profile:  # the mosaic config's detector: 128-channel FPN and mask head, channels_last weights
+    # one width varied, the other held at 128, channels_last weights
+    for varied, held, widths in (("fpn", "mask", args.det_fpn_widths), ("mask", "fpn", args.det_mask_widths)):
+        names = {"fpn": "fpn_channels", "mask": "mask_head_channels"}
+        steppers = {f"{varied}{w}": det_stepper(channels_last=True, **{names[varied]: w, names[held]: 128})[0]
+                    for w in widths}  # fmt: skip
+        if steppers:
+            race(f"mask_rcnn_b4_{{precision}}_{held}128", steppers)
+    if args.det_profile:  # 128-channel FPN and mask head, channels_last weights
         det_step, _, det = det_stepper(channels_last=True, fpn_channels=128, mask_head_channels=128)
         profile_detection_step(det_step, det, (images, targets), amp)
         return
