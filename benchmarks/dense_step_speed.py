@@ -13,10 +13,10 @@ Mask R-CNN's steps with torchvision's RoIAlign against ours (``rapidnet.models.r
 ``--det-channels-last``, Mask R-CNN's steps with NCHW against channels_last weights (``train.channels_last``);
 with ``--det-fpn-widths``, Mask R-CNN with a 128-channel mask head (channels_last) at each FPN width;
 with ``--det-mask-widths``, the same with a 128-channel FPN at each mask-head width;
-with ``--det-profile``, only where a 128-channel Mask R-CNN step's time goes: ``torch.profiler`` over three
-steps, each part's share of the forward pass, the slowest operators with their input shapes, the FLOPs and the
-fraction of a matmul's rate at the same precision. ``--only-asked`` skips the comparisons that always run (fp32
-against bf16 costs minutes on a CPU that emulates bf16).
+with ``--det-profile``, only where the mosaic config's Mask R-CNN step's time goes (128-channel FPN, 64-channel mask
+head): ``torch.profiler`` over three steps, each part's share of the forward pass, the slowest operators with their
+input shapes, the FLOPs and the fraction of a matmul's rate at the same precision. ``--only-asked`` skips the
+comparisons that always run (fp32 against bf16 costs minutes on a CPU that emulates bf16).
 The optional comparisons and the profile run in bf16 autocast where oneDNN has bf16 kernels and in fp32 where it has
 not, as ``train.amp`` trains (``--precision bf16|fp32`` forces one). One JSON line per measurement.
 """
@@ -253,8 +253,8 @@ def main() -> None:
                     for w in widths}  # fmt: skip
         if steppers:
             race(f"mask_rcnn_b4_{{precision}}_{held}128", steppers)
-    if args.det_profile:  # 128-channel FPN and mask head, channels_last weights
-        det_step, _, det = det_stepper(channels_last=True, fpn_channels=128, mask_head_channels=128)
+    if args.det_profile:  # the mosaic config's widths, channels_last weights
+        det_step, _, det = det_stepper(channels_last=True, fpn_channels=128, mask_head_channels=64)
         profile_detection_step(det_step, det, (images, targets), amp)
         return
     if args.only_asked:
