@@ -133,7 +133,7 @@ def measure_latency(variants: list[str], threads: int, rounds: int) -> dict[str,
             runners[variant, "eager"] = bench.make_runner("torch-cl", eager, x, threads, Path(tmp))
             workdir = Path(tmp) / slug(variant)
             workdir.mkdir()
-            runners[variant, "onnxruntime"] = bench.make_runner("ort-fp32", fused, x, threads, workdir)
+            runners[variant, "onnxruntime"] = bench.make_runner("onnx", fused, x, threads, workdir)
         for run in runners.values():  # warm-up
             for _ in range(3):
                 run()

@@ -69,8 +69,7 @@ def main() -> None:
     import torch
 
     from rapidnet.deploy.bench import build_inference_model
-    from rapidnet.deploy.export import export_onnx
-    from rapidnet.deploy.quantize import quantize_onnx
+    from rapidnet.deploy.onnx import export_onnx, quantize_onnx
 
     torch.set_num_threads(args.threads)
     shape = (1, 3, args.resolution, args.resolution)

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from rapidnet.deploy.bench import build_inference_model
-from rapidnet.deploy.export import export_executorch, export_openvino
-from rapidnet.deploy.runtimes import executorch_threads
+from rapidnet.deploy.executorch import executorch_threads, export_executorch
+from rapidnet.deploy.openvino import export_openvino
 
 
 def profile_executorch(model: torch.nn.Module, path: Path, x: torch.Tensor, rewrites: bool, runs: int) -> dict:

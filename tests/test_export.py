@@ -11,8 +11,9 @@ import torch
 
 import rapidnet
 from conftest import MICRO, randomize_, run_cli
-from rapidnet.deploy import export, export_onnx, ort_session, read_metadata, run_ort
-from rapidnet.deploy.export import coreml_spec_problems, verify_onnx
+from rapidnet.deploy import export, read_metadata, verify_file
+from rapidnet.deploy.coreml import coreml_spec_problems
+from rapidnet.deploy.onnx import export_onnx, ort_session, run_ort
 
 TOL = 1e-4
 
@@ -82,7 +83,7 @@ def test_onnx_features_only_has_named_outputs_and_matches(tmp_path):
 
 def test_verification_reports_a_wrong_model(tmp_path):
     path = export_onnx(_micro(seed=0), tmp_path / "a.onnx", (32, 32))
-    checks = verify_onnx(path, _micro(seed=1), {"random": torch.randn(1, 3, 32, 32)})
+    checks = verify_file(path, _micro(seed=1), {"random": torch.randn(1, 3, 32, 32)})
     assert checks[0].max_abs_diff > 1e-2 and not checks[0].passed(TOL)
 
 
@@ -141,7 +142,7 @@ def test_openvino_ir_matches_pytorch_in_openvino(tmp_path, features_only):
     size the export never saw (dynamic batch), with named inputs and outputs and the preprocessing metadata."""
     import openvino as ov
 
-    from rapidnet.deploy.export import openvino_session, run_openvino
+    from rapidnet.deploy.openvino import openvino_session, run_openvino
 
     model = _micro(features_only=features_only)
     result = export(model, tmp_path / "m.xml", "openvino", resolution=(64, 64), dynamic_batch=True)
@@ -162,7 +163,7 @@ def test_openvino_ir_matches_pytorch_in_openvino(tmp_path, features_only):
 def test_executorch_program_matches_pytorch_in_executorch(tmp_path, features_only):
     """The ``.pte`` (XNNPACK delegate) runs in ExecuTorch's runtime within 1e-4 of the unfused model; the lowering
     takes the plain folded graph (it fails on channels_last weights)."""
-    from rapidnet.deploy.export import executorch_method, run_executorch
+    from rapidnet.deploy.executorch import executorch_method, run_executorch
 
     model = rapidnet.deploy.cpu.optimize(_micro(features_only=features_only))  # handed an optimized model: undone
     result = export(model, tmp_path / "m.pte", "executorch", resolution=(64, 64))
@@ -174,7 +175,8 @@ def test_executorch_program_matches_pytorch_in_executorch(tmp_path, features_onl
 
 
 def test_new_formats_refuse_what_they_cannot_do(tmp_path):
-    from rapidnet.deploy.export import export_executorch, export_openvino
+    from rapidnet.deploy.executorch import export_executorch
+    from rapidnet.deploy.openvino import export_openvino
     from rapidnet.errors import ConfigError
 
     model = _micro()

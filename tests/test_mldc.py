@@ -79,8 +79,8 @@ def test_every_ablation_trains_folds_exports_and_loads_back(settings, tmp_path):
             torch.testing.assert_close(loaded(x), expected, rtol=1e-4, atol=1e-5)
     # ONNX export reloads with the same outputs
     pytest.importorskip("onnxruntime")
-    from rapidnet.deploy.export import export_onnx
-    from rapidnet.deploy.runtimes import load_runner
+    from rapidnet.deploy import load_runner
+    from rapidnet.deploy.onnx import export_onnx
 
     onnx_path = export_onnx(model, tmp_path / "m.onnx", resolution=(64, 64), batch_size=2)
     out = load_runner(onnx_path, threads=1)(x.numpy())

@@ -15,8 +15,10 @@ import rapidnet
 from conftest import MICRO, randomize_
 from rapidnet.cli.main import main
 from rapidnet.data import FASHION_MNIST_CLASSES, write_idx
-from rapidnet.deploy import calibration_dataset, compare_accuracy, eval_transform, ort_session, run_ort
-from rapidnet.deploy.quantize import ImageCalibrationReader, ImageFiles
+from rapidnet.deploy import calibration_dataset, compare_accuracy, eval_transform
+from rapidnet.deploy.common import rebatch
+from rapidnet.deploy.onnx import ort_session, run_ort
+from rapidnet.deploy.quantize import ImageFiles, numpy_batches
 from rapidnet.utils import subset_indices
 
 
@@ -140,7 +142,7 @@ def test_static_batch_export_and_array_calibration(tmp_path):
     """The benchmark's route: a fixed batch of 2 and synthetic calibration batches instead of a data set."""
     import onnx
 
-    from rapidnet.deploy import export_onnx, quantize_onnx
+    from rapidnet.deploy.onnx import export_onnx, quantize_onnx
 
     model = randomize_(rapidnet.create_model("rapidnet_ti", num_classes=10, **MICRO)).eval()
     fp32 = export_onnx(model, tmp_path / "b2.onnx", (32, 32), batch_size=2)
@@ -157,7 +159,7 @@ def test_weights_keep_to_7_bits_where_the_cpu_saturates(tmp_path, monkeypatch, s
     """x86 without VNNI (onnxruntime's u8s8 kernels overflow 16 bits): 7-bit weights, said in the report."""
     import onnx
 
-    import rapidnet.deploy.quantize as quantize
+    import rapidnet.deploy.onnx as quantize
 
     monkeypatch.setattr(quantize, "cpu_int8_saturates", lambda: saturates)
     model = randomize_(rapidnet.create_model("rapidnet_ti", num_classes=10, **MICRO)).eval()
@@ -223,11 +225,13 @@ def test_calibration_sources(tmp_path, fmnist):
     folder = calibration_dataset(tmp_path / "photos", eval_transform(cfg))
     assert isinstance(folder, ImageFiles) and len(folder) == 3
 
-    reader = ImageCalibrationReader(folder, range(3), "input", batch_size=2)
-    shapes = [batch["input"].shape for batch in iter(reader.get_next, None)]
-    assert shapes == [(2, 3, 32, 32), (1, 3, 32, 32)] and reader.seen == 3
-    reader.rewind()
-    assert reader.get_next()["input"].dtype == np.float32
+    singles = [images for images, _ in numpy_batches(folder, range(3), batch_size=1)]
+    assert [b.shape for b in singles] == [(1, 3, 32, 32)] * 3 and singles[0].dtype == np.float32
+    # a file made for batch 2 calibrates on batches of 2: the remainder dropped, or padded with its last image
+    assert [b.shape[0] for b in rebatch(singles, 2)] == [2]
+    padded = rebatch(singles, 2, pad=True)
+    assert [b.shape[0] for b in padded] == [2, 2] and np.array_equal(padded[1][0], padded[1][1])
+    assert [b.shape[0] for b in rebatch(singles[:1], 4)] == [4]  # never none at all
 
     idx = calibration_dataset(fmnist)
     assert len(idx) == 48 and idx[0][0].mode == "RGB"  # the train split, as RGB images
@@ -286,7 +290,7 @@ def runtime_quantized(request, tmp_path_factory, fmnist, micro_file) -> tuple[st
 
 
 def test_runtime_int8_is_quantized_and_agrees_with_fp32(runtime_quantized, fmnist, micro_file):
-    from rapidnet.deploy.runtimes import load_runner
+    from rapidnet.deploy import load_runner
 
     runtime, code, out = runtime_quantized
     assert code == 0 and out.is_file()
@@ -320,11 +324,12 @@ def test_runtime_int8_is_quantized_and_agrees_with_fp32(runtime_quantized, fmnis
 @pytest.mark.parametrize(
     ("extra", "output", "message"),
     [
-        (["--runtime", "openvino"], "q.onnx", "for openvino must end in .xml"),
-        ([], "q.tflite", "must end in .onnx (onnxruntime), .xml (OpenVINO) or .pte"),
-        (["--all-ops"], "q.xml", "onnxruntime options"),
-        (["--per-tensor"], "q.xml", "per channel"),
-        (["--save-fp32", "{tmp}/f.onnx"], "q.pte", "must be a executorch file ending in .pte"),
+        (["--runtime", "openvino"], "q.onnx", "OpenVINO int8 model"),
+        ([], "q.pt", "must end in one of .onnx (onnx), .xml (openvino), .pte (executorch)"),
+        (["--all-ops"], "q.xml", "--all-ops is not an option of OpenVINO's quantizer"),
+        (["--per-tensor"], "q.xml", "--per-tensor is not an option of OpenVINO's quantizer"),
+        (["--save-fp32", "{tmp}/f.onnx"], "q.pte", "--save-fp32 file"),
+        (["--save-fp32", "{tmp}/q.onnx"], "q.onnx", "name the same file"),
     ],
 )
 def test_runtime_quantize_bad_options_are_one_line(capsys, tmp_path, fmnist, micro_file, extra, output, message):
@@ -337,7 +342,7 @@ def test_runtime_quantize_bad_options_are_one_line(capsys, tmp_path, fmnist, mic
 
 def test_runner_chunks_a_fixed_batch_program():
     """A fixed-batch file runs any batch: chunks of its batch, the last one padded and cut back."""
-    from rapidnet.deploy.runtimes import Runner
+    from rapidnet.deploy import Runner
 
     calls: list[int] = []
 

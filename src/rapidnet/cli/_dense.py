@@ -17,6 +17,8 @@ from torchvision.transforms.v2 import functional as TF
 from rapidnet.cli.train import add_train_options, load_run_config, run_training
 from rapidnet.data import load_rgb
 from rapidnet.data.ade20k import SegEvalTransform
+from rapidnet.deploy import registry
+from rapidnet.deploy.dense import ExportedSegmenter
 from rapidnet.engine.distributed import resolve_device
 from rapidnet.errors import ConfigError, DataError
 from rapidnet.metrics import DEFAULT_BOOTSTRAP, CocoEvaluator, SegmentationMetrics
@@ -28,6 +30,12 @@ from rapidnet.visualize import draw_instances, draw_semantic, save_png
 
 _NAMES = {"detection": ("det", "Mask R-CNN", "a COCO-format folder (annotations/instances_{train,val}.json)"),
           "segmentation": ("seg", "Semantic FPN", "an ADE20K-layout folder (images/ and annotations/)")}  # fmt: skip
+
+
+CHECKPOINT_HELP = (
+    "model_best.safetensors, last.pt or best.pt of a run, or a file rapidnet export made of it (Semantic FPN: .onnx, "
+    ".xml, .pte, .tflite, .pt2)"
+)
 
 
 def add_dense_parser(sub: argparse._SubParsersAction, kind: str, doc: str) -> argparse.ArgumentParser:
@@ -50,7 +58,7 @@ def add_dense_parser(sub: argparse._SubParsersAction, kind: str, doc: str) -> ar
     )
 
     e = actions.add_parser("eval", help="metrics of a checkpoint on the validation split")
-    e.add_argument("--checkpoint", required=True, help="model_best.safetensors, last.pt or best.pt of a run")
+    e.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     e.add_argument("--data", required=True, help=f"data set: {data_text}")
     e.add_argument("--batch-size", type=int, default=2)
     e.add_argument("--device", default="auto")
@@ -75,7 +83,7 @@ def add_dense_parser(sub: argparse._SubParsersAction, kind: str, doc: str) -> ar
 
     r = actions.add_parser("predict", help="PNG overlays of the model's predictions")
     r.add_argument("images", nargs="+", help="image files")
-    r.add_argument("--checkpoint", required=True, help="model_best.safetensors, last.pt or best.pt of a run")
+    r.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     r.add_argument("--output", required=True, help="folder for the PNG overlays")
     r.add_argument("--device", default="auto")
     if kind == "detection":
@@ -150,7 +158,22 @@ def _with_interval(key: str, metrics: dict[str, Any]) -> str:
 
 
 def _load(path: str, kind: str, device: torch.device, use_ema: bool = True) -> tuple[Any, dict[str, Any]]:
-    """The dense model a checkpoint holds (``rapidnet.load``, which checks it is a ``kind`` one) on ``device``."""
+    """The dense model a checkpoint holds (``rapidnet.load``, which checks it is a ``kind`` one) on ``device``, or
+    an exported file of one run in its runtime (:mod:`rapidnet.deploy.dense`)."""
+    if registry.is_exported_file(path):
+        if kind != "segmentation":
+            raise ConfigError(f"{path}: exported {kind} models are not supported yet: pass the run's checkpoint")
+        runtime = registry.for_path(path)
+        runtime.require(f"running {Path(path).name}")
+        runner = runtime.load(path)
+        model = ExportedSegmenter(runner)
+        meta = runner.metadata
+        if not isinstance(meta.get("class_names"), list) or len(meta["class_names"]) != model.num_classes:
+            raise ConfigError(f"{path} carries no class names for its {model.num_classes} classes: re-export it")
+        meta.setdefault("eval_args", {})
+        if not isinstance(meta["eval_args"], dict):
+            raise ConfigError(f"{path} carries unreadable evaluation settings: re-export it")
+        return model, meta
     model, meta = load(path, task=kind, use_ema=use_ema)
     return model.to(device), meta
 

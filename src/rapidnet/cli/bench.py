@@ -1,4 +1,9 @@
-"""``rapidnet bench``: RapidNet beside its peers, latency and throughput, on this machine in one interleaved run."""
+"""``rapidnet bench``: RapidNet beside its peers, latency and throughput, on this machine in one interleaved run.
+
+``--models`` takes RapidNet variants, timm model names and ``semantic_fpn:<backbone>`` (the Semantic FPN graph a
+segmentation run exports); ``--backends`` the runtimes, ``<runtime>-int8`` for their int8 files. ``--checkpoint``
+times exported files as they are instead, each in its own runtime.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +11,41 @@ import argparse
 import json
 from pathlib import Path
 
+from rapidnet.deploy import registry
 from rapidnet.deploy.bench import (
-    BACKENDS,
     DEFAULT_MODELS,
     format_table,
     installed_backends,
     load_accuracies,
     plot_latency_vs_accuracy,
     run_benchmark,
+    run_file_benchmark,
 )
 from rapidnet.errors import ConfigError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency/throughput of RapidNet and peers", description=__doc__)
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="RapidNet variants and timm model names")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=list(DEFAULT_MODELS),
+        help="RapidNet variants, timm model names, semantic_fpn:<backbone>",
+    )
+    p.add_argument(
+        "--checkpoint",
+        nargs="+",
+        metavar="FILE",
+        help="exported files (.onnx, .xml, .pte, .tflite, .pt2) to time as they are, instead of --models/--backends",
+    )
     p.add_argument(
         "--backends",
         nargs="+",
-        help=f"of {', '.join(BACKENDS)} (default: every one installed here; cuda is skipped where absent)",
+        help=f"of {', '.join(registry.backend_names())} (default: every one installed here; cuda is skipped where "
+        "absent)",
     )
     p.add_argument("--resolution", type=int, nargs="+", default=[224], metavar="PX", help="H [W]")
-    p.add_argument("--batch", type=int, default=1, help="latency batch size")
+    p.add_argument("--batch", type=int, help="latency batch size (default 1; files: their own)")
     p.add_argument("--throughput-batch", type=int, default=0, help="also time this batch size (0: skip)")
     p.add_argument("--threads", type=int, default=2, help="threads for every backend (PyTorch, each runtime)")
     p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
@@ -40,22 +58,27 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if len(args.resolution) not in (1, 2):
         raise ConfigError("--resolution takes H or H W")
-    if args.threads < 1 or args.rounds < 1 or args.batch < 1:
+    if args.threads < 1 or args.rounds < 1 or (args.batch is not None and args.batch < 1):
         raise ConfigError("--threads, --rounds and --batch must be at least 1")
-    batches = [args.batch] + ([args.throughput_batch] if args.throughput_batch else [])
+    if args.checkpoint and args.backends:
+        raise ConfigError("--backends times models: a file given with --checkpoint runs in its own runtime")
+    batches = [args.batch or 1] + ([args.throughput_batch] if args.throughput_batch else [])
     accuracies = load_accuracies(args.accuracies)
-    backends = args.backends or installed_backends()
-    report = run_benchmark(
-        args.models, backends, (args.resolution[0], args.resolution[-1]), batches, args.threads, args.rounds
-    )
+    if args.checkpoint:
+        report = run_file_benchmark(args.checkpoint, args.batch, args.threads, args.rounds)
+    else:
+        backends = args.backends or installed_backends()
+        report = run_benchmark(
+            args.models, backends, (args.resolution[0], args.resolution[-1]), batches, args.threads, args.rounds
+        )
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     plot_backend = next(
-        (b for b in ("ort-fp32", "torch", "torch-cl") if any(r["backend"] == b for r in report["results"])), None
+        (b for b in ("onnx", "torch", "torch-cl") if any(r["backend"] == b for r in report["results"])), None
     )
     plot = (
-        plot_latency_vs_accuracy(report, accuracies, plot_backend, out / "latency_vs_top1.png", args.batch)
+        plot_latency_vs_accuracy(report, accuracies, plot_backend, out / "latency_vs_top1.png", args.batch or 1)
         if plot_backend
         else None
     )

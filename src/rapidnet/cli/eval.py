@@ -2,7 +2,9 @@
 
 Uses the checkpoint's eval transform (its stored ``pretrained_cfg``: resize ``size / crop_pct`` bicubic, centre
 crop), on any checkpoint this project or the authors wrote; ``--reparameterize`` evaluates the fused inference model
-(same accuracy).
+(same accuracy). An exported file (``.onnx``, ``.xml``, ``.pte``, ``.tflite``, ``.pt2``, TorchScript ``.pt``) is
+evaluated in its own runtime with the preprocessing it carries: fp32 files give the checkpoint's figures to float
+rounding.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from rapidnet.cli._args import fraction, int_in
 from rapidnet.config import Config
 from rapidnet.data import build_dataset
+from rapidnet.deploy import registry
 from rapidnet.deploy.cpu import optimize_
 from rapidnet.engine.distributed import DistInfo, resolve_device
 from rapidnet.engine.task import RunContext
@@ -35,7 +38,12 @@ from rapidnet.utils import subset_indices
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="top-1/top-5/loss of a checkpoint on a validation set", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="weights: model_best.safetensors, last.pt, authors' .pth, ...")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="weights (model_best.safetensors, last.pt, authors' .pth, ...) or an exported file (.onnx, .xml, .pte, "
+        ".tflite, .pt2)",
+    )
     p.add_argument(
         "--data",
         default="fashion-mnist",
@@ -77,7 +85,18 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < (0 if name == "workers" else 1):
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
     device = resolve_device(args.device)
-    model, metadata = load(args.checkpoint, model=args.model, use_ema=not args.raw_weights, task="classification")
+    exported = registry.is_exported_file(args.checkpoint)
+    if exported:
+        given = [
+            f for f in ("model", "input_size", "reparameterize", "raw_weights", "channels_last") if getattr(args, f)
+        ]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise ConfigError(f"{flag} does not apply to {args.checkpoint}: the exported file is the model as made")
+        device = torch.device("cpu")
+        model, metadata = registry.load_exported(args.checkpoint)
+    else:
+        model, metadata = load(args.checkpoint, model=args.model, use_ema=not args.raw_weights, task="classification")
     dataset = build_dataset(args.data, args.split)
     classes = list(dataset.classes)
     num_classes = getattr(model, "num_classes", len(classes))
@@ -88,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.checkpoint} was trained on {len(trained)} classes ({', '.join(trained[:3])}...) but "
                 f"{args.data} has {len(classes)} ({', '.join(classes[:3])}...): evaluate on the data it was trained on"
             )
-    elif num_classes != len(classes):
+    elif num_classes and num_classes != len(classes):
         raise DataError(
             f"{args.checkpoint} predicts {num_classes} classes but {args.data} has {len(classes)}: "
             "evaluate on a data set with the same classes"
@@ -127,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         "split": args.split,
         **metrics,
         "reparameterized": bool(args.reparameterize),
+        **({"runtime": model.runner.runtime} if exported else {}),
         "input_size": list(data_config["input_size"]),
         "crop_pct": data_config.get("crop_pct"),
         "interpolation": data_config.get("interpolation"),

@@ -1,11 +1,12 @@
-"""``rapidnet export``: the fused RapidNet as ONNX, TorchScript, Core ML, OpenVINO IR or ExecuTorch, checked against
-PyTorch.
+"""``rapidnet export``: the fused model as a file for any runtime (ONNX Runtime, OpenVINO, ExecuTorch, LiteRT,
+Core ML, TorchScript, AOTInductor), checked against PyTorch in that runtime.
 
-ONNX is run through onnxruntime, TorchScript through torch, OpenVINO IR (``.xml`` + ``.bin``) through OpenVINO's CPU
-plugin and ExecuTorch programs (``.pte``, XNNPACK delegate) through ExecuTorch's runtime, on a random and a real
-input; the largest difference from the PyTorch model is printed, and a mismatch beyond the tolerance exits with
-status 1. Core ML packages
-cannot run on Linux: their spec (input and output names, shapes) is checked and numerical checks are left to macOS.
+The file is run through its runtime on a random and a real input; the largest difference from the PyTorch model is
+printed, and a mismatch beyond the tolerance exits with status 1. Core ML packages cannot run on Linux: their spec
+(input and output names, shapes) is checked and numerical checks are left to macOS. The checkpoint's class names and
+preprocessing travel in the file's metadata (or a ``<file>.json`` beside it), so ``rapidnet predict`` and ``eval``
+run the file as they run the checkpoint. A Semantic FPN run's checkpoint exports too (``--resolution`` is the image size
+the file takes), for ``rapidnet seg eval`` and ``seg predict``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from pathlib import Path
 
 import torch
 
-from rapidnet.deploy.export import DEFAULT_OPSET, FORMATS, check_resolution, check_writable, export
+from rapidnet.deploy import registry
+from rapidnet.deploy.common import check_resolution, check_writable
+from rapidnet.deploy.dense import export_graph
+from rapidnet.deploy.export import export
+from rapidnet.deploy.onnx import DEFAULT_OPSET
 from rapidnet.errors import ConfigError
 from rapidnet.models import create_model, load
 from rapidnet.utils import refuse_overwriting_input
@@ -24,7 +29,7 @@ from rapidnet.utils import refuse_overwriting_input
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
-        help="export the fused model to ONNX / TorchScript / Core ML / OpenVINO / ExecuTorch",
+        help="export the fused model to ONNX / OpenVINO / ExecuTorch / LiteRT / Core ML / TorchScript / AOTInductor",
         description=__doc__,
     )
     p.add_argument(
@@ -33,17 +38,23 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "(or, for a timm checkpoint without metadata, it names the timm model)",
     )
     p.add_argument("--checkpoint", help="weights (any supported format); without one the weights are random")
-    p.add_argument("--format", default="onnx", choices=list(FORMATS), help="default: onnx")
+    p.add_argument(
+        "--format",
+        default="onnx",
+        type=registry.unalias,
+        choices=registry.file_runtimes(),
+        help="the runtime to export for (default: onnx)",
+    )
     p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the model's)")
     p.add_argument(
         "--dynamic-batch", action="store_true", help="symbolic batch dimension (Core ML: 1..64; not ExecuTorch)"
     )
     p.add_argument("--fp16", action="store_true", help="Core ML: compute in float16 (as the Neural Engine does)")
     p.add_argument("--features-only", action="store_true", help="export the backbone: 4 feature maps, no head")
-    p.add_argument("--output", help="output path (default: <model>[_features].onnx|.pt|.mlpackage|.xml|.pte)")
     p.add_argument(
-        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (17 or newer; default {DEFAULT_OPSET})"
+        "--output", help="output path (default: <model>[_features] with the format's suffix: .onnx, .xml, .pte, ...)"
     )
+    p.add_argument("--opset", type=int, help=f"ONNX opset (17 or newer; default {DEFAULT_OPSET})")
     p.add_argument("--tolerance", type=float, default=1e-4, help="allclose rtol=atol vs pytorch (default 1e-4)")
     p.add_argument(
         "--threads", type=int, default=1, help="torch/onnxruntime/OpenVINO threads for the check (default 1)"
@@ -66,16 +77,24 @@ def run(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     if args.resolution is not None:
         check_resolution(args.resolution)
-    if args.fp16 and args.format != "coreml":
-        raise ConfigError("--fp16 applies to --format coreml only: the other formats export fp32")
+    runtime = registry.get(args.format)
     stem = args.model or (Path(args.checkpoint).stem if args.checkpoint else "rapidnet_ti")
-    output = args.output or f"{stem}{'_features' if args.features_only else ''}{FORMATS[args.format]}"
-    # OpenVINO writes its weights to NAME.bin beside NAME.xml: that file must not be the source either
-    written = [Path(output), Path(output).with_suffix(".bin")] if args.format == "openvino" else [Path(output)]
-    refuse_overwriting_input(written, args.checkpoint)
+    output = args.output or f"{stem}{'_features' if args.features_only else ''}{runtime.suffix}"
+    # every file the export writes (OpenVINO's .bin, a sidecar .json) must not be the source either
+    refuse_overwriting_input(runtime.files(output), args.checkpoint)
     check_writable(output)
-    if args.checkpoint is not None:
-        model, _ = load(args.checkpoint, model=args.model, features_only=args.features_only, task="classification")
+    metadata = {}
+    resolution = args.resolution
+    if args.checkpoint is not None and not args.features_only:
+        model, meta = load(args.checkpoint, model=args.model)  # a classifier, or a task model of a dense run
+        if meta.get("task") in (None, "classification"):
+            if "class_names" in meta:
+                metadata["class_names"] = [str(n) for n in meta["class_names"]]
+        else:
+            model, metadata = export_graph(model, meta, args.resolution)
+            resolution = None  # the graph carries its size
+    elif args.checkpoint is not None:
+        model, _ = load(args.checkpoint, model=args.model, features_only=True, task="classification")
     else:
         model = create_model(args.model or "rapidnet_ti", features_only=args.features_only)
         print(f"note: no --checkpoint: {args.model or 'rapidnet_ti'} has RANDOM weights (fine for speed, not accuracy)")
@@ -83,13 +102,14 @@ def _export(args: argparse.Namespace) -> int:
         model,
         output,
         args.format,
-        resolution=args.resolution,
+        resolution=resolution,
         dynamic_batch=args.dynamic_batch,
         fp16=args.fp16,
         opset=args.opset,
         verify=not args.no_verify,
         tolerance=args.tolerance,
         threads=args.threads,
+        metadata=metadata,
     )
     print("\n".join(result.lines()))
     if not result.ok:

@@ -1,4 +1,9 @@
-"""``rapidnet predict IMAGE...``: top-k classes of images (files or folders) with a model's eval transform."""
+"""``rapidnet predict IMAGE...``: top-k classes of images (files or folders) with a model's eval transform.
+
+``--checkpoint`` takes weights (any format ``rapidnet.load`` reads) or a file ``rapidnet export`` wrote (``.onnx``,
+``.xml``, ``.pte``, ``.tflite``, ``.pt2``, TorchScript ``.pt``): that file runs in its own runtime, with the
+preprocessing and class names it carries.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 from rapidnet.cli._args import int_in
 from rapidnet.data import load_rgb
+from rapidnet.deploy import registry
 from rapidnet.deploy.cpu import optimize_
-from rapidnet.errors import DataError
+from rapidnet.errors import CheckpointError, ConfigError, DataError
 from rapidnet.models import create_model, load
 from rapidnet.models.checkpoint import MAX_CLASSES
 
@@ -24,7 +30,11 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".p
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify images", description=__doc__)
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--checkpoint", help="weights, any format (class names are read from this project's checkpoints)")
+    p.add_argument(
+        "--checkpoint",
+        help="weights, any format, or an exported file (.onnx, .xml, .pte, .tflite, .pt2); class names are read from "
+        "this project's checkpoints and exports",
+    )
     p.add_argument(
         "--model",
         help="variant without a checkpoint (default rapidnet_ti, random weights); with one, the timm model a file "
@@ -77,7 +87,13 @@ def channel_config(data_config: dict[str, Any]) -> dict[str, Any]:
 def class_names(metadata: Mapping[str, Any], num_classes: int) -> list[str]:
     """The stored class names (``rapidnet.load``'s decoded metadata), else ImageNet's for 1000 classes, else indices."""
     if "class_names" in metadata:
-        return [str(n) for n in metadata["class_names"]]
+        names = metadata["class_names"]
+        if not isinstance(names, (list, tuple)) or len(names) != num_classes:
+            count = len(names) if isinstance(names, (list, tuple)) else "no list of"
+            raise CheckpointError(
+                f"the model's metadata has {count} class names for {num_classes} outputs: re-export or re-save it"
+            )
+        return [str(n) for n in names]
     if num_classes == 1000:
         info = ImageNetInfo()
         return [info.index_to_description(i).split(",")[0] for i in range(1000)]
@@ -86,22 +102,30 @@ def class_names(metadata: Mapping[str, Any], num_classes: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     files = collect_images(args.images)
-    if args.checkpoint:
+    if args.checkpoint and registry.is_exported_file(args.checkpoint):
+        if args.model:
+            raise ConfigError(f"--model does not apply to {args.checkpoint}: the exported file is the model")
+        model, metadata = registry.load_exported(args.checkpoint)
+    elif args.checkpoint:
         model, metadata = load(args.checkpoint, model=args.model, task="classification")
+        model = optimize_(model)  # folded, plus the eager-CPU kernels (rapidnet.deploy.cpu); in place: ours
     else:
         name = args.model or "rapidnet_ti"
         print(f"note: no --checkpoint: {name} has RANDOM weights, so these predictions mean nothing")
-        model, metadata = create_model(name), {}
-    model = optimize_(model)  # folded, plus the eager-CPU kernels (rapidnet.deploy.cpu); in place: ours
+        model, metadata = optimize_(create_model(name)), {}
     data_config = channel_config(resolve_data_config(model=model))
     transform = create_transform(**data_config)
     mode = "L" if data_config["input_size"][0] == 1 else "RGB"
-    names = class_names(metadata, model.num_classes)
+    names: list[str] | None = None
     results = []
     for f in files:
         image = read_image(f).convert(mode)
         with torch.no_grad():
-            probs = model(transform(image).unsqueeze(0)).softmax(-1)[0]
+            logits = model(transform(image).unsqueeze(0))
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            raise ConfigError(f"{args.checkpoint} does not output class logits: predict takes classifiers")
+        probs = logits.float().softmax(-1)[0]
+        names = names or class_names(metadata, probs.numel())
         top = probs.topk(min(args.top_k, probs.numel()))
         preds = [
             {"class": names[i], "index": int(i), "prob": float(p)} for p, i in zip(top.values, top.indices, strict=True)

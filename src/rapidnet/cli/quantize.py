@@ -1,11 +1,11 @@
-"""``rapidnet quantize``: int8 post-training quantization for onnxruntime, OpenVINO or ExecuTorch (XNNPACK), each
-through its own quantizer, with an fp32-vs-int8 accuracy check in that runtime.
+"""``rapidnet quantize``: int8 post-training quantization for ONNX Runtime, OpenVINO, ExecuTorch (XNNPACK) or LiteRT,
+each through its own quantizer, with an fp32-vs-int8 accuracy check in that runtime.
 
 The runtime follows the output's suffix (``.onnx``: onnxruntime's static QDQ; ``.xml``: NNCF for OpenVINO; ``.pte``:
-pt2e with ExecuTorch's XNNPACKQuantizer), or ``--runtime``. Calibration images come from a folder, an ImageFolder
-root, a folder of Fashion-MNIST IDX files or ``fashion-mnist``. With ``--eval-data`` (a labelled data set) fp32 and
-int8 are compared on its held-out split: top-1 of each and how often they agree. A JSON report is written beside the
-output (same name, ``.json``).
+pt2e with ExecuTorch's XNNPACKQuantizer; ``.tflite``: ai-edge-quantizer for LiteRT), or ``--runtime``. Calibration
+images come from a folder, an ImageFolder root, a folder of Fashion-MNIST IDX files or ``fashion-mnist``. With
+``--eval-data`` (a labelled data set) fp32 and int8 are compared on its held-out split: top-1 of each and how often
+they agree. A JSON report is written beside the output (same name, ``.json``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
-from rapidnet.deploy.export import check_resolution
-from rapidnet.deploy.quantize import QUANTIZE_RUNTIMES, QUANTIZED_OPS, quantize_model
+from rapidnet.deploy import registry
+from rapidnet.deploy.common import check_resolution
+from rapidnet.deploy.dense import export_graph
+from rapidnet.deploy.onnx import QUANTIZED_OPS
+from rapidnet.deploy.quantize import quantize_model, runtime_for_output
 from rapidnet.errors import ConfigError
 from rapidnet.models import load
 from rapidnet.utils import refuse_overwriting_input
@@ -23,7 +26,7 @@ from rapidnet.utils import refuse_overwriting_input
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "quantize", help="int8 for onnxruntime, OpenVINO or ExecuTorch + accuracy check", description=__doc__
+        "quantize", help="int8 for ONNX Runtime, OpenVINO, ExecuTorch or LiteRT + accuracy check", description=__doc__
     )
     p.add_argument(
         "--model",
@@ -31,12 +34,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "metadata holds; optional, a checkpoint names its own",
     )
     p.add_argument(
-        "--checkpoint", required=True, help="weights (any supported format), or for onnxruntime an fp32 .onnx file"
+        "--checkpoint",
+        required=True,
+        help="weights (any supported format), or an fp32 file of the runtime made by rapidnet export (.onnx, .xml, "
+        ".tflite)",
     )
     p.add_argument(
         "--runtime",
-        choices=QUANTIZE_RUNTIMES,
-        help="whose quantizer and kernels (default: from --output: .onnx onnxruntime, .xml OpenVINO, .pte ExecuTorch)",
+        type=registry.unalias,
+        choices=registry.quantizing(),
+        help="whose quantizer and kernels (default: from --output: .onnx onnx, .xml openvino, .pte executorch, "
+        ".tflite litert)",
     )
     p.add_argument("--calib", required=True, help="calibration images: folder, data set root, or 'fashion-mnist'")
     p.add_argument("--calib-size", type=int, default=256, help="calibration images (0: all; default 256)")
@@ -45,7 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--output",
         required=True,
-        help="int8 model: M_int8.onnx, M_int8.xml (+ .bin) or M_int8.pte; the report goes to M_int8.json",
+        help="int8 model: M_int8.onnx, M_int8.xml (+ .bin), M_int8.pte or M_int8.tflite; the report goes to "
+        "M_int8.json",
     )
     p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the model's)")
     p.add_argument(
@@ -79,21 +88,34 @@ def run(args: argparse.Namespace) -> int:
     if args.resolution is not None:
         check_resolution(args.resolution)
     output = Path(args.output)
-    written = [output, output.with_suffix(".json")] + ([output.with_suffix(".bin")] if output.suffix == ".xml" else [])
+    inputs = (args.checkpoint, args.calib, args.eval_data)
+    refuse_overwriting_input([output, output.with_suffix(".json")], *inputs)  # before any other complaint
+    runtime = runtime_for_output(args.output, args.runtime)
+    written = [*runtime.files(output), output.with_suffix(".json")]
     if args.save_fp32:
-        fp32 = Path(args.save_fp32)
-        written += [fp32] + ([fp32.with_suffix(".bin")] if fp32.suffix == ".xml" else [])
-    refuse_overwriting_input(written, args.checkpoint, args.calib, args.eval_data)
-    is_onnx = Path(args.checkpoint).suffix.lower() == ".onnx"
-    if is_onnx and args.model:
-        raise ConfigError("--model does not apply to an .onnx input: the file is the model")
-    if is_onnx and args.save_fp32:
-        raise ConfigError("--save-fp32 applies to checkpoints: the .onnx given is already the fp32 model")
-    if is_onnx:
+        written += runtime.files(args.save_fp32)
+    refuse_overwriting_input(written, *inputs)
+    # two outputs of one command must not be one file either
+    if args.save_fp32 and len({str(Path(p).expanduser().resolve()) for p in written}) < len(written):
+        raise ConfigError(f"--save-fp32 {args.save_fp32} and --output {args.output} name the same file: give two")
+    is_file = registry.is_exported_file(args.checkpoint)
+    if is_file and args.model:
+        raise ConfigError(f"--model does not apply to {args.checkpoint}: the file is the model")
+    if is_file and args.save_fp32:
+        raise ConfigError(f"--save-fp32 applies to checkpoints: {args.checkpoint} is already the fp32 model")
+    extra = None
+    if is_file:
         source, names = args.checkpoint, None
     else:
-        source, metadata = load(args.checkpoint, model=args.model, task="classification")
+        source, metadata = load(args.checkpoint, model=args.model)
         names = [str(n) for n in metadata["class_names"]] if "class_names" in metadata else None
+        if metadata.get("task") not in (None, "classification"):  # a dense run: its exported graph, its settings
+            if args.eval_data:
+                raise ConfigError(
+                    "--eval-data checks classifiers: score both files of a task model with 'rapidnet seg eval'"
+                )
+            source, extra = export_graph(source, metadata, args.resolution)
+            names = None
     report = quantize_model(
         source,
         args.output,
@@ -113,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         reduce_range={"auto": None, "on": True, "off": False}[args.reduce_range],
         class_names=names,
         source_label=args.checkpoint,
+        metadata=extra,
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else "\n".join(report.lines()))
     return 0

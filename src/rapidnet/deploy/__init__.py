@@ -1,77 +1,75 @@
-"""Deployment: export the fused RapidNet (ONNX, TorchScript, Core ML, OpenVINO IR, ExecuTorch), quantize it to int8
-through each runtime's own quantizer (onnxruntime, NNCF for OpenVINO, pt2e + XNNPACKQuantizer for ExecuTorch), run
-the files (:func:`load_runner`) and benchmark them.
+"""Deployment: one module per runtime behind one registry, and the verbs that use them.
+
+Runtimes (:mod:`rapidnet.deploy.registry` maps one name and one file suffix to each): ``onnx`` (ONNX Runtime),
+``openvino``, ``executorch`` (XNNPACK), ``litert`` (.tflite), ``coreml``, ``torchscript``, ``aoti`` (AOTInductor
+.pt2), and the benchmark's eager backends ``torch``, ``torch-cl``, ``torch-compile`` and ``cuda``. Each module holds
+what its runtime needs: export, load-and-run, int8 through the runtime's own quantizer, graph rewrites, bench backend.
+The verbs are :func:`export` (file + check against PyTorch), :func:`quantize_model` (int8 + accuracy check),
+:func:`load_runner` (run any exported file) and :mod:`rapidnet.deploy.bench`.
 
 :func:`optimize` (``rapidnet.deploy.cpu``) is the explicit eager-CPU inference pass; exports never take it.
-``rapidnet.deploy.xnnpack`` holds the XNNPACK-only graph rewrites the ExecuTorch exporter applies.
 """
 
-from rapidnet.deploy.cpu import deoptimize_, optimize, optimize_
-from rapidnet.deploy.export import (
-    FORMATS,
-    ExportResult,
-    check_resolution,
+from __future__ import annotations
+
+import os
+
+from rapidnet.deploy import registry
+from rapidnet.deploy.common import (
+    Check,
+    Runner,
+    Runtime,
+    compare_outputs,
     eval_transform,
-    export,
-    export_coreml,
-    export_executorch,
-    export_onnx,
-    export_openvino,
-    export_torchscript,
-    ort_session,
+    export_metadata,
     prepare_model,
     preprocess_config,
-    read_metadata,
-    run_ort,
-    sample_inputs,
 )
+from rapidnet.deploy.cpu import deoptimize_, optimize, optimize_
+from rapidnet.deploy.export import ExportResult, export, sample_inputs, verify_file
 from rapidnet.deploy.quantize import (
     Agreement,
-    ArrayCalibrationReader,
-    ImageCalibrationReader,
     QuantizeReport,
     calibration_dataset,
     compare_accuracy,
     numpy_batches,
-    quantize_executorch,
     quantize_model,
-    quantize_onnx,
-    quantize_openvino,
 )
-from rapidnet.deploy.runtimes import Runner, load_runner, openvino_session
+
+
+def load_runner(path: str | os.PathLike, threads: int | None = None) -> Runner:
+    """Load any exported file (its runtime from the suffix) to run numpy batches: ``runner(x) -> [outputs]``."""
+    return registry.for_path(path).load(path, threads)
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata JSON an exported file carries (preprocessing, outputs, class names; ``{}`` if none)."""
+    return registry.for_path(path).read_metadata(path)
+
 
 __all__ = [
-    "FORMATS",
     "Agreement",
-    "ArrayCalibrationReader",
+    "Check",
     "ExportResult",
-    "ImageCalibrationReader",
     "QuantizeReport",
     "Runner",
+    "Runtime",
     "calibration_dataset",
-    "check_resolution",
     "compare_accuracy",
+    "compare_outputs",
     "deoptimize_",
     "eval_transform",
     "export",
-    "export_coreml",
-    "export_executorch",
-    "export_onnx",
-    "export_openvino",
-    "export_torchscript",
+    "export_metadata",
     "load_runner",
     "numpy_batches",
-    "openvino_session",
     "optimize",
     "optimize_",
-    "ort_session",
     "prepare_model",
     "preprocess_config",
-    "quantize_executorch",
     "quantize_model",
-    "quantize_onnx",
-    "quantize_openvino",
     "read_metadata",
-    "run_ort",
+    "registry",
     "sample_inputs",
+    "verify_file",
 ]

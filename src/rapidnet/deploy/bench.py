@@ -14,7 +14,6 @@ which).
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib.metadata
 import importlib.util
 import json
@@ -34,12 +33,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rapidnet.deploy import cpu
-from rapidnet.deploy.export import export_executorch, export_onnx, export_openvino
-from rapidnet.deploy.quantize import quantize_executorch, quantize_onnx, quantize_openvino
-from rapidnet.deploy.runtimes import executorch_method, executorch_threads, openvino_session, ort_session, require
+from rapidnet.deploy import cpu, registry
 from rapidnet.errors import ConfigError
-from rapidnet.models import RapidNet, create_model, is_rapidnet, reparameterize
+from rapidnet.models import create_model, is_rapidnet, reparameterize
 from rapidnet.models.complexity import count_gmacs, count_params
 from rapidnet.utils import cpu_model
 
@@ -54,28 +50,6 @@ DEFAULT_PEERS = (
     "mobilenetv4_conv_medium",
 )
 DEFAULT_MODELS = ("rapidnet_ti", *DEFAULT_PEERS)
-BACKENDS = (
-    "torch",
-    "torch-cl",
-    "ort-fp32",
-    "ort-int8",
-    "openvino",
-    "openvino-int8",
-    "executorch",
-    "executorch-int8",
-    "cuda",
-)
-CPU_BACKENDS = tuple(b for b in BACKENDS if b != "cuda")
-# The backends whose runtime is an optional package, and the package.
-_BACKEND_PACKAGES = {
-    "ort-fp32": "onnxruntime",
-    "ort-int8": "onnxruntime",
-    "openvino": "openvino",
-    "openvino-int8": "nncf",
-    "executorch": "executorch",
-    "executorch-int8": "executorch",
-}
-
 # ImageNet-1K top-1 as reported in each model's paper (used for the accuracy-latency plot when no results file is
 # given). Only figures we can source: SPEC.md quotes the RapidNet paper for these two.
 PAPER_TOP1: dict[str, tuple[float, str]] = {
@@ -93,6 +67,7 @@ class BenchResult:
     resolution: tuple[int, int]
     params: int
     gmacs: float
+    device: str = "cpu"
     times_ms: list[float] = field(default_factory=list, repr=False)
 
     @property
@@ -101,38 +76,53 @@ class BenchResult:
 
     def summary(self, peak_gflops: float | None) -> dict[str, Any]:
         q1, _, q3 = statistics.quantiles(self.times_ms, n=4) if len(self.times_ms) > 1 else [self.median_ms] * 3
-        gflops = 2 * self.gmacs * self.batch / (self.median_ms / 1e3)
+        gflops = 2 * self.gmacs * self.batch / (self.median_ms / 1e3) if self.gmacs else None  # files: unknown
         out = {k: v for k, v in asdict(self).items() if k != "times_ms"}
         out.update(
             median_ms=round(self.median_ms, 3),
             p25_ms=round(q1, 3),
             p75_ms=round(q3, 3),
             images_per_s=round(self.batch / (self.median_ms / 1e3), 1),
-            achieved_gflops=round(gflops, 1),
+            achieved_gflops=round(gflops, 1) if gflops else None,
             # of the fp32 peak: an int8 model's arithmetic has another ceiling, and the GPU is not measured
             fraction_of_peak=round(gflops / peak_gflops, 3)
-            if peak_gflops and self.backend != "cuda" and not self.backend.endswith("int8")
+            if gflops and peak_gflops and self.device == "cpu" and not self.backend.endswith("int8")
             else None,
             samples=len(self.times_ms),
         )
         return out
 
 
+SEGMENTER = "semantic_fpn:"  # "semantic_fpn:<backbone>": ADE20K's Semantic FPN (150 classes) over that backbone
+
+
 def check_model_names(names: Iterable[str]) -> None:
     """Reject unknown names before any work starts."""
     known = set(timm.list_models())
     for name in names:
-        if not is_rapidnet(name) and name.split(".")[0] not in known:
-            raise ConfigError(f"unknown model {name!r}: give a RapidNet variant or any timm model name")
+        backbone = name.removeprefix(SEGMENTER)
+        if not is_rapidnet(backbone) and backbone.split(".")[0] not in known:
+            raise ConfigError(
+                f"unknown model {name!r}: give a RapidNet variant or any timm model name, or {SEGMENTER}<one of them>"
+            )
 
 
-def build_inference_model(name: str, cpu_optimized: bool = False) -> nn.Module:
+def build_inference_model(
+    name: str, cpu_optimized: bool = False, resolution: Sequence[int] = (512, 512)
+) -> nn.Module:
     """A model in the form one would deploy: RapidNet fused; timm models reparameterized where they can be.
 
     RapidNet is the plain folded graph (what the exporters take), or with ``cpu_optimized`` its eager-CPU form
-    (:func:`rapidnet.deploy.cpu.optimize`); the flag changes nothing for timm models.
+    (:func:`rapidnet.deploy.cpu.optimize`); the flag changes nothing for timm models. ``semantic_fpn:<backbone>`` is
+    the exported graph of a Semantic FPN (ADE20K's 150 classes, the paper's 256-channel FPN) at ``resolution``.
     """
     check_model_names([name])
+    if name.startswith(SEGMENTER):
+        from rapidnet.deploy.dense import SegmenterGraph
+        from rapidnet.models.semantic_fpn import semantic_fpn
+
+        model = semantic_fpn(name.removeprefix(SEGMENTER), num_classes=150, drop_path_rate=0.0).eval()
+        return timm.utils.reparameterize_model(SegmenterGraph(model, resolution))
     if is_rapidnet(name):
         fused = reparameterize(create_model(name))
         return cpu.optimize_(fused) if cpu_optimized else fused
@@ -163,155 +153,52 @@ def measure_matmul_peak(threads: int, size: int = 1024, repeats: int = 10) -> tu
     flops = 2 * size**3
     peaks = {f"PyTorch {torch.__version__} matmul": flops / best_seconds(lambda: a @ b, repeats) / 1e9}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, runner in _runtime_matmuls(b, threads, Path(tmp)):
-            with contextlib.suppress(Exception):  # a runtime that cannot build the probe just does not compete
-                peaks[label] = flops / best_seconds(lambda r=runner: r(a.numpy()), repeats) / 1e9
+        for name in registry.names():
+            # a runtime that is missing or cannot build the probe just does not compete
+            with contextlib.suppress(Exception):
+                runtime = registry.get(name)
+                probe = runtime.matmul_probe(b.numpy(), threads, Path(tmp)) if runtime.available() else None
+                if probe is not None:
+                    label, runner = probe
+                    peaks[label] = flops / best_seconds(lambda r=runner: r(a.numpy()), repeats) / 1e9
     best = max(peaks, key=peaks.get)
     return peaks[best], best
 
 
-def _runtime_matmuls(b: torch.Tensor, threads: int, workdir: Path) -> Iterable[tuple[str, Callable[[Any], Any]]]:
-    """``x @ b`` in onnxruntime and OpenVINO, where installed (the model is a single MatMul with ``b`` constant)."""
-    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
-        import onnx
-        import onnxruntime
-        from onnx import TensorProto, helper, numpy_helper
-
-        n = b.shape[0]
-        graph = helper.make_graph(
-            [helper.make_node("MatMul", ["x", "b"], ["y"])],
-            "matmul",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
-            [numpy_helper.from_array(b.numpy(), "b")],
-        )
-        path = workdir / "matmul.onnx"
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-        session = ort_session(path, threads, config_entries={"session.intra_op.allow_spinning": "0"})
-        yield f"onnxruntime {onnxruntime.__version__} MatMul (MLAS)", lambda x: session.run(None, {"x": x})
-    if importlib.util.find_spec("openvino"):
-        import openvino as ov
-        from openvino import opset13 as ops
-
-        x = ops.parameter(list(b.shape), ov.Type.f32)
-        model = ov.Model([ops.matmul(x, ops.constant(b.numpy()), False, False)], [x])
-        compiled = ov.Core().compile_model(
-            model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
-        )
-        yield f"OpenVINO {ov.__version__} MatMul (oneDNN)", lambda x: compiled(x)
-
-
-# ---- backends: each turns (model, example input) into a zero-argument callable that runs one forward ------------
-
-
-def _torch_runner(model: nn.Module, x: torch.Tensor, channels_last: bool) -> Callable[[], Any]:
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def run() -> Any:
-        with torch.inference_mode():
-            return model(x)
-
-    return run
-
-
-def _cuda_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
-    model = model.cuda().to(memory_format=torch.channels_last)
-    x = x.cuda().contiguous(memory_format=torch.channels_last)
-
-    def run() -> Any:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
-            out = model(x)
-        torch.cuda.synchronize()
-        return out
-
-    return run
-
-
-def _ort_runner(model: nn.Module, x: torch.Tensor, threads: int, workdir: Path, int8: bool) -> Callable[[], Any]:
-
-    path = workdir / f"{id(model)}_{x.shape[0]}.onnx"
-    export_onnx(model, path, resolution=tuple(x.shape[-2:]), batch_size=x.shape[0])
-    if int8:
-        path = quantize_onnx(path, workdir / f"{path.stem}_int8.onnx", _calibration_batches(x))
-    # no spin-waiting: idle onnxruntime workers would otherwise steal the cores of the next (interleaved) contestant
-    session = ort_session(path, threads, config_entries={"session.intra_op.allow_spinning": "0"})
-    feed = {session.get_inputs()[0].name: x.numpy()}
-    return lambda: session.run(None, feed)
-
-
-def _calibration_batches(x: torch.Tensor, n: int = 4) -> list[np.ndarray]:
-    return [np.random.default_rng(i).standard_normal(tuple(x.shape)).astype(np.float32) for i in range(n)]
-
-
-def _openvino_runner(model: nn.Module, x: torch.Tensor, threads: int, workdir: Path, int8: bool) -> Callable[[], Any]:
-    path = workdir / f"{id(model)}_{x.shape[0]}.xml"
-    export_openvino(model, path, resolution=tuple(x.shape[-2:]), batch_size=x.shape[0])
-    if int8:
-        path = quantize_openvino(path, workdir / f"{path.stem}_int8.xml", _calibration_batches(x))
-    compiled = openvino_session(path, threads)
-    arr = x.numpy()
-    return lambda: compiled(arr)
-
-
-def _executorch_runner(model: nn.Module, x: torch.Tensor, threads: int, workdir: Path, int8: bool) -> Callable[[], Any]:
-    path = workdir / f"{id(model)}_{x.shape[0]}{'_int8' if int8 else ''}.pte"
-    hw = tuple(x.shape[-2:])
-    if int8:
-        calibration = [torch.from_numpy(a) for a in _calibration_batches(x)]
-        quantize_executorch(model, path, calibration, hw, batch_size=x.shape[0])
-    else:
-        export_executorch(model, path, hw, batch_size=x.shape[0])
-    method = executorch_method(path)
-    inputs = [x.contiguous()]
-    return lambda: method.execute(inputs)
-
-
-def make_runner(backend: str, model: nn.Module, x: torch.Tensor, threads: int, workdir: Path) -> Callable[[], Any]:
-    if backend == "torch":
-        return _torch_runner(model, x, channels_last=False)
-    if backend == "torch-cl":
-        return _torch_runner(model, x, channels_last=True)
-    if backend in ("ort-fp32", "ort-int8"):
-        return _ort_runner(model, x, threads, workdir, int8=backend == "ort-int8")
-    if backend in ("openvino", "openvino-int8"):
-        return _openvino_runner(model, x, threads, workdir, int8=backend.endswith("int8"))
-    if backend in ("executorch", "executorch-int8"):
-        return _executorch_runner(model, x, threads, workdir, int8=backend.endswith("int8"))
-    if backend == "cuda":
-        return _cuda_runner(model, x)
-    raise ConfigError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
+# ---- backends: "<runtime>" and "<runtime>-int8", each turned into a zero-argument callable by its runtime -------
 
 
 def installed_backends() -> list[str]:
     """Every backend this machine can run: CUDA where there is a GPU, the runtimes whose packages are installed."""
-    return [
-        b
-        for b in BACKENDS
-        if (b != "cuda" or torch.cuda.is_available())
-        and (b not in _BACKEND_PACKAGES or importlib.util.find_spec(_BACKEND_PACKAGES[b]) is not None)
-    ]
+    out = []
+    for name in registry.backend_names():
+        runtime, _ = registry.parse_backend(name)
+        if runtime.available():
+            out.append(name)
+    return out
 
 
 def available_backends(requested: Iterable[str]) -> list[str]:
-    """Reject unknown names; drop CUDA where there is none, and a runtime backend whose package is missing (a
-    one-line error naming the install command)."""
+    """The one name of each requested backend; unknown names are refused, CUDA is dropped where there is none, and a
+    runtime whose package is missing is a one-line error naming the install command."""
     out = []
     for b in requested:
-        if b not in BACKENDS:
-            raise ConfigError(f"unknown backend {b!r}: choose from {', '.join(BACKENDS)}")
-        if b == "cuda" and not torch.cuda.is_available():
-            continue
-        if b in _BACKEND_PACKAGES:
-            require(_BACKEND_PACKAGES[b], f"the {b} backend")
-        out.append(b)
+        runtime, _ = registry.parse_backend(b)
+        if runtime.device != "cpu" and not runtime.available():
+            continue  # an accelerator backend where there is none: skipped, as "every backend here" means
+        runtime.require(f"the {b} backend")
+        out.append(registry.backend_name(b))
     return out
+
+
+def make_runner(backend: str, model: nn.Module, x: torch.Tensor, threads: int, workdir: Path) -> Callable[[], Any]:
+    runtime, int8 = registry.parse_backend(backend)
+    return runtime.bench_runner(model, x, threads, workdir, int8=int8)
 
 
 def run_benchmark(
     models: Sequence[str] = DEFAULT_MODELS,
-    backends: Sequence[str] = ("torch", "torch-cl", "ort-fp32", "ort-int8"),
+    backends: Sequence[str] = ("torch", "torch-cl", "onnx", "onnx-int8"),
     resolution: int | tuple[int, int] = 224,
     batch_sizes: Sequence[int] = (1,),
     threads: int = 2,
@@ -328,21 +215,23 @@ def run_benchmark(
     torch.set_num_threads(threads)
     backends = available_backends(backends)
     peak, peak_source = measure_matmul_peak(threads)
-    # ExecuTorch's thread pool is per process and can only be sized before its first program is loaded
-    et_threads = executorch_threads(threads) if any(b.startswith("executorch") for b in backends) else None
+    # facts each runtime states about its threads (ExecuTorch's pool is per process, sized before the first program)
+    thread_facts: dict[str, Any] = {}
+    for backend in backends:
+        thread_facts |= registry.parse_backend(backend)[0].bench_setup(threads)
     results: dict[tuple[str, str, int], BenchResult] = {}
     runners: dict[tuple[str, str, int], Callable[[], Any]] = {}
     failures: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in tqdm(models, desc="preparing", disable=not progress):
-            model = build_inference_model(name)
+            model = build_inference_model(name, resolution=hw)
             params, gmacs = count_params(model), count_gmacs(model, hw)
             for batch in batch_sizes:
                 x = torch.randn(batch, 3, *hw)
                 for backend in backends:
                     key = (name, backend, batch)
                     try:
-                        runner = make_runner(backend, _copy_for(backend, model), x, threads, Path(tmp))
+                        runner = make_runner(backend, model, x, threads, Path(tmp))
                         for _ in range(warmup):
                             runner()
                     except ConfigError:
@@ -352,28 +241,70 @@ def run_benchmark(
                         failures.append({"model": name, "backend": backend, "batch": batch, "error": reason})
                         continue
                     runners[key] = runner
-                    results[key] = BenchResult(name, backend, batch, threads, hw, params, gmacs)
-        for r in tqdm(range(rounds), desc="timing rounds", disable=not progress):
-            keys = list(runners) if r % 2 == 0 else list(reversed(runners))
-            for key in keys:
-                start = time.perf_counter()
-                runners[key]()
-                results[key].times_ms.append((time.perf_counter() - start) * 1e3)
+                    device = registry.parse_backend(backend)[0].device
+                    results[key] = BenchResult(name, backend, batch, threads, hw, params, gmacs, device)
+        time_interleaved(runners, results, rounds, progress)
     return {
-        "machine": _machine_info(threads, peak, peak_source)
-        | ({"executorch_threads": et_threads} if et_threads else {}),
+        "machine": _machine_info(threads, peak, peak_source) | thread_facts,
         "results": [res.summary(peak) for res in results.values()],
         "failures": failures,
     }
 
 
-def _copy_for(backend: str, model: nn.Module) -> nn.Module:
-    """The model each backend runs: the eager CPU backends get RapidNet's eager-CPU form (a copy), the others the
-    plain folded model; backends that convert a model in place (channels_last, CUDA) get their own copy."""
+def time_interleaved(
+    runners: dict[Any, Callable[[], Any]], results: dict[Any, BenchResult], rounds: int, progress: bool = True
+) -> None:
+    """``rounds`` rounds, each running every contestant once, forward then backward order in turn, so that a noisy
+    neighbour slows every contestant alike."""
+    for r in tqdm(range(rounds), desc="timing rounds", disable=not progress):
+        keys = list(runners) if r % 2 == 0 else list(reversed(runners))
+        for key in keys:
+            start = time.perf_counter()
+            runners[key]()
+            results[key].times_ms.append((time.perf_counter() - start) * 1e3)
 
-    if backend in ("torch", "torch-cl") and any(isinstance(m, RapidNet) for m in model.modules()):
-        return cpu.optimize(model)
-    return copy.deepcopy(model) if backend in ("torch-cl", "cuda") else model
+
+def run_file_benchmark(
+    paths: Sequence[str | os.PathLike],
+    batch: int | None = None,
+    threads: int = 2,
+    rounds: int = 20,
+    warmup: int = 3,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Time exported files as they are, each in its own runtime (from the suffix), interleaved as
+    :func:`run_benchmark` does. ``batch`` defaults to each file's own (1 where it takes any)."""
+    torch.set_num_threads(threads)
+    runtimes = [registry.for_path(p) for p in paths]  # every suffix is checked before any work
+    for runtime, path in zip(runtimes, paths, strict=True):
+        runtime.require(f"running {Path(path).name}")
+        if not runtime.runs_here:
+            raise ConfigError(f"{runtime.title} files cannot be run on this machine: leave {path} out")
+        if not Path(path).exists():
+            raise ConfigError(f"model file not found: {path}: check the path")
+    peak, peak_source = measure_matmul_peak(threads)
+    facts: dict[str, Any] = {}
+    for runtime in runtimes:
+        facts |= runtime.bench_setup(threads)
+    runners: dict[Any, Callable[[], Any]] = {}
+    results: dict[Any, BenchResult] = {}
+    for runtime, path in zip(runtimes, paths, strict=True):
+        shape = runtime.input_shape(path)
+        if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+            raise ConfigError(f"{path} has no fixed image size ({shape}): re-export it at one")
+        n = batch or (shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 1)
+        loaded = runtime.load(path, threads, **runtime.bench_load_options)
+        x = np.random.default_rng(0).standard_normal((n, *shape[1:])).astype(np.float32)
+        arch = loaded.metadata.get("arch") if isinstance(loaded.metadata.get("arch"), dict) else {}
+        key = (str(path), runtime.name, n)
+        runners[key] = lambda r=loaded, x=x: r(x)
+        for _ in range(warmup):
+            runners[key]()
+        name = str(arch.get("arch") or Path(path).name)
+        results[key] = BenchResult(name, runtime.name, n, threads, tuple(shape[2:]), 0, 0.0, runtime.device)
+    time_interleaved(runners, results, rounds, progress)
+    out = [res.summary(None) | {"file": key[0]} for key, res in results.items()]
+    return {"machine": _machine_info(threads, peak, peak_source) | facts, "results": out, "failures": []}
 
 
 def _machine_info(threads: int, peak: float, peak_source: str) -> dict[str, Any]:
@@ -387,7 +318,7 @@ def _machine_info(threads: int, peak: float, peak_source: str) -> dict[str, Any]
         "matmul_peak_gflops": round(peak, 1),
         "matmul_peak_source": peak_source,
     }
-    for package in ("onnxruntime", "openvino", "nncf", "executorch"):
+    for package in ("onnxruntime", "openvino", "nncf", "executorch", "litert-torch", "ai-edge-litert"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             info[package] = importlib.metadata.version(package)
     info["cpu"] = cpu_model() or info["cpu"]
@@ -410,7 +341,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{r['model']:<24} {r['backend']:<15} {r['batch']:>5} {r['params'] / 1e6:>8.2f} {r['gmacs']:>6.3f} "
             f"{r['median_ms']:>10.2f} {r['p25_ms']:>7.2f}-{r['p75_ms']:<7.2f} {r['images_per_s']:>8.1f} "
-            f"{r['achieved_gflops']:>8.1f} {frac:>7}"
+            f"{r['achieved_gflops'] or 0:>8.1f} {frac:>7}"
         )
     for f in report.get("failures", []):
         lines.append(f"{f['model']:<24} {f['backend']:<15} {f['batch']:>5} failed: {f['error']}")

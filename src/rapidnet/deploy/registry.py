@@ -1,0 +1,148 @@
+"""The runtimes by name and by file suffix: one name per runtime, one module per runtime, imported on first use.
+
+``export``, ``quantize``, ``bench``, ``predict`` and ``eval`` find a runtime here (:func:`get` by name,
+:func:`for_path` by a file's suffix) and call its :class:`~rapidnet.deploy.common.Runtime` methods; none of them
+branches on a runtime's name. Runtime modules import only :mod:`rapidnet.deploy.common`, so an optional package
+(OpenVINO, ExecuTorch, LiteRT, ...) is imported only when its runtime is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import zipfile
+from functools import cache
+from pathlib import Path
+
+from rapidnet.deploy.common import ExportedModel, Runtime
+from rapidnet.errors import ConfigError
+
+# name -> (module, class, file suffix or None). The order is the benchmark's and the help text's.
+_RUNTIMES: dict[str, tuple[str, str, str | None]] = {
+    "torch": ("rapidnet.deploy.eager", "EagerTorch", None),
+    "torch-cl": ("rapidnet.deploy.eager", "EagerTorchChannelsLast", None),
+    "torch-compile": ("rapidnet.deploy.inductor", "TorchCompile", None),
+    "aoti": ("rapidnet.deploy.inductor", "AOTInductor", ".pt2"),
+    "onnx": ("rapidnet.deploy.onnx", "OnnxRuntime", ".onnx"),
+    "openvino": ("rapidnet.deploy.openvino", "OpenVINO", ".xml"),
+    "executorch": ("rapidnet.deploy.executorch", "ExecuTorch", ".pte"),
+    "litert": ("rapidnet.deploy.litert", "LiteRT", ".tflite"),
+    "coreml": ("rapidnet.deploy.coreml", "CoreML", ".mlpackage"),
+    "torchscript": ("rapidnet.deploy.torchscript", "TorchScript", ".pt"),
+    "cuda": ("rapidnet.deploy.eager", "EagerCuda", None),
+}
+# The runtimes with an int8 quantizer (each module's Runtime.quantizer says which; a test holds the two together).
+_QUANTIZING = ("onnx", "openvino", "executorch", "litert")
+# Names the runtimes had before they had one each; accepted and mapped, never printed.
+ALIASES: dict[str, str] = {"onnxruntime": "onnx", "ort": "onnx", "ort-fp32": "onnx", "tflite": "litert"}
+INT8 = "-int8"
+
+
+def names() -> list[str]:
+    return list(_RUNTIMES)
+
+
+def file_runtimes() -> list[str]:
+    """The runtimes with a file format: what ``rapidnet export --format`` takes."""
+    return [n for n, (_, _, suffix) in _RUNTIMES.items() if suffix is not None]
+
+
+def quantizing() -> list[str]:
+    """The runtimes ``rapidnet quantize`` makes int8 files for."""
+    return list(_QUANTIZING)
+
+
+def suffixes() -> dict[str, str]:
+    """``{".onnx": "onnx", ...}``: which runtime runs a file."""
+    return {suffix: n for n, (_, _, suffix) in _RUNTIMES.items() if suffix is not None}
+
+
+def unalias(name: str) -> str:
+    """An old name mapped to the one name (argparse ``type=``: ``choices`` then says what is known)."""
+    return ALIASES.get(name, name)
+
+
+def canonical(name: str) -> str:
+    """The one name of a runtime (an old alias mapped); an unknown name is a one-line error listing the known."""
+    name = ALIASES.get(name, name)
+    if name not in _RUNTIMES:
+        raise ConfigError(f"unknown runtime {name!r}: choose one of {', '.join(_RUNTIMES)}")
+    return name
+
+
+def get(name: str) -> Runtime:
+    """The runtime called ``name`` (or an alias of it): one instance per runtime."""
+    return _instance(canonical(name))
+
+
+@cache
+def _instance(name: str) -> Runtime:
+    module, cls, _ = _RUNTIMES[name]
+    return getattr(importlib.import_module(module), cls)()
+
+
+def for_path(path: str | os.PathLike) -> Runtime:
+    """The runtime that runs a model file, from its suffix (one-line error for anything else)."""
+    suffix = Path(path).suffix.lower()
+    table = suffixes()
+    if suffix not in table:
+        known = ", ".join(f"{s} ({r})" for s, r in table.items())
+        raise ConfigError(f"cannot tell which runtime runs {path}: give one of {known}")
+    return get(table[suffix])
+
+
+def is_exported_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a file one of the runtimes runs rather than a checkpoint of weights. A ``.pt`` is
+    either: TorchScript archives hold a ``code/`` folder, ``torch.save`` archives none."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix != ".pt":
+        return suffix in suffixes()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist()[:10_000])
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def load_exported(path: str | os.PathLike, threads: int | None = None) -> tuple[ExportedModel, dict]:
+    """An exported file as a module (:class:`~rapidnet.deploy.common.ExportedModel`) and the metadata it carries."""
+    runtime = for_path(path)
+    runtime.require(f"running {Path(path).name}")
+    if not runtime.runs_here:
+        raise ConfigError(f"{runtime.title} files cannot be run on this machine: run {path} on its platform")
+    runner = runtime.load(path, threads)
+    return ExportedModel(runner, runtime.input_shape(path)), runner.metadata
+
+
+# ---- the benchmark's backends: each runtime, and "<runtime>-int8" where it has a quantizer ------------------------
+
+
+def backend_names() -> list[str]:
+    """Every backend name the benchmark knows (whether or not its package is installed here)."""
+    out: list[str] = []
+    for name in _RUNTIMES:
+        if name in ("coreml",):  # Core ML runs on Apple hardware only
+            continue
+        out.append(name)
+        if name in _QUANTIZING:
+            out.append(name + INT8)
+    return out
+
+
+_BACKEND_ALIASES = {"ort-fp32": "onnx", "ort-int8": "onnx-int8"}
+
+
+def parse_backend(backend: str) -> tuple[Runtime, bool]:
+    """``"openvino-int8"`` -> (the OpenVINO runtime, True); unknown names are a one-line error."""
+    backend = _BACKEND_ALIASES.get(backend, backend)
+    if backend not in backend_names():
+        raise ConfigError(f"unknown backend {backend!r}: choose from {', '.join(backend_names())}")
+    int8 = backend.endswith(INT8)
+    return get(backend.removesuffix(INT8) if int8 else backend), int8
+
+
+def backend_name(backend: str) -> str:
+    """The one name of a backend (``ort-fp32`` -> ``onnx``)."""
+    parse_backend(backend)
+    return _BACKEND_ALIASES.get(backend, backend)
