@@ -107,9 +107,7 @@ def check_model_names(names: Iterable[str]) -> None:
             )
 
 
-def build_inference_model(
-    name: str, cpu_optimized: bool = False, resolution: Sequence[int] = (512, 512)
-) -> nn.Module:
+def build_inference_model(name: str, cpu_optimized: bool = False, resolution: Sequence[int] = (512, 512)) -> nn.Module:
     """A model in the form one would deploy: RapidNet fused; timm models reparameterized where they can be.
 
     RapidNet is the plain folded graph (what the exporters take), or with ``cpu_optimized`` its eager-CPU form
