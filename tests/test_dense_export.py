@@ -106,7 +106,7 @@ def test_semantic_fpn_export_errors_are_one_line(capsys, seg_run, tmp_path):
     assert code == 2 and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("runtime", ["onnx", "openvino", "litert", "executorch"])
+@pytest.mark.parametrize("runtime", ["onnx", "litert"])  # OpenVINO, ExecuTorch: benchmarks/dense_runtimes_check.py
 def test_semantic_fpn_int8_scores_near_fp32(capsys, seg_run, tmp_path, runtime):
     """``rapidnet quantize`` of a Semantic FPN run: the runtime's own int8, scored by ``seg eval`` beside its fp32."""
     package = FILE_RUNTIMES[runtime]

@@ -19,6 +19,7 @@ from rapidnet.data import load_rgb
 from rapidnet.data.ade20k import SegEvalTransform
 from rapidnet.deploy import registry
 from rapidnet.deploy.dense import ExportedSegmenter
+from rapidnet.deploy.detection import ExportedDetector
 from rapidnet.engine.distributed import resolve_device
 from rapidnet.errors import ConfigError, DataError
 from rapidnet.metrics import DEFAULT_BOOTSTRAP, CocoEvaluator, SegmentationMetrics
@@ -159,14 +160,12 @@ def _with_interval(key: str, metrics: dict[str, Any]) -> str:
 
 def _load(path: str, kind: str, device: torch.device, use_ema: bool = True) -> tuple[Any, dict[str, Any]]:
     """The dense model a checkpoint holds (``rapidnet.load``, which checks it is a ``kind`` one) on ``device``, or
-    an exported file of one run in its runtime (:mod:`rapidnet.deploy.dense`)."""
+    an exported file of one run in its runtime (:mod:`rapidnet.deploy.dense`, :mod:`rapidnet.deploy.detection`)."""
     if registry.is_exported_file(path):
-        if kind != "segmentation":
-            raise ConfigError(f"{path}: exported {kind} models are not supported yet: pass the run's checkpoint")
         runtime = registry.for_path(path)
         runtime.require(f"running {Path(path).name}")
         runner = runtime.load(path)
-        model = ExportedSegmenter(runner)
+        model = ExportedDetector(runner) if kind == "detection" else ExportedSegmenter(runner)
         meta = runner.metadata
         if not isinstance(meta.get("class_names"), list) or len(meta["class_names"]) != model.num_classes:
             raise ConfigError(f"{path} carries no class names for its {model.num_classes} classes: re-export it")

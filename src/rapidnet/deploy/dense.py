@@ -71,9 +71,14 @@ def segmenter_metadata(model: nn.Module, checkpoint_meta: Mapping[str, Any]) -> 
 
 
 def export_graph(model: nn.Module, checkpoint_meta: Mapping[str, Any], resolution: Sequence[int] | None) -> Any:
-    """``(graph to export, extra metadata)`` for a dense model a checkpoint holds; Mask R-CNN is refused in one
-    line (its exporters are not built yet)."""
+    """``(graph to export, extra metadata)`` for a dense model a checkpoint holds: a Semantic FPN at
+    ``resolution``, a Mask R-CNN with its post-processing (:mod:`rapidnet.deploy.detection`; ``resolution``
+    defaults to a square that holds the run's test size)."""
     kind = checkpoint_meta.get("task")
+    if kind == "detection":
+        from rapidnet.deploy.detection import detector_export
+
+        return detector_export(model, checkpoint_meta, resolution)
     if kind == SEGMENTATION:
         if resolution is None:
             raise ConfigError(

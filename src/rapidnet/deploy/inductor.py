@@ -4,7 +4,10 @@ AOTInductor packages (``aoti``, ``.pt2``): the same compiler run ahead of time i
 
 Both start from :func:`~rapidnet.deploy.common.prepare_model` (never the eager-CPU pass: Inductor makes its own
 oneDNN calls) and compile with ``freezing``, which folds the weights into the graph as constants and lets Inductor
-prepack them for oneDNN. A frozen model no longer reads its parameters: it runs the weights it was compiled with.
+prepack them for oneDNN and fuse conv + GELU and conv + residual add into single oneDNN calls. Freezing happens only
+with autograd off (Inductor checks ``torch.is_grad_enabled()``) and, for ``torch.compile``, only when it is set
+while Dynamo traces; without it Inductor runs the plain aten convolutions, no faster than the eager-CPU pass. A
+frozen model no longer reads its parameters: it runs the weights it was compiled with.
 
 Packages are compiled for this machine's instruction set (``-march=native``; AOTI stores it as ``AOTI_CPU_ISA``), so
 export on the kind of CPU that will run them. Inductor's own kernels are compiled with ``cpp.dynamic_threads`` so a
@@ -232,7 +235,12 @@ def load_aoti(path: str | os.PathLike) -> tuple[Callable[..., Any], dict[str, st
 
 
 class AOTInductor(Runtime):
-    """AOTInductor ``.pt2`` packages: fixed or dynamic batch (``dynamic_batch``); metadata inside the package."""
+    """AOTInductor ``.pt2`` packages: fixed or dynamic batch (``dynamic_batch``); metadata inside the package.
+
+    A package made for one batch size ran faster than a dynamic-batch one here (its kernels are specialised to the
+    shape), so the benchmark exports for its batch; a fixed-batch package still takes any batch through
+    :class:`~rapidnet.deploy.common.Runner`, chunk by chunk.
+    """
 
     name = "aoti"
     title = "AOTInductor"
