@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                         "backend": name,
                         "batch": batch,
                         "median_ms": round(median, 3),
+                        "min_ms": round(min(samples), 3),
                         "p25_ms": round(q1, 3),
                         "p75_ms": round(q3, 3),
                         "images_per_s": round(batch / (median / 1e3), 1),

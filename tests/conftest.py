@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -72,6 +73,23 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
     return model
+
+
+@pytest.fixture(scope="session")
+def fmnist_micro_checkpoint(tmp_path_factory) -> Path:
+    """A micro RapidNet-Ti with Fashion-MNIST's class names and trained-like layer scales (logits O(1..10)), saved
+    as this project's safetensors: what the export and int8 tests start from."""
+    from rapidnet.data import FASHION_MNIST_CLASSES
+
+    torch.manual_seed(0)
+    model = randomize_(rapidnet.create_model("rapidnet_ti", num_classes=10, **MICRO)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.mul_(0.1)
+    path = tmp_path_factory.mktemp("ckpt") / "micro_fmnist.safetensors"
+    rapidnet.save_weights(model, path, {"class_names": json.dumps(list(FASHION_MNIST_CLASSES))})
+    return path
 
 
 @pytest.fixture

@@ -95,7 +95,7 @@ def test_exported_mask_rcnn_detections_match_the_checkpoint(det_run, det_files):
     """A 1-epoch run's AP is near zero, so the detections themselves are compared: the same boxes, scores, labels
     and pasted masks, image by image, as the PyTorch model's."""
     checkpoint, data = det_run
-    model, _ = rapidnet.load(checkpoint, task="detection")
+    model, checkpoint_meta = rapidnet.load(checkpoint, task="detection")
     images = [_read_image(str(p)) for p in sorted((data / "val").glob("*.png"))]
     assert images
     with torch.no_grad():
@@ -103,7 +103,9 @@ def test_exported_mask_rcnn_detections_match_the_checkpoint(det_run, det_files):
     assert sum(len(e["scores"]) for e in expected) > 0  # else there would be nothing to compare
     for name, path in det_files.items():
         exported, meta = _load(str(path), "detection", torch.device("cpu"))
-        assert meta["class_names"] and meta["eval_args"] == rapidnet.load(checkpoint, task="detection")[1]["eval_args"]
+        assert (
+            meta["class_names"] == checkpoint_meta["class_names"] and meta["eval_args"] == checkpoint_meta["eval_args"]
+        )
         for got, ref in zip(exported(images), expected, strict=True):
             assert got["labels"].dtype == torch.int64 and got["masks"].shape == ref["masks"].shape, name
             assert torch.equal(got["labels"], ref["labels"]), name

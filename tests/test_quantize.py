@@ -14,7 +14,7 @@ import torch
 import rapidnet
 from conftest import MICRO, randomize_
 from rapidnet.cli.main import main
-from rapidnet.data import FASHION_MNIST_CLASSES, write_idx
+from rapidnet.data import write_idx
 from rapidnet.deploy import calibration_dataset, compare_accuracy, eval_transform
 from rapidnet.deploy.common import rebatch
 from rapidnet.deploy.onnx import ort_session, run_ort
@@ -42,16 +42,8 @@ def fmnist(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def micro_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = randomize_(rapidnet.create_model("rapidnet_ti", num_classes=10, **MICRO)).eval()
-    with torch.no_grad():  # trained-like layer scales keep the logits O(1..10)
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.mul_(0.1)
-    path = tmp_path_factory.mktemp("ckpt") / "micro_fmnist.safetensors"
-    rapidnet.save_weights(model, path, {"class_names": json.dumps(list(FASHION_MNIST_CLASSES))})
-    return path
+def micro_file(fmnist_micro_checkpoint) -> Path:
+    return fmnist_micro_checkpoint
 
 
 @pytest.fixture(scope="module")

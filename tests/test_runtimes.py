@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rapidnet
-from conftest import MICRO, randomize_, run_cli
+from conftest import run_cli
 from rapidnet.data import FASHION_MNIST_CLASSES
 from rapidnet.deploy import registry
 from rapidnet.deploy.common import Runtime, sidecar_path
@@ -87,16 +87,8 @@ def _runtimes_here() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = randomize_(rapidnet.create_model("rapidnet_ti", num_classes=10, **MICRO)).eval()
-    with torch.no_grad():  # trained-like layer scales keep the logits O(1..10)
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.mul_(0.1)
-    path = tmp_path_factory.mktemp("clf") / "micro.safetensors"
-    rapidnet.save_weights(model, path, {"class_names": json.dumps(list(FASHION_MNIST_CLASSES))})
-    return path
+def classifier(fmnist_micro_checkpoint) -> Path:
+    return fmnist_micro_checkpoint
 
 
 @pytest.fixture(scope="module")

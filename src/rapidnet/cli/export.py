@@ -6,7 +6,9 @@ printed, and a mismatch beyond the tolerance exits with status 1. Core ML packag
 (input and output names, shapes) is checked and numerical checks are left to macOS. The checkpoint's class names and
 preprocessing travel in the file's metadata (or a ``<file>.json`` beside it), so ``rapidnet predict`` and ``eval``
 run the file as they run the checkpoint. A Semantic FPN run's checkpoint exports too (``--resolution`` is the image size
-the file takes), for ``rapidnet seg eval`` and ``seg predict``.
+the file takes), for ``rapidnet seg eval`` and ``seg predict``, and a Mask R-CNN run's to ONNX Runtime and OpenVINO
+(post-processing inside the graph; ``--resolution`` defaults to a square that holds the run's test size), for
+``rapidnet det eval`` and ``det predict``.
 """
 
 from __future__ import annotations

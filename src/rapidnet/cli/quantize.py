@@ -109,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         source, metadata = load(args.checkpoint, model=args.model)
         names = [str(n) for n in metadata["class_names"]] if "class_names" in metadata else None
+        if metadata.get("task") == "detection":
+            raise ConfigError("int8 of a Mask R-CNN run is not built yet: export it in fp32 with 'rapidnet export'")
         if metadata.get("task") not in (None, "classification"):  # a dense run: its exported graph, its settings
             if args.eval_data:
                 raise ConfigError(

@@ -86,7 +86,9 @@ def export_graph(model: nn.Module, checkpoint_meta: Mapping[str, Any], resolutio
                 "160 160 for the mosaic, 512 512 for ADE20K crops)"
             )
         return SegmenterGraph(model, resolution), segmenter_metadata(model, checkpoint_meta)
-    raise ConfigError(f"exporting a {kind} model is not supported yet: export the Semantic FPN or classifier runs")
+    raise ConfigError(
+        f"exporting a {kind} model is not supported yet: export a classifier, Semantic FPN or Mask R-CNN run"
+    )
 
 
 class ExportedSegmenter(nn.Module):

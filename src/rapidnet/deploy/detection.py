@@ -6,23 +6,29 @@ The graph takes one normalised image, zero-padded at the bottom and right to the
 ``(1, 3, H, W)``, and returns fixed-size outputs for it: the ``D`` best detections (``D`` = the run's
 ``box_detections_per_img``) as ``boxes (1, D, 4)`` (x1, y1, x2, y2 in the padded input's pixels), ``scores (1, D)``,
 ``labels (1, D)`` (int64, 1..K) and ``masks (1, D, 28, 28)`` (the mask head's probabilities for each detection's
-class, in its box). Slots without a detection have score 0. Inside: backbone, FPN, RPN (anchors are a constant of
-the file's size, per-level top-n, box decoding, clipping, NMS per level), the multi-scale RoIAlign, box head (class
-scores, per-class box decoding, score threshold, NMS per class, top ``D``) and mask head: torchvision's eval path
-with every data-dependent step turned into masks over fixed-size tensors, except the NMS and the RoIAlign level
-split, which become ONNX ``NonMaxSuppression`` / ``RoiAlign`` (OpenVINO converts both) and are turned back into
-fixed sizes at once. One difference is deliberate: the box head sends only its ``NMS_CANDIDATES`` best class-box
-pairs to NMS (torchvision sends every pair above the score threshold). Survival in greedy NMS depends only on
-higher-scoring boxes, so the result differs only when fewer than ``D`` of those candidates survive, and then only
-below the lowest candidate's score.
+class, in its box). Slots without a detection are zeros (score 0), so a runtime's tie-breaking among them cannot
+show. Inside: backbone, FPN, RPN (anchors are a constant of the file's size, per-level top-n, box decoding, clipping,
+NMS per level), the multi-scale RoIAlign, box head (class scores, per-class box decoding, score threshold, NMS per
+class, top ``D``) and mask head. It is torchvision's eval path with each data-dependent step turned into masks over
+fixed-size tensors, except torchvision's ``nms`` and the RoIAlign level split (ONNX ``NonMaxSuppression`` and
+``RoiAlign``; OpenVINO's ``NMS`` and ``ROIAlign``), whose results are turned back into fixed sizes at once. So both
+exporters take the graph as it is, and ``rapidnet export`` checks the files against PyTorch output by output.
+ExecuTorch and LiteRT have no kernels for torchvision's ``nms`` and ``roi_align`` and refuse it.
+
+One difference is deliberate: the box head sends only its ``NMS_CANDIDATES`` best class-box pairs to NMS
+(torchvision sends every pair above the score threshold). Survival in greedy NMS depends only on higher-scoring
+boxes, so the result differs only when fewer than ``D`` of those candidates survive, and then only below the lowest
+candidate's score.
 
 What stays on the host (:class:`ExportedDetector`) is what torchvision's ``GeneralizedRCNNTransform`` does around
 the network, by the run's own transform (:class:`~rapidnet.models.mask_rcnn.TestSizeTransform`, rebuilt from the
 file's metadata): normalise, resize to the run's test size, pad; then drop the empty slots, scale boxes back to the
 image and paste each mask into a full-size ``(N, 1, H, W)`` probability map (``paste_masks_in_image``, data-dependent
-per box and cheap). An image the PyTorch model would not pad (the mosaic's) gives its detections; a smaller image in
-a larger file is clipped to the file's size inside the graph and to its own on the host, so boxes crossing its
-border may differ slightly. Export at the test size (the default: a square that holds any resized image).
+per box and cheap). An image the PyTorch model would not pad (the mosaic's: a square at the test size, divisible by
+32) gives the checkpoint's detections. A smaller image is padded further than PyTorch pads it (which the features at
+its bottom and right border see) and its boxes are clipped to the file's size inside the graph, to its own on the
+host, so detections there may differ slightly: export at the size of the data's images where they all have one
+(the default is a square that holds any image the run's resize makes).
 """
 
 from __future__ import annotations
@@ -75,16 +81,29 @@ class _Pooler:
         maps = [features[n] for n in self.names]
         levels = self.mapper([boxes])
         rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes], dim=1)
-        result = maps[0].new_zeros((boxes.shape[0], maps[0].shape[1], *self.output_size))
+        pooled = []
         for level, (feature, scale) in enumerate(zip(maps, self.scales, strict=True)):
             index = torch.where(levels == level)[0]
-            pooled = roi_align(feature, rois[index], self.output_size, scale, self.sampling_ratio, aligned=False)
-            result = result.scatter(0, index.view(-1, 1, 1, 1).expand_as(pooled), pooled)
-        return result
+            _at_most(index, boxes.shape[0])
+            pooled.append(roi_align(feature, rois[index], self.output_size, scale, self.sampling_ratio, aligned=False))
+        # box k's row in the level-by-level concatenation, from counts: a gather back to the boxes' order (a
+        # scatter of the pooled maps is several times slower in onnxruntime)
+        onehot = (levels[:, None] == torch.arange(len(maps))[None]).long()
+        counts = onehot.sum(0)
+        row = (counts.cumsum(0) - counts)[levels] + (onehot.cumsum(0) - 1).gather(1, levels[:, None])[:, 0]
+        return torch.cat(pooled)[row]
+
+
+def _at_most(index: Tensor, n: int) -> None:
+    """Tell ``torch.export`` that a data-dependent count is at most ``n`` (a bound its memory planners need;
+    TorchScript tracing, OpenVINO's route, sees plain numbers)."""
+    if not torch.jit.is_tracing():
+        torch._check(index.shape[0] <= n)
 
 
 def _keep_mask(keep: Tensor, n: int, like: Tensor) -> Tensor:
     """NMS's kept indices (data-dependent count) as a fixed-size boolean mask over its ``n`` inputs."""
+    _at_most(keep, n)
     return torch.zeros(n, dtype=like.dtype).scatter(0, keep, torch.ones_like(keep, dtype=like.dtype)) > 0
 
 
@@ -111,8 +130,10 @@ class DetectorGraph(nn.Module):
         self.box_head, self.box_predictor = heads.box_head, heads.box_predictor
         self.mask_head, self.mask_predictor = heads.mask_head, heads.mask_predictor
         self.rpn_coder, self.box_coder = rpn.box_coder, heads.box_coder
-        self.pre_nms_top_n, self.post_nms_top_n = int(rpn._pre_nms_top_n["testing"]), int(rpn._post_nms_top_n["testing"])
-        self.rpn_nms, self.rpn_min_size, self.rpn_score = float(rpn.nms_thresh), float(rpn.min_size), rpn.score_thresh
+        self.pre_nms_top_n = int(rpn._pre_nms_top_n["testing"])
+        self.post_nms_top_n = int(rpn._post_nms_top_n["testing"])
+        self.rpn_nms, self.rpn_min_size = float(rpn.nms_thresh), float(rpn.min_size)
+        self.rpn_score = float(rpn.score_thresh)
         self.box_score, self.box_nms = float(heads.score_thresh), float(heads.nms_thresh)
         self.detections = int(heads.detections_per_img)
         with torch.no_grad():
@@ -173,7 +194,9 @@ class DetectorGraph(nn.Module):
         top = ranked.topk(min(self.post_nms_top_n, len(index)))
         return boxes[top.indices], top.values > _INVALID
 
-    def _detect(self, features: Mapping[str, Tensor], proposals: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _detect(
+        self, features: Mapping[str, Tensor], proposals: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The box head and torchvision's ``postprocess_detections`` at fixed sizes: ``D`` boxes, scores (0: none),
         labels."""
         x = self.box_head(self.box_pool(features, proposals))
@@ -257,11 +280,19 @@ class ExportedDetector(nn.Module):
         ).eval()  # fmt: skip
         self.num_classes = int(meta.get("num_classes") or 0)
 
+    def train(self, mode: bool = True) -> ExportedDetector:
+        """A file only infers: the transform stays in eval mode (in train mode it would pick a random size and skip
+        the post-processing)."""
+        super().train(mode)
+        self.transform.eval()
+        return self
+
     @torch.no_grad()
     def forward(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         h, w = self.file.fixed_size
         results = []
         for image in images:
+            device = image.device
             image = image.detach().float().cpu()
             original = (int(image.shape[-2]), int(image.shape[-1]))
             resized, _ = self.transform.resize(self.transform.normalize(image), None)
@@ -281,5 +312,6 @@ class ExportedDetector(nn.Module):
                 "labels": labels[found].long(),
                 "masks": masks[found].float()[:, None],
             }
-            results.append(self.transform.postprocess([out], [(ih, iw)], [original])[0])
+            result = self.transform.postprocess([out], [(ih, iw)], [original])[0]
+            results.append({k: v.to(device) for k, v in result.items()})
         return results
