@@ -85,8 +85,14 @@ def test_bad_input_is_one_line(capsys, argv, message):
 
 
 def test_eager_cpu_backends_run_the_cpu_pass_exporters_the_plain_graph():
+    from rapidnet.deploy import registry
+
     plain = bench.build_inference_model("rapidnet_ti")
     assert not cpu.is_optimized(plain) and all(p.is_contiguous() for p in plain.parameters())
+    for backend in ("torch", "torch-cl"):
+        runs = registry.get(backend).model_for(plain)
+        assert type(runs) is cpu.CpuRapidNet and runs is not plain
+    assert not cpu.is_optimized(plain)
     optimized = bench.build_inference_model("rapidnet_ti", cpu_optimized=True)
     assert type(optimized) is cpu.CpuRapidNet
     exported = prepare_model(optimized)  # what export_onnx (the ort backends), TorchScript and Core ML get

@@ -96,8 +96,11 @@ def test_exported_semantic_fpn_metadata_and_predict(capsys, seg_run, seg_files, 
     assert (tmp_path / "o" / f"{image.stem}.png").is_file() and "classes" in out
 
 
-def test_semantic_fpn_export_errors_are_one_line(capsys, seg_run, tmp_path):
+def test_semantic_fpn_export_errors_are_one_line(capsys, seg_run, seg_files, tmp_path):
     checkpoint, data = seg_run
+    image = data / "images" / "validation" / "000000.png"
+    code, _, err = _run(capsys, "predict", image, "--checkpoint", seg_files["onnx"])
+    assert code == 2 and "holds a segmentation model" in err and "rapidnet seg" in err and err.count("\n") == 1
     for extra, message in (([], "pass --resolution H W"), (["--resolution", "48", "48"], "divisible by 32")):
         code, _, err = _run(capsys, "export", "--checkpoint", checkpoint, "--output", tmp_path / "s.onnx", *extra)
         assert code == 2 and message in err and err.count("\n") == 1, err

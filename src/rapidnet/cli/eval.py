@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             flag = "--" + given[0].replace("_", "-")
             raise ConfigError(f"{flag} does not apply to {args.checkpoint}: the exported file is the model as made")
         device = torch.device("cpu")
-        model, metadata = registry.load_exported(args.checkpoint)
+        model, metadata = registry.load_exported(args.checkpoint, task="classification")
     else:
         model, metadata = load(args.checkpoint, model=args.model, use_ema=not args.raw_weights, task="classification")
     dataset = build_dataset(args.data, args.split)

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint and registry.is_exported_file(args.checkpoint):
         if args.model:
             raise ConfigError(f"--model does not apply to {args.checkpoint}: the exported file is the model")
-        model, metadata = registry.load_exported(args.checkpoint)
+        model, metadata = registry.load_exported(args.checkpoint, task="classification")
     elif args.checkpoint:
         model, metadata = load(args.checkpoint, model=args.model, task="classification")
         model = optimize_(model)  # folded, plus the eager-CPU kernels (rapidnet.deploy.cpu); in place: ours

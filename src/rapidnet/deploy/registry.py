@@ -105,13 +105,24 @@ def is_exported_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_exported(path: str | os.PathLike, threads: int | None = None) -> tuple[ExportedModel, dict]:
-    """An exported file as a module (:class:`~rapidnet.deploy.common.ExportedModel`) and the metadata it carries."""
+TASK_COMMANDS = {"segmentation": "rapidnet seg", "detection": "rapidnet det"}
+
+
+def load_exported(
+    path: str | os.PathLike, threads: int | None = None, task: str | None = None
+) -> tuple[ExportedModel, dict]:
+    """An exported file as a module (:class:`~rapidnet.deploy.common.ExportedModel`) and the metadata it carries;
+    with ``task``, a file of another task (a Semantic FPN given to ``predict``) is a one-line error naming its
+    command."""
     runtime = for_path(path)
     runtime.require(f"running {Path(path).name}")
     if not runtime.runs_here:
         raise ConfigError(f"{runtime.title} files cannot be run on this machine: run {path} on its platform")
     runner = runtime.load(path, threads)
+    kind = runner.metadata.get("task") or "classification"
+    if task is not None and kind != task:
+        command = TASK_COMMANDS.get(kind, "its own command")
+        raise ConfigError(f"{path} holds a {kind} model, not {task}: run it with '{command}'")
     return ExportedModel(runner, runtime.input_shape(path)), runner.metadata
 
 
