@@ -135,6 +135,63 @@ def torchrun() -> Callable[..., subprocess.CompletedProcess]:
     return run
 
 
+# The dense tests' tiny runs: a two-block RapidNet-Ti, one epoch on a 64-px mosaic.
+TINY_MODEL = """
+model:
+  name: rapidnet_ti
+  drop_path_rate: 0.0
+  kwargs: {depths: [[1, 0], [1, 0], [1, 1], [1, 1]], widths: [16, 24, 32, 48], head_dim: 64}
+data: {batch_size: 2, workers: 0}
+ema: {enabled: false}
+train: {epochs: 1, seed: 0, log_interval: 1, device: cpu}
+"""
+DET_CONFIG = (
+    TINY_MODEL
+    + """
+optim: {opt: adamw, lr: 1.0e-4, weight_decay: 0.05}
+sched: {name: cosine, warmup_epochs: 0, min_lr: 1.0e-6, step_on_epochs: false}
+task:
+  name: detection
+  min_size: 64
+  max_size: 64
+  model_kwargs: {fpn_channels: 32, anchor_sizes: [8, 16, 32, 64, 128], rpn_pre_nms_top_n_train: 200,
+                 rpn_post_nms_top_n_train: 100, box_batch_size_per_image: 32, rpn_pre_nms_top_n_test: 100,
+                 rpn_post_nms_top_n_test: 50}
+"""
+)
+SEG_CONFIG = (
+    TINY_MODEL
+    + """
+optim: {opt: adamw, lr: 1.0e-3, weight_decay: 1.0e-4}
+sched: {name: poly, warmup_epochs: 0, min_lr: 0.0, decay_rate: 0.9, step_on_epochs: false}
+task:
+  name: segmentation
+  scale: [64, 64]
+  crop_size: [64, 64]
+  model_kwargs: {fpn_channels: 32, head_channels: 32}
+"""
+)
+
+
+def tiny_dense_run(folder: Path, fm_root: Path, kind: str, seed: int = 1) -> tuple[Path, Path]:
+    """A 64-px mosaic (6 train / 3 val scenes) in ``folder`` and a one-epoch ``det|seg train`` run on it:
+    ``(model_best checkpoint, data folder)``, what the export tests start from."""
+    from rapidnet.cli.main import main
+
+    data = folder / "mosaic"
+    code = main(["data", "mosaic", "--out", str(data), "--fashion-mnist", str(fm_root), "--num-train", "6",
+                 "--num-val", "3", "--num-dev", "0", "--image-size", "64", "--seed", str(seed),
+                 "--no-progress"])  # fmt: skip
+    assert code == 0
+    command, config = {"detection": ("det", DET_CONFIG), "segmentation": ("seg", SEG_CONFIG)}[kind]
+    (folder / f"{command}.yaml").write_text(config)
+    out = folder / "run"
+    code = main([command, "train", "--config", str(folder / f"{command}.yaml"), "--data", str(data), "--output",
+                 str(out), "--limit-train", "4", "--no-progress"])  # fmt: skip
+    assert code == 0
+    return out / "model_best.safetensors", data
+
+
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     """The ``rapidnet`` command in-process: ``(exit status, stdout, stderr)``; argparse's own usage errors
     (SystemExit) count as their exit status."""

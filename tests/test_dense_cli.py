@@ -11,46 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import DET_CONFIG, SEG_CONFIG
 from rapidnet.cli.main import main
 
 # pycocotools' RLE decoding predates numpy 2's copy keyword
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-TINY_MODEL = """
-model:
-  name: rapidnet_ti
-  drop_path_rate: 0.0
-  kwargs: {depths: [[1, 0], [1, 0], [1, 1], [1, 1]], widths: [16, 24, 32, 48], head_dim: 64}
-data: {batch_size: 2, workers: 0}
-ema: {enabled: false}
-train: {epochs: 1, seed: 0, log_interval: 1, device: cpu}
-"""
-DET_CONFIG = (
-    TINY_MODEL
-    + """
-optim: {opt: adamw, lr: 1.0e-4, weight_decay: 0.05}
-sched: {name: cosine, warmup_epochs: 0, min_lr: 1.0e-6, step_on_epochs: false}
-task:
-  name: detection
-  min_size: 64
-  max_size: 64
-  model_kwargs: {fpn_channels: 32, anchor_sizes: [8, 16, 32, 64, 128], rpn_pre_nms_top_n_train: 200,
-                 rpn_post_nms_top_n_train: 100, box_batch_size_per_image: 32, rpn_pre_nms_top_n_test: 100,
-                 rpn_post_nms_top_n_test: 50}
-"""
-)
-SEG_CONFIG = (
-    TINY_MODEL
-    + """
-optim: {opt: adamw, lr: 1.0e-3, weight_decay: 1.0e-4}
-sched: {name: poly, warmup_epochs: 0, min_lr: 0.0, decay_rate: 0.9, step_on_epochs: false}
-task:
-  name: segmentation
-  scale: [64, 64]
-  crop_size: [64, 64]
-  model_kwargs: {fpn_channels: 32, head_channels: 32}
-"""
-)
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:

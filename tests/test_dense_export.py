@@ -9,47 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli, tiny_dense_run
 from rapidnet.cli.main import main
 from rapidnet.deploy import registry
 
-SEG_CONFIG = """
-model:
-  name: rapidnet_ti
-  drop_path_rate: 0.0
-  kwargs: {depths: [[1, 0], [1, 0], [1, 1], [1, 1]], widths: [16, 24, 32, 48], head_dim: 64}
-data: {batch_size: 2, workers: 0}
-ema: {enabled: false}
-train: {epochs: 1, seed: 0, log_interval: 1, device: cpu}
-optim: {opt: adamw, lr: 1.0e-3, weight_decay: 1.0e-4}
-sched: {name: poly, warmup_epochs: 0, min_lr: 0.0, decay_rate: 0.9, step_on_epochs: false}
-task:
-  name: segmentation
-  scale: [64, 64]
-  crop_size: [64, 64]
-  model_kwargs: {fpn_channels: 32, head_channels: 32}
-"""
 FILE_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino", "executorch": "executorch", "litert": "litert_torch"}
 
 
-def _run(capsys, *argv: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_cli
 
 
 @pytest.fixture(scope="module")
 def seg_run(tmp_path_factory, fm_root) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("segexp")
-    data = folder / "mosaic"
-    code = main(["data", "mosaic", "--out", str(data), "--fashion-mnist", str(fm_root), "--num-train", "4",
-                 "--num-val", "3", "--num-dev", "0", "--image-size", "64", "--seed", "2", "--no-progress"])  # fmt: skip
-    assert code == 0
-    (folder / "seg.yaml").write_text(SEG_CONFIG)
-    out = folder / "run"
-    code = main(["seg", "train", "--config", str(folder / "seg.yaml"), "--data", str(data), "--output", str(out),
-                 "--no-progress"])  # fmt: skip
-    assert code == 0
-    return out / "model_best.safetensors", data
+    return tiny_dense_run(tmp_path_factory.mktemp("segexp"), fm_root, "segmentation", seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +94,7 @@ def test_semantic_fpn_int8_scores_near_fp32(capsys, seg_run, tmp_path, runtime):
                           "--resolution", "64", "64", "--output", int8, "--save-fp32", fp32)  # fmt: skip
     assert code == 0, err
     report = json.loads(int8.with_suffix(".json").read_text())
-    assert report["calibration"]["images"] == 4 and report["evaluation"] is None
+    assert report["calibration"]["images"] == 6 and report["evaluation"] is None
     assert report["sizes_bytes"]["int8"] < report["sizes_bytes"]["fp32"]
     scores = []
     for path in (fp32, int8):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import rapidnet
+from conftest import run_cli, tiny_dense_run
 from rapidnet.cli._dense import _load, _read_image
 from rapidnet.cli.main import main
 from rapidnet.deploy import registry
@@ -18,46 +19,15 @@ from rapidnet.deploy import registry
 # pycocotools' RLE decoding predates numpy 2's copy keyword
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-DET_CONFIG = """
-model:
-  name: rapidnet_ti
-  drop_path_rate: 0.0
-  kwargs: {depths: [[1, 0], [1, 0], [1, 1], [1, 1]], widths: [16, 24, 32, 48], head_dim: 64}
-data: {batch_size: 2, workers: 0}
-ema: {enabled: false}
-train: {epochs: 1, seed: 0, log_interval: 1, device: cpu}
-optim: {opt: adamw, lr: 1.0e-4, weight_decay: 0.05}
-sched: {name: cosine, warmup_epochs: 0, min_lr: 1.0e-6, step_on_epochs: false}
-task:
-  name: detection
-  min_size: 64
-  max_size: 64
-  model_kwargs: {fpn_channels: 32, anchor_sizes: [8, 16, 32, 64, 128], rpn_pre_nms_top_n_train: 200,
-                 rpn_post_nms_top_n_train: 100, box_batch_size_per_image: 32, rpn_pre_nms_top_n_test: 100,
-                 rpn_post_nms_top_n_test: 50}
-"""
 FILE_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino"}
 
 
-def _run(capsys, *argv: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_cli
 
 
 @pytest.fixture(scope="module")
 def det_run(tmp_path_factory, fm_root) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("detexp")
-    data = folder / "mosaic"
-    code = main(["data", "mosaic", "--out", str(data), "--fashion-mnist", str(fm_root), "--num-train", "6",
-                 "--num-val", "3", "--num-dev", "0", "--image-size", "64", "--seed", "1", "--no-progress"])  # fmt: skip
-    assert code == 0
-    (folder / "det.yaml").write_text(DET_CONFIG)
-    out = folder / "run"
-    code = main(["det", "train", "--config", str(folder / "det.yaml"), "--data", str(data), "--output", str(out),
-                 "--limit-train", "4", "--no-progress"])  # fmt: skip
-    assert code == 0
-    return out / "model_best.safetensors", data
+    return tiny_dense_run(tmp_path_factory.mktemp("detexp"), fm_root, "detection")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import copy
 import os
 import random
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -343,6 +344,10 @@ def test_interrupted_epoch_resumes_with_the_same_per_loss_means_and_tensorboard_
 
     again = _Recorder()
     cfg = _toy_config(cut)
+    # TensorBoard reads event files in name order, "<seconds>.<host>.<pid>.<writer count>": in one process within one
+    # second the count decides, and writer 10 sorts before writer 9. A resume is a new process a user starts later;
+    # a second's wait gives this in-process one the same later time stamp.
+    time.sleep(1.05)
     assert Trainer(_ToyTask(cfg), cfg, resume=cut / "last.pt", progress=False, callbacks=[again]).fit().exit_code == 0
     assert again.calls[:3] == ["setup", "on_load_checkpoint", "on_fit_start"] and again.loaded == {"updates": 7}
     assert read_jsonl(cut / "steps.jsonl") == [
