@@ -22,13 +22,13 @@ _RUNTIMES: dict[str, tuple[str, str, str | None]] = {
     "torch": ("rapidnet.deploy.eager", "EagerTorch", None),
     "torch-cl": ("rapidnet.deploy.eager", "EagerTorchChannelsLast", None),
     "torch-compile": ("rapidnet.deploy.inductor", "TorchCompile", None),
-    "aoti": ("rapidnet.deploy.inductor", "AOTInductor", ".pt2"),
     "onnx": ("rapidnet.deploy.onnx", "OnnxRuntime", ".onnx"),
     "openvino": ("rapidnet.deploy.openvino", "OpenVINO", ".xml"),
     "executorch": ("rapidnet.deploy.executorch", "ExecuTorch", ".pte"),
     "litert": ("rapidnet.deploy.litert", "LiteRT", ".tflite"),
     "coreml": ("rapidnet.deploy.coreml", "CoreML", ".mlpackage"),
     "torchscript": ("rapidnet.deploy.torchscript", "TorchScript", ".pt"),
+    "aoti": ("rapidnet.deploy.inductor", "AOTInductor", ".pt2"),
     "cuda": ("rapidnet.deploy.eager", "EagerCuda", None),
 }
 # The runtimes with an int8 quantizer (each module's Runtime.quantizer says which; a test holds the two together).
