@@ -156,17 +156,25 @@ def replace_into(path: Path, save: Callable[[Path], Any]) -> Path:
 # ---- the model to export and what it is -----------------------------------------------------------------------------
 
 
+_PREPARED = "_rapidnet_export_ready"  # set on the copies prepare_model makes
+
+
 def prepare_model(model: nn.Module) -> nn.Module:
     """The model to export: the plain folded graph as an fp32 eval copy on the CPU, with contiguous weights.
 
     The original stays trainable and untouched. A model that went through :func:`rapidnet.deploy.cpu.optimize` is
     turned back into the plain form too: exports never carry the eager-CPU modules or channels_last weights.
-    Task models (Semantic FPN) fold their backbone the same way.
+    Task models (Semantic FPN) fold their backbone the same way. A model this function made is returned as it is:
+    the verbs prepare once and hand the result to a runtime, whose exporter prepares what it is given.
     """
     from rapidnet.deploy.cpu import deoptimize_
     from rapidnet.models import reparameterize
 
-    return deoptimize_(reparameterize(model)).float().cpu().eval()
+    if getattr(model, _PREPARED, False):
+        return model
+    prepared = deoptimize_(reparameterize(model)).float().cpu().eval()
+    setattr(prepared, _PREPARED, True)
+    return prepared
 
 
 def output_names(model: nn.Module) -> list[str]:
@@ -325,6 +333,16 @@ class Runner:
         return tuple(int(s) for s in size) if isinstance(size, (list, tuple)) and len(size) == 3 else None
 
 
+def file_preprocess(metadata: Mapping[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """The preprocessing an exported file's metadata states (lists as tuples, as timm's configs have them), else
+    timm's ImageNet eval defaults with a warning (a file made elsewhere)."""
+    pre = metadata.get("preprocess")
+    if not isinstance(pre, dict) or not pre:
+        _logger.warning("%s carries no preprocessing: assuming ImageNet mean/std, bicubic, crop 0.9", path)
+        pre = FALLBACK_PREPROCESS
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()}
+
+
 class ExportedModel(nn.Module):
     """An exported file behind the interface of a PyTorch classifier: ``forward`` runs the file's runtime on a batch,
     ``pretrained_cfg`` is the preprocessing it carries (so timm's ``resolve_data_config`` and the eval transforms
@@ -336,11 +354,7 @@ class ExportedModel(nn.Module):
         super().__init__()
         self.runner = runner
         meta = runner.metadata
-        pre = meta.get("preprocess")
-        if not isinstance(pre, dict) or not pre:
-            _logger.warning("%s carries no preprocessing: assuming ImageNet mean/std, bicubic, crop 0.9", runner.path)
-            pre = dict(FALLBACK_PREPROCESS)
-        self.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()}
+        self.pretrained_cfg = file_preprocess(meta, runner.path)
         fixed = [int(d) for d in list(input_shape)[1:] if isinstance(d, int) and d > 0]
         if "input_size" not in self.pretrained_cfg and len(fixed) == 3:
             self.pretrained_cfg["input_size"] = tuple(fixed)

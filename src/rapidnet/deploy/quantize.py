@@ -34,12 +34,12 @@ from rapidnet.data import (
 )
 from rapidnet.deploy import registry
 from rapidnet.deploy.common import (
-    FALLBACK_PREPROCESS,
     Runtime,
     check_resolution,
     check_writable,
     eval_transform,
     export_metadata,
+    file_preprocess,
     is_features_model,
     prepare_model,
     preprocess_config,
@@ -246,14 +246,7 @@ def _source_preprocess(
     path: Path, metadata: dict[str, Any], dims: Sequence[Any], resolution: Sequence[int] | None
 ) -> dict[str, Any]:
     """Preprocessing for an exported file: its rapidnet metadata, else timm's ImageNet defaults (warned)."""
-    meta = metadata.get("preprocess")
-    if isinstance(meta, dict) and meta:
-        config = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()}
-    else:
-        _logger.warning(
-            "%s has no rapidnet preprocessing metadata: assuming ImageNet mean/std, bicubic, crop 0.9", path
-        )
-        config = dict(FALLBACK_PREPROCESS)
+    config = file_preprocess(metadata, path)
     fixed = tuple(d for d in dims[2:] if isinstance(d, int) and d > 0)
     if len(fixed) == 2:
         if resolution is not None and tuple(check_resolution(resolution)) != fixed:
