@@ -16,10 +16,10 @@ $py benchmarks/reparam_speedup.py --rounds 40 --channels-last > "$out/reparam_ch
 
 echo "== where the time goes: PyTorch profiler, fused RapidNet-Ti, 2 threads"
 $py - > "$out/profile_top_ops.txt" <<'PY'
-import torch, rapidnet, rapidnet.deploy.cpu
+import torch, rapidnet
 from torch.profiler import profile, ProfilerActivity
 torch.set_num_threads(2)
-model = rapidnet.deploy.cpu.optimize(rapidnet.create_model("rapidnet_ti"))  # the eager-CPU form users run
+model = rapidnet.reparameterize(rapidnet.create_model("rapidnet_ti"))  # the folded model eager users run
 x = torch.randn(1, 3, 224, 224)
 with torch.inference_mode():
     for _ in range(5):

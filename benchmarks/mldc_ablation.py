@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 import rapidnet
-from rapidnet.deploy import bench, cpu
+from rapidnet.deploy import bench
 from rapidnet.engine import read_jsonl
 from rapidnet.models import create_model, is_rapidnet
 from rapidnet.models.complexity import count_gmacs, count_params
@@ -122,15 +122,14 @@ def classifier(variant: str) -> torch.nn.Module:
 
 
 def measure_latency(variants: list[str], threads: int, rounds: int) -> dict[str, dict[str, float]]:
-    """Fused 224x224 batch-1 latency (ms) per variant, eager (eager-CPU pass, channels_last) and onnxruntime."""
+    """Fused 224x224 batch-1 latency (ms) per variant, eager (channels_last) and onnxruntime."""
     torch.set_num_threads(threads)
     x = torch.randn(1, 3, 224, 224)
     runners: dict[tuple[str, str], Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in tqdm(variants, desc="preparing latency runs", file=sys.stderr):
             fused = rapidnet.reparameterize(classifier(variant))
-            eager = cpu.optimize(fused) if isinstance(fused, rapidnet.RapidNet) else fused
-            runners[variant, "eager"] = bench.make_runner("torch-cl", eager, x, threads, Path(tmp))
+            runners[variant, "eager"] = bench.make_runner("torch-cl", fused, x, threads, Path(tmp))
             workdir = Path(tmp) / slug(variant)
             workdir.mkdir()
             runners[variant, "onnxruntime"] = bench.make_runner("onnx", fused, x, threads, workdir)

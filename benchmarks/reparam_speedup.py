@@ -3,15 +3,13 @@
     python benchmarks/reparam_speedup.py --model rapidnet_ti --batch 1 --resolution 224 --threads 2 --rounds 30
 
 Each round times one forward of each model (order rotating), after warm-up; the report gives medians, the
-interquartile range and the ratio of medians, so machine noise hits all models alike. Three contestants:
+interquartile range and the ratio of medians, so machine noise hits all models alike. Two contestants:
 
 - ``unfused``: the training-form model in eval mode;
-- ``fused``: the fused model for eager CPU inference, ``rapidnet.deploy.cpu.optimize(model)`` (folded, plus oneDNN
-  conv+GELU calls, channels_last weights and the channels_last detour for NCHW input);
-- ``fused_plain``: the plain folded graph, ``rapidnet.reparameterize(model)`` (what every exporter takes), which
-  isolates what the CPU pass buys on top of folding.
+- ``fused``: ``rapidnet.reparameterize(model)``, the plain folded graph (what every exporter takes).
 
-``speedup_fused_vs_unfused`` is the headline ratio (unfused / fused); ``speedup_cpu_pass`` is fused_plain / fused.
+``speedup_fused_vs_unfused`` is the headline ratio (unfused / fused). What Inductor adds on top of folding is
+``benchmarks/inductor_speedup.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ import time
 import torch
 
 import rapidnet
-from rapidnet.deploy import cpu
 
 
 def time_once(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -42,22 +39,20 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--repeats", type=int, default=5, help="forwards per timing")
-    p.add_argument("--channels-last", action="store_true", help="channels_last input (and weights) for all three")
+    p.add_argument("--channels-last", action="store_true", help="channels_last input (and weights) for both")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
     unfused = rapidnet.create_model(args.model).eval()
-    models = {"unfused": unfused, "fused": cpu.optimize(unfused), "fused_plain": rapidnet.reparameterize(unfused)}
+    models = {"unfused": unfused, "fused": rapidnet.reparameterize(unfused)}
     x = torch.randn(args.batch, 3, args.resolution, args.resolution)
     if args.channels_last:
         models = {name: m.to(memory_format=torch.channels_last) for name, m in models.items()}
         x = x.contiguous(memory_format=torch.channels_last)
-    assert cpu.is_optimized(models["fused"]) and not cpu.is_optimized(models["fused_plain"])
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         reference = unfused(x)
-        for name in ("fused", "fused_plain"):
-            assert torch.allclose(models[name](x), reference, atol=1e-4, rtol=1e-4), name
+        assert torch.allclose(models["fused"](x), reference, atol=1e-4, rtol=1e-4)
         for m in models.values():
             for _ in range(3):
                 m(x)
@@ -77,7 +72,6 @@ def main() -> None:
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
         report[name] = {"median_ms": round(statistics.median(ts), 3), "iqr_ms": [round(q[0], 3), round(q[2], 3)]}
     report["speedup_fused_vs_unfused"] = round(report["unfused"]["median_ms"] / report["fused"]["median_ms"], 3)
-    report["speedup_cpu_pass"] = round(report["fused_plain"]["median_ms"] / report["fused"]["median_ms"], 3)
     print(json.dumps(report, indent=2))
 
 

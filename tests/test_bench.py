@@ -8,7 +8,7 @@ import pytest
 
 import rapidnet
 from rapidnet.cli.main import main
-from rapidnet.deploy import bench, cpu, prepare_model
+from rapidnet.deploy import bench, prepare_model
 
 
 @pytest.fixture(scope="module")
@@ -84,21 +84,16 @@ def test_bad_input_is_one_line(capsys, argv, message):
     assert message in err and err.count("\n") == 1
 
 
-def test_eager_cpu_backends_run_the_cpu_pass_exporters_the_plain_graph():
+def test_eager_backends_time_the_folded_model_exporters_get():
     from rapidnet.deploy import registry
 
     plain = bench.build_inference_model("rapidnet_ti")
-    assert not cpu.is_optimized(plain) and all(p.is_contiguous() for p in plain.parameters())
-    for backend in ("torch", "torch-cl"):
-        runs = registry.get(backend).model_for(plain)
-        assert type(runs) is cpu.CpuRapidNet and runs is not plain
-    assert not cpu.is_optimized(plain)
-    optimized = bench.build_inference_model("rapidnet_ti", cpu_optimized=True)
-    assert type(optimized) is cpu.CpuRapidNet
-    exported = prepare_model(optimized)  # what export_onnx (the ort backends), TorchScript and Core ML get
-    assert type(exported) is rapidnet.RapidNet and not cpu.is_optimized(exported)
-    assert all(p.is_contiguous() for p in exported.parameters())
-    assert cpu.is_optimized(optimized), "the model handed to the exporter stays as it was"
+    assert type(plain) is rapidnet.RapidNet and all(p.is_contiguous() for p in plain.parameters())
+    assert not any(type(m).__name__ == "BatchNorm2d" for m in plain.modules()), "folded"
+    assert registry.get("torch").model_for(plain) is plain
+    copied = registry.get("torch-cl").model_for(plain)
+    assert copied is not plain and type(copied) is rapidnet.RapidNet
+    assert prepare_model(plain) is not plain, "exporters get their own copy"
 
 
 def test_openvino_and_executorch_backends_fp32_and_int8(tmp_path):

@@ -14,7 +14,13 @@ import torch
 import rapidnet
 from conftest import MICRO, randomize_
 from rapidnet.errors import CheckpointError
-from rapidnet.models.checkpoint import convert_official, infer_arch, load_timm_weights, model_metadata, read_weights
+from rapidnet.models.checkpoint import (
+    convert_official,
+    infer_arch,
+    load_timm_weights,
+    model_metadata,
+    read_checkpoint_file,
+)
 from rapidnet.utils import read_checkpoint
 
 
@@ -277,6 +283,77 @@ def test_load_reads_the_file_once(micro_checkpoint, monkeypatch):
     assert calls == [micro_checkpoint, micro_checkpoint]
 
 
+def test_every_way_in_reads_converts_and_builds_once(micro_checkpoint, monkeypatch):
+    """One read into one record: the weights converted once, the architecture read once, one build through timm."""
+    import rapidnet.models.checkpoint as ck
+    import rapidnet.models.factory as factory
+
+    calls: list[str] = []
+
+    def counting(name, fn):
+        return lambda *args, **kwargs: calls.append(name) or fn(*args, **kwargs)
+
+    for module, name in ((ck, "read_checkpoint"), (ck, "to_own_keys"), (ck, "infer_arch")):
+        monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
+    monkeypatch.setattr(factory, "build_model_with_cfg", counting("build", factory.build_model_with_cfg))
+    once = ["read_checkpoint", "to_own_keys", "infer_arch", "build"]
+    for way in (
+        lambda: rapidnet.load(micro_checkpoint),
+        lambda: rapidnet.load(micro_checkpoint, features_only=True),
+        lambda: rapidnet.create_model("rapidnet_ti", checkpoint=micro_checkpoint, num_classes=10, **MICRO),
+        lambda: timm.create_model(
+            "rapidnet_ti", pretrained=True, pretrained_cfg_overlay=dict(file=str(micro_checkpoint)), **MICRO
+        ),
+    ):
+        calls.clear()
+        way()
+        assert sorted(calls) == sorted(once)
+
+
+def test_models_import_one_way():
+    """No module of rapidnet.models imports one that imports it back, not even inside a function."""
+    import ast
+    from pathlib import Path
+
+    import rapidnet.models
+
+    folder = Path(rapidnet.models.__file__).parent
+    names = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    graph = {}
+    for name in names:
+        deps = set()
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rapidnet.models."):
+                deps.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[2] for a in node.names if a.name.startswith("rapidnet.models.")}
+        graph[name] = deps - {name}
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import circle: {' -> '.join((*path, name))}"
+        if name not in done:
+            for dep in graph.get(name, ()):
+                visit(dep, (*path, name))
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+
+
+def test_groups_equal_to_a_stage_width_load_through_every_way_in(tmp_path):
+    """The architecture is read once, with the file's recorded mldc_groups: a group count equal to the first Dilated
+    Convolution stage's width (depthwise in shape, a count in the file) builds what the file records."""
+    arch = dict(MICRO, widths=(16, 24, 32, 64))
+    path = rapidnet.save_weights(
+        rapidnet.create_model("rapidnet_ti", num_classes=10, mldc_groups=32, **arch), tmp_path / "g.safetensors"
+    )
+    assert rapidnet.load(path)[0].mldc_groups == 32
+    assert rapidnet.create_model("rapidnet_ti", checkpoint=path, num_classes=10, **arch).mldc_groups == 32
+    overlay = dict(file=str(path))
+    assert timm.create_model("rapidnet_ti", pretrained=True, pretrained_cfg_overlay=overlay, **arch).mldc_groups == 32
+
+
 def test_load_timm_peer_by_metadata_and_by_name(tmp_path):
     source = randomize_(timm.create_model("resnet10t", num_classes=3)).eval()
     named = rapidnet.save_weights(source, tmp_path / "r.safetensors", _meta(["a", "b", "c"]))
@@ -369,7 +446,7 @@ def test_timm_classifier_of_another_class_count_is_dropped_for_fine_tuning(tmp_p
     source = timm.create_model("resnet10t", num_classes=5)
     torch.save({"model": source.state_dict()}, tmp_path / "five.pth")
     target = timm.create_model("resnet10t", num_classes=3)
-    state_dict, _ = read_weights(tmp_path / "five.pth")
+    state_dict = read_checkpoint_file(tmp_path / "five.pth").state_dict
     with caplog.at_level(logging.INFO, logger="rapidnet"):
         load_timm_weights(target, state_dict, tmp_path / "five.pth")
     assert torch.equal(target.conv1[0].weight, source.conv1[0].weight) and target.fc.out_features == 3

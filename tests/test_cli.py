@@ -153,3 +153,48 @@ def test_wrong_kind_or_malformed_checkpoint_is_one_line_and_exit_2(capsys, tmp_p
     for argv in (["predict", str(SAMPLE), "--checkpoint", bad], ["convert", bad, str(tmp_path / "o.safetensors")]):
         code, _, err = run_cli(capsys, *argv)
         assert code == 2 and "bad.safetensors has unreadable 'class_names' metadata" in err and err.count("\n") == 1
+
+
+# ---- start-up: the parsers never load torch ------------------------------------------------------------------------
+
+# Runs ``main`` on each argv given as JSON and prints, per argv, the exit status and whether torch got imported: a
+# fresh interpreter, as the pytest process has torch imported already.
+_STARTUP_PROBE = """
+import contextlib, io, json, sys
+from rapidnet.cli.main import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+    results.append([argv, code, sorted(m for m in ("torch", "timm") if m in sys.modules)])
+print(json.dumps(results))
+"""
+
+
+def _startup(argvs: list[list[str]]) -> list[tuple[list[str], int, list[str]]]:
+    proc = subprocess.run([sys.executable, "-c", _STARTUP_PROBE, json.dumps(argvs)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return [tuple(r) for r in json.loads(proc.stdout)]
+
+
+def test_version_and_help_do_not_import_torch():
+    """``rapidnet --version`` and ``--help`` answer at once: no torch, no timm (seconds and a gigabyte to import)."""
+    for argv, code, heavy in _startup([["--version"], ["--help"]]):
+        assert code == 0, argv
+        assert heavy == [], f"rapidnet {' '.join(argv)} imported {heavy}"
+
+
+def test_every_subcommand_help_works_without_torch():
+    """Each subcommand's ``--help`` (and each action of det, seg, data) exits 0, and none of them imports torch."""
+    from rapidnet.cli.main import _SUBCOMMANDS
+
+    argvs = [[name, "--help"] for name in _SUBCOMMANDS]
+    argvs += [[name, action, "--help"] for name in ("det", "seg") for action in ("train", "eval", "predict")]
+    argvs += [["data", "mosaic", "--help"]]
+    for argv, code, heavy in _startup(argvs):
+        assert code == 0, f"rapidnet {' '.join(argv)} exited {code}"
+        assert heavy == [], f"rapidnet {' '.join(argv)} imported {heavy}"

@@ -89,7 +89,7 @@ def test_inheritance_overrides_and_flags_apply_in_order(tmp_path):
         ("optim: {lrr: 0.1}\n", [], "unknown config key 'optim.lrr'"),
         ("optimizer: {lr: 0.1}\n", [], "unknown config key 'optimizer'"),
         ("train: {epochs: many}\n", [], "train.epochs must be int"),
-        ("train: {epochs: 0}\n", [], "train.epochs must be at least 1"),
+        ("train: {epochs: 0}\n", [], "train.epochs must be 1..100000, got 0"),
         ("", ["data.pipeline=fast"], "data.pipeline must be one of timm, tensor"),
         ("", ["distill.type=hard"], "no teacher is given"),
         ("", ["data.mean=[0.5]"], "data.mean must be 3 numbers"),

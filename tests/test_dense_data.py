@@ -454,15 +454,15 @@ def test_coco_bad_input_errors(tmp_path):
 
     with pytest.raises(DataError) as info:
         CocoInstances(_coco_set(tmp_path / "range", [IMG], [dict(ann, category_id=42)]), "train")
-    assert "category id 42" in _one_line_error(info) and "out of range" in str(info.value)
+    assert "category_id 42 is not in 'categories' (ids 5..9)" in _one_line_error(info)
 
     with pytest.raises(DataError) as info:
         CocoInstances(_coco_set(tmp_path / "empty", [], []), "train")
-    assert "no images" in _one_line_error(info)
+    assert "'images': is empty" in _one_line_error(info)
 
     with pytest.raises(DataError) as info:
         CocoInstances(_coco_set(tmp_path / "orphan", [IMG], [dict(ann, image_id=99)]), "train")
-    assert "image id 99" in _one_line_error(info)
+    assert "image_id 99 is not in 'images'" in _one_line_error(info)
 
     bad_json = _coco_set(tmp_path / "json", [IMG], [ann])
     (bad_json / "annotations" / "instances_train.json").write_text("{not json")

@@ -405,3 +405,49 @@ def test_engine_formats_the_tasks_facts_and_metrics():
     metrics = {"top1": 61.5, "top5": 93.5, "loss": 1.36512, "images": 200}
     assert format_metrics(metrics, {"top1": "top-1", "loss": "loss"}) == "top-1 61.50  loss 1.365"
     assert format_metrics({"a": 0.25}) == "a 0.2500"
+
+
+def test_a_second_selector_keeps_its_choice_and_the_trainer_reports_the_default_one(tmp_path):
+    """Only the default BestCheckpoint (``publish``) sets ``trainer.best``; one a user adds (here: the worst epoch by
+    the same metric) writes its own file and leaves the run's best alone."""
+    from rapidnet.engine import BestCheckpoint
+
+    out = tmp_path / "run"
+    cfg = _toy_config(out, **{"train.epochs": 3, "ema.enabled": False})
+    worst = BestCheckpoint("mse", higher_is_better=True, filename="worst.pt")
+    trainer = Trainer(_ToyTask(cfg, steps=2), cfg, progress=False, callbacks=[worst])
+    result = trainer.fit()
+    log = read_jsonl(out / "log.jsonl")
+    scores = [r["val_mse"] for r in log]
+    assert result.best == trainer.best and trainer.best["epoch"] == 1 + scores.index(min(scores))
+    assert worst.best is not None and worst.best["epoch"] == 1 + scores.index(max(scores))
+    assert load_training_state(out / "worst.pt")["epoch"] == worst.best["epoch"]
+    assert [r["best_epoch"] for r in log][-1] == trainer.best["epoch"]
+
+
+def test_engine_modules_import_no_circle_and_callbacks_use_only_the_public_trainer_api():
+    """The callbacks and the trainer meet in ``engine/hooks.py``; no engine module imports one that imports it back
+    (imports for type checking count), and no built-in callback touches a private attribute of the trainer."""
+    import ast
+    from pathlib import Path
+
+    import rapidnet.engine
+
+    folder = Path(rapidnet.engine.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        deps = graph.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rapidnet.engine."):
+                deps.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                deps.update(a.name.split(".")[2] for a in node.names if a.name.startswith("rapidnet.engine."))
+            if path.stem == "callbacks" and isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+                assert not (isinstance(node.value, ast.Name) and node.value.id == "trainer"), node.attr
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in graph.get(start, ()))
+
+    circles = [module for module in graph if module != "__init__" and reaches(module, module, {module})]
+    assert circles == []
+    assert "trainer" not in graph["callbacks"] and "callbacks" not in graph["hooks"]

@@ -8,11 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 import rapidnet
-from conftest import MICRO, run_cli
+from conftest import MICRO, randomize_, run_cli
 from rapidnet.analysis import (
     build_model,
     erf_centre,
@@ -118,6 +119,227 @@ def test_gradient_map_sums_images_and_restores_the_module():
     two = input_gradient_map(conv, image.repeat(3, 1, 1, 1), batch_size=2)
     np.testing.assert_allclose(two, 3 * one, rtol=1e-6)  # a sum over images, batch by batch
     assert conv.training and conv.weight.requires_grad and conv.weight.grad is None
+
+
+# ---- the RF by arithmetic over the traced graph, against the probe --------------------------------------------------
+
+
+class Residual(nn.Module):
+    """``x + f(x)``: the union of the shortcut's pixel and the branch's window."""
+
+    def __init__(self, branch: nn.Module) -> None:
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.branch(x)
+
+
+class DilatedBranches(nn.Module):
+    """RapidNet's MLDC in small: parallel 3x3 convs of several dilations, summed (the widest one decides)."""
+
+    def __init__(self, chs: int, dilations: tuple[int, ...]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Conv2d(chs, chs, 3, padding=d, dilation=d) for d in dilations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branches[0](x)
+        for branch in self.branches[1:]:
+            out = out + branch(x)
+        return out
+
+
+class SkipUp(nn.Module):
+    """A stride-2 path upsampled (nearest) back onto a full-resolution one, added, then a channel concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.GELU(), nn.Conv2d(4, 4, 3, padding=1))
+        self.full = nn.Conv2d(3, 4, 5, padding=2)
+        self.side = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(self.down(x), scale_factor=2.0, mode="nearest")
+        return torch.cat([self.full(x) + up, self.side(x)], dim=1)
+
+
+class ChannelsLast(nn.Module):
+    """ConvNeXt's pattern: a depthwise conv, then NHWC for a LayerNorm and a linear layer over channels, then NCHW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(3, 3, 7, padding=3, groups=3)
+        self.norm, self.fc = nn.LayerNorm(3), nn.Linear(3, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(self.norm(self.dw(x).permute(0, 2, 3, 1)))
+        return F.gelu(y).permute(0, 3, 1, 2)
+
+
+class SqueezeExcite(nn.Module):
+    """A conv gated by its own global mean: every output depends on every input pixel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.gate = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y * torch.sigmoid(self.gate(y.mean((2, 3), keepdim=True)))
+
+
+def conv_net(*layers: tuple[int, int, int, int | str]) -> nn.Sequential:
+    """Convs of (kernel, stride, dilation, padding) with GELUs between (non-zero gradient almost everywhere)."""
+    modules: list[nn.Module] = []
+    chs = 3
+    for kernel, stride, dilation, padding in layers:
+        modules += [nn.Conv2d(chs, 4, kernel, stride, padding, dilation), nn.GELU()]
+        chs = 4
+    return nn.Sequential(*modules[:-1])
+
+
+SMALL_NETS = {
+    "strided convs": lambda: conv_net((3, 2, 1, 1), (3, 2, 1, 1), (5, 1, 1, 2)),
+    "dilated convs": lambda: conv_net((3, 1, 2, 2), (3, 2, 1, 1), (3, 1, 3, 3)),
+    "no padding": lambda: conv_net((3, 1, 1, 0), (4, 2, 1, 0), (3, 1, 2, 0)),
+    "odd padding": lambda: conv_net((5, 2, 1, 1), (3, 3, 1, 2), (2, 1, 1, "same")),
+    "asymmetric padding": lambda: nn.Sequential(nn.ZeroPad2d((1, 3, 0, 2)), nn.Conv2d(3, 4, 3, 2), nn.GELU()),
+    "pools": lambda: nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2), nn.Conv2d(4, 4, 3, padding=1)
+    ),
+    "ceil-mode pool": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, 2), nn.MaxPool2d(3, 2, ceil_mode=True)),
+    "residual adds": lambda: nn.Sequential(
+        nn.Conv2d(3, 4, 3, 2, 1),
+        Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 4, 3, padding=1))),
+        Residual(nn.Conv2d(4, 4, 5, padding=4, dilation=2)),
+    ),
+    "parallel dilated branches": lambda: nn.Sequential(
+        nn.Conv2d(3, 4, 3, 2, 1), nn.BatchNorm2d(4), DilatedBranches(4, (2, 3)), nn.GELU(), DilatedBranches(4, (1, 5))
+    ),
+    "upsampling and concatenation": SkipUp,
+    "channels last": ChannelsLast,
+    "adaptive pool": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(5)),
+    "squeeze-excitation": SqueezeExcite,
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("start", [32, 19])
+@pytest.mark.parametrize("name", list(SMALL_NETS))
+def test_graph_rf_is_the_probes_on_small_nets(name, start):
+    """The whole answer (side, box, probe size, clipped) is the probe's, on probe sizes with odd maps too (19, 38,
+    ...); the arithmetic needs no gradient and no float64 copy."""
+    torch.manual_seed(0)
+    net = SMALL_NETS[name]().eval()
+    graph = receptive_field(net, method="graph", start=start, cap=160)
+    probe = receptive_field(net, method="probe", start=start, cap=160)
+    assert (graph.method, probe.method) == ("graph", "probe")
+    assert graph == probe
+
+
+MICRO_CONFIGS = {
+    "paper": {},
+    "mldc 1 1": {"mldc_dilations": (1, 1)},
+    "mldc 1 2 4, ffn 5": {"mldc_dilations": (1, 2, 4), "ffn_kernel": 5},
+    "depthwise mldc": {"mldc_groups": "depthwise"},
+    "reparameterized": {"inference_mode": True},
+}
+
+
+@pytest.mark.parametrize("config", list(MICRO_CONFIGS))
+def test_graph_rf_is_the_probes_on_micro_rapidnets(config):
+    """Every stage of a micro RapidNet with non-trivial BN statistics and layer scales: stage 2 whole within the cap,
+    stage 3 clipped (the box at the cap compared too)."""
+    torch.manual_seed(0)
+    model = randomize_(rapidnet.create_model("rapidnet_ti", num_classes=0, **MICRO, **MICRO_CONFIGS[config])).eval()
+    for stage, feat in stage_features(model, [0, 1, 2, 3]).items():
+        graph = receptive_field(feat, method="graph", cap=512)
+        assert graph == receptive_field(feat, method="probe", cap=512), f"stage {stage}"
+        assert graph.clipped == (stage == 3)
+
+
+def test_graph_rf_is_the_probes_on_rapidnet_ti():
+    """The real RapidNet-Ti, at a cap where the probe is cheap: stages 0 and 1 whole, 2 and 3 clipped at 128."""
+    torch.manual_seed(0)
+    model = rapidnet.create_model("rapidnet_ti", num_classes=0)
+    for stage, feat in stage_features(model, [0, 1, 2, 3]).items():
+        graph = receptive_field(feat, method="graph", cap=128)
+        assert graph == receptive_field(feat, method="probe", cap=128), f"stage {stage}"
+        assert graph.clipped == (stage >= 2)
+
+
+def rapidnet_rf_by_hand(depths, dilations=(2, 3), ffn_kernel=7) -> list[int]:
+    """The RF of each stage by the textbook recurrence ``r += (k - 1) * d * j``, ``j *= s``: a stem of two 3x3
+    stride-2 convs; per stage a 3x3 stride-2 downsample (not in stage 0), a depthwise 3x3 per Inverted Residual
+    block, and per Dilated Conv block a 7x7 CPE, the widest MLDC branch and the FFN's depthwise conv."""
+    r, j, sides = 1, 1, []
+    for _ in range(2):
+        r, j = r + 2 * j, 2 * j
+    for stage, (num_ir, num_dc) in enumerate(depths):
+        if stage > 0:
+            r, j = r + 2 * j, 2 * j
+        r += num_ir * 2 * j + num_dc * (6 + 2 * max(dilations) + ffn_kernel - 1) * j
+        sides.append(r)
+    return sides
+
+
+@pytest.mark.parametrize(
+    "variant, kwargs",
+    [("rapidnet_ti", {}), ("rapidnet_s", {}), ("rapidnet_ti", {"mldc_dilations": (1, 1)}),
+     ("rapidnet_ti", {"mldc_dilations": (2, 5), "ffn_kernel": 5})],
+)  # fmt: skip
+def test_graph_rf_of_full_rapidnets_is_the_recurrence(variant, kwargs):
+    """Full-size RapidNets, every stage whole under a large cap: the recurrence by hand. Under the default cap (the
+    probe's 1,024) RapidNet-Ti's stages 0..2 are whole and stage 3 is clipped, as the probe reported them."""
+    model = rapidnet.create_model(variant, num_classes=0, **kwargs)
+    config = rapidnet.models.rapidnet.VARIANTS[variant]
+    expected = rapidnet_rf_by_hand(config["depths"], kwargs.get("mldc_dilations", (2, 3)), kwargs.get("ffn_kernel", 7))
+    feats = stage_features(model, [0, 1, 2, 3])
+    found = [receptive_field(f, method="graph", cap=8192) for f in feats.values()]
+    assert [(rf.side, rf.height, rf.width, rf.clipped) for rf in found] == [(r, r, r, False) for r in expected]
+    if variant == "rapidnet_ti" and not kwargs:
+        default = [receptive_field(f) for f in feats.values()]
+        assert [(rf.side, rf.clipped, rf.method) for rf in default] == [
+            *((r, False, "graph") for r in expected[:3]),
+            (1024, True, "graph"),
+        ]
+
+
+def test_graph_rf_sees_what_the_probe_misses():
+    """A lone conv dilated by 20 on the 32-pixel probe: only its centre tap falls inside, so the probe reports 1
+    pixel; the arithmetic grows the input until the whole 41-pixel window fits."""
+    conv = nn.Conv2d(3, 4, 3, padding=20, dilation=20)
+    assert receptive_field(conv, method="probe").side == 1
+    rf = receptive_field(conv, method="graph")
+    assert (rf.side, rf.probe, rf.clipped) == (41, 64, False)
+
+
+def test_graph_rf_falls_back_to_the_probe_for_ops_it_does_not_model():
+    class Bilinear(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(x, scale_factor=2.0, mode="bilinear")
+
+    class Tokens(nn.Module):  # a reshape of the map: the spatial layout is lost to the arithmetic
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n, c, h, w = x.shape
+            return x.flatten(2).reshape(n, c, h, w)
+
+    for net in (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Bilinear()), Tokens()):
+        rf = receptive_field(net, cap=64)
+        assert rf.method == "probe" and not rf.clipped
+        with pytest.raises(ConfigError, match="cannot follow this network") as info:
+            receptive_field(net, method="graph", cap=64)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="method 'exact'"):
+        receptive_field(nn.Conv2d(3, 4, 3), method="exact")
+
+
+def test_graph_rf_errors_are_the_probes():
+    """A network that cannot take even the largest input: the same one-line error from both methods."""
+    for method in ("graph", "probe"):
+        with pytest.raises(ConfigError, match="cannot take a 32x32 probe input") as info:
+            receptive_field(nn.Conv2d(3, 4, 40), method=method, cap=32)
+        assert "\n" not in str(info.value)
 
 
 # ---- the squares ----------------------------------------------------------------------------------------------------
@@ -357,3 +579,48 @@ def test_mldc_dilations_reach_the_rapidnet_built_by_name(capsys, image_folder):
     assert micro.pretrained_cfg["architecture"] == "rapidnet_ti"
     micro = rapidnet.create_model("rapidnet_ti", num_classes=0, mldc_dilations=(1, 1), **MICRO)
     assert theoretical_rf(stage_features(micro, [2])[2], cap=512) == 375 - 64
+
+
+def spy_threads(monkeypatch) -> list[int]:
+    """The torch thread count at each ``measure_erf`` call the command makes."""
+    from rapidnet.analysis import erf
+
+    seen: list[int] = []
+    measure = erf.measure_erf
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(erf, "measure_erf", spy)
+    return seen
+
+
+def test_cli_threads_flag_is_used_and_the_count_restored(capsys, monkeypatch, image_folder):
+    seen = spy_threads(monkeypatch)
+    code, _, err = run_cli(capsys, "erf", "--images", 1, "--resolution", 32, "--stage", 0, "--data", image_folder,
+                           "--threads", 2, "--json")  # fmt: skip
+    assert code == 0, err
+    assert seen == [2] and torch.get_num_threads() == 1
+
+
+def test_cli_measures_on_the_cores_other_processes_leave_free(capsys, monkeypatch, image_folder):
+    """As training does (engine/cpu_share): another process keeping 1.5 of 2 cores busy leaves one thread."""
+    import rapidnet.engine.cpu_share as cpu_share
+
+    class Busy:
+        def __init__(self, max_threads: int, now: float, interval_s: float) -> None:
+            self.threads, self.others = max_threads, 0.0
+
+        def poll(self, now: float) -> int:
+            self.threads, self.others = 1, 1.5
+            return 1
+
+    monkeypatch.setattr(cpu_share, "ThreadGovernor", Busy)
+    seen = spy_threads(monkeypatch)
+    torch.set_num_threads(2)
+    code, _, err = run_cli(capsys, "erf", "--images", 1, "--resolution", 32, "--stage", 0, "--data", image_folder,
+                           "--json")  # fmt: skip
+    assert code == 0, err
+    assert seen == [1] and torch.get_num_threads() == 2
+    assert "other processes are using 1.5 cores: measuring on 1 of 2 threads" in err

@@ -165,8 +165,9 @@ def test_executorch_program_matches_pytorch_in_executorch(tmp_path, features_onl
     takes the plain folded graph (it fails on channels_last weights)."""
     from rapidnet.deploy.executorch import executorch_method, run_executorch
 
-    model = rapidnet.deploy.cpu.optimize(_micro(features_only=features_only))  # handed an optimized model: undone
-    result = export(model, tmp_path / "m.pte", "executorch", resolution=(64, 64))
+    model = _micro(features_only=features_only)
+    compiled = rapidnet.deploy.compile_for_cpu(model)  # never called: handed to export, it is unwrapped
+    result = export(compiled, tmp_path / "m.pte", "executorch", resolution=(64, 64))
     assert result.ok, result.lines()
     assert [c.input_shape for c in result.checks] == [(1, 3, 64, 64), (1, 3, 64, 64)]
     x = torch.randn(1, 3, 64, 64)

@@ -16,9 +16,9 @@ import torch
 
 import rapidnet
 from conftest import MICRO, randomize_
-from rapidnet.deploy import common, cpu
+from rapidnet.deploy import common, prepare_model
 from rapidnet.deploy.eager import EagerCuda, EagerTorch, EagerTorchChannelsLast
-from rapidnet.deploy.inductor import AOTInductor, TorchCompile, compile_for_cpu
+from rapidnet.deploy.inductor import AOTInductor, TorchCompile, _quiet_compile, compile_for_cpu
 from rapidnet.errors import CheckpointError, ConfigError
 
 TOL = 1e-4
@@ -121,7 +121,7 @@ def test_torch_compile_bench_runner_equals_the_eager_model_and_freezes(tmp_path)
     out = run()
     assert not torch.is_inference_mode_enabled()
     np.testing.assert_allclose(out.numpy(), _reference(model, x), rtol=TOL, atol=TOL)
-    assert not cpu.is_optimized(model) and model.training is False and list(tmp_path.iterdir()) == []
+    assert model.training is False and list(tmp_path.iterdir()) == []
 
 
 def test_compile_for_cpu_leaves_the_model_alone():
@@ -132,18 +132,34 @@ def test_compile_for_cpu_leaves_the_model_alone():
     assert {n for n, _ in compiled.named_parameters()} == {f"module.{n}" for n, _ in compiled.module.named_parameters()}
 
 
-def test_eager_backends_run_the_cpu_pass_on_a_copy(tmp_path):
+def test_compiled_model_pads_short_batches_and_exports_as_the_plain_model(tmp_path):
+    """One compile serves a whole evaluation: a short last batch is padded to the compiled size and cut back."""
+    model = _micro(4)
+    compiled = compile_for_cpu(model, batch_size=3)
+    full, short = torch.randn(3, 3, *RES), torch.randn(2, 3, *RES)
+    graphs = torch._dynamo.utils.counters["stats"]
+    with _quiet_compile():
+        out_full = compiled(full)
+        after_first = graphs["unique_graphs"]
+        out_short = compiled(short)
+    assert out_short.shape[0] == 2 and graphs["unique_graphs"] == after_first, "the short batch compiled again"
+    np.testing.assert_allclose(out_full.numpy(), _reference(model, full), rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(out_short.numpy(), _reference(model, short), rtol=TOL, atol=TOL)
+    plain = prepare_model(compiled)
+    assert plain is compiled.module and type(plain) is rapidnet.RapidNet
+    assert prepare_model(torch.compile(model)) is not model, "torch.compile's wrapper unwraps to a folded copy"
+    assert type(prepare_model(torch.compile(model))) is rapidnet.RapidNet
+
+
+def test_eager_backends_run_the_model_as_given(tmp_path):
     plain = rapidnet.reparameterize(_micro(4))
-    assert not cpu.is_optimized(plain)
     x = torch.randn(2, 3, *RES)
     ref = _reference(plain, x)
     for runtime in (EagerTorch(), EagerTorchChannelsLast()):
-        runs = runtime.model_for(plain)
-        assert type(runs) is cpu.CpuRapidNet and runs is not plain
         out = runtime.bench_runner(plain, x, threads=1, workdir=tmp_path)()
         np.testing.assert_allclose(out.numpy(), ref, rtol=TOL, atol=TOL)
-    assert not cpu.is_optimized(plain) and all(p.is_contiguous() for p in plain.parameters())
-    other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))  # not a RapidNet: run as given (copied to change layout)
+    assert all(p.is_contiguous() for p in plain.parameters()), "torch-cl changed a copy, not the caller's model"
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
     assert EagerTorch().model_for(other) is other
     assert EagerTorchChannelsLast().model_for(other) is not other
     assert EagerCuda().available() == torch.cuda.is_available()

@@ -10,7 +10,6 @@ import torch
 
 import rapidnet
 from conftest import MICRO, randomize_
-from rapidnet.deploy import cpu
 from rapidnet.models.complexity import count_gmacs, count_params
 from rapidnet.models.rapidnet import VARIANTS, RapidNet
 
@@ -179,51 +178,10 @@ def test_reparameterized_gmacs_not_more():
     assert count_gmacs(fused) > 0.99 * count_gmacs(model), "the FLOP counter must still see the fused convs"
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.filterwarnings("ignore:TF32 acceleration")
-def test_fused_cpu_inference_runs_conv_and_gelu_as_one_onednn_call(micro_model, memory_format):
-    fused = cpu.optimize(micro_model).to(memory_format=memory_format)
-    x = torch.randn(2, 3, 64, 96).contiguous(memory_format=memory_format)
-    with torch.inference_mode():
-        with torch.profiler.profile() as prof:
-            fast = fused(x)
-        with torch.backends.mkldnn.flags(enabled=False):  # the plain conv2d -> gelu path
-            plain = fused(x)
-        reference = micro_model(x)
-    ops = {event.key for event in prof.key_averages()}
-    assert "mkldnn::_convolution_pointwise" in ops and "aten::gelu" not in ops
-    assert torch.allclose(fast, plain, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(fast, reference, rtol=1e-4, atol=1e-4)
-    with torch.enable_grad():  # autograd needs the differentiable path
-        x.requires_grad_(True)
-        fused(x).sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
-
-
-def test_fused_cpu_model_runs_channels_last_inside_and_answers_in_the_callers_layout(micro_model, tmp_path):
-    fused = cpu.optimize(micro_model)
-    convs = [m for m in fused.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
-    x = torch.randn(2, 3, 64, 96)  # NCHW
-    with torch.inference_mode():
-        assert cpu._wants_channels_last(fused, x)
-        assert not cpu._wants_channels_last(fused, x.contiguous(memory_format=torch.channels_last))
-        assert not cpu._wants_channels_last(micro_model, x)  # unfused: no oneDNN units, no detour
-        features = fused.forward_features(x)
-        reference = micro_model.forward_features(x)
-    assert features.is_contiguous()  # NCHW in, NCHW out
-    assert torch.allclose(features, reference, rtol=1e-4, atol=1e-4)
-    from safetensors.torch import load_file
-
-    saved = load_file(str(rapidnet.save_weights(fused, tmp_path / "fused.safetensors")))  # channels_last weights save
-    assert all(torch.equal(saved[k], v) for k, v in fused.state_dict().items())
-
-
 def test_reparameterize_gives_the_plain_folded_graph(micro_model):
     """No CPU-specific modules or layouts: ordinary padded convs, contiguous weights, nn.GELU; no oneDNN calls."""
     fused = rapidnet.reparameterize(micro_model)
-    assert type(fused) is RapidNet and not cpu.is_optimized(fused)
+    assert type(fused) is RapidNet
     assert all(p.is_contiguous() for p in fused.parameters())
     dilated = fused.stages[2].blocks[1].mixer.branches[1].conv
     assert type(dilated) is torch.nn.Conv2d and dilated.padding == (3, 3) and dilated.dilation == (3, 3)
@@ -263,67 +221,6 @@ def test_fused_weights_load_strictly_into_inference_mode(micro_model):
     backbone = timm.create_model("rapidnet_ti", features_only=True, inference_mode=True, **MICRO)
     folded_backbone = rapidnet.reparameterize(timm.create_model("rapidnet_ti", features_only=True, **MICRO))
     assert backbone.state_dict().keys() == folded_backbone.state_dict().keys()
-
-
-def test_cpu_optimize_copies_optimize_in_place_and_deoptimize(micro_model):
-    original = {k: v.clone() for k, v in micro_model.state_dict().items()}
-    fast = cpu.optimize(micro_model)
-    assert type(fast) is cpu.CpuRapidNet and isinstance(fast, RapidNet)
-    assert type(micro_model) is RapidNet and not cpu.is_optimized(micro_model)  # a copy: the argument is untouched
-    assert all(torch.equal(original[k], v) for k, v in micro_model.state_dict().items())
-    plain = rapidnet.reparameterize(micro_model)
-    assert list(fast.state_dict()) == list(plain.state_dict())  # same keys and values: saves like the plain model
-    assert all(torch.equal(fast.state_dict()[k], v) for k, v in plain.state_dict().items())
-    units = [m for m in fast.modules() if isinstance(m, cpu.CpuConvAct)]
-    assert units and not any(isinstance(m, rapidnet.models.rapidnet.ConvNormAct) for m in fast.modules())
-    assert {u.prepad is not None for u in units} == {True, False}  # only the dense dilated convs pre-pad
-    again = cpu.optimize_(fast)
-    assert again is fast and type(fast) is cpu.CpuRapidNet  # in place, idempotent
-    assert cpu.optimize_(plain) is plain and cpu.is_optimized(plain)  # optimize_ works in place
-    back = cpu.deoptimize_(fast)
-    assert back is fast and type(back) is RapidNet and not cpu.is_optimized(back)
-    assert all(p.is_contiguous() for p in back.parameters())
-    assert repr(back) == repr(rapidnet.reparameterize(micro_model))
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.allclose(back(x), micro_model(x), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
-def test_cpu_optimize_features_only_wrapper():
-    backbone = randomize_(rapidnet.create_model("rapidnet_ti", features_only=True, **MICRO)).eval()
-    fast = cpu.optimize(backbone)
-    assert type(fast) is cpu.CpuFeatureListNet
-    x = torch.randn(1, 3, 64, 96)
-    with torch.inference_mode():
-        assert cpu._wants_channels_last(fast, x)
-        with torch.profiler.profile() as prof:
-            features = fast(x)
-        expected = backbone(x)
-    assert "mkldnn::_convolution_pointwise" in {event.key for event in prof.key_averages()}
-    assert all(f.is_contiguous() for f in features)  # NCHW in, NCHW out
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(features, expected, strict=True))
-
-
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
-def test_cpu_optimized_model_shows_tools_the_plain_graph(micro_model):
-    """Autocast, FLOP counting, scripting, FX and torch.export all get plain conv2d + gelu, unpadded."""
-    fast, plain = cpu.optimize(micro_model), rapidnet.reparameterize(micro_model)
-    x = torch.randn(1, 3, 64, 64)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
-        fast(x)
-    ops = {event.key for event in prof.key_averages()}
-    assert "mkldnn::_convolution_pointwise" not in ops and "aten::gelu" in ops
-    assert count_gmacs(fast, (64, 64)) == count_gmacs(plain, (64, 64))
-    with torch.no_grad():
-        expected = plain(x)
-        assert torch.allclose(torch.jit.script(fast)(x), expected, rtol=1e-4, atol=1e-4)
-        graph_module = torch.fx.symbolic_trace(fast)
-        assert torch.allclose(graph_module(x), expected, rtol=1e-4, atol=1e-4)
-    program = torch.export.export(fast, (x,))
-    for ops in ({str(n.target) for n in graph_module.graph.nodes}, {str(n.target) for n in program.graph.nodes}):
-        assert not any("mkldnn" in op or "pad" in op for op in ops), ops
 
 
 def test_bad_constructor_arguments():

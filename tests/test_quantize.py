@@ -321,7 +321,7 @@ def test_runtime_int8_is_quantized_and_agrees_with_fp32(runtime_quantized, fmnis
         (["--all-ops"], "q.xml", "--all-ops is not an option of OpenVINO's quantizer"),
         (["--per-tensor"], "q.xml", "--per-tensor is not an option of OpenVINO's quantizer"),
         (["--save-fp32", "{tmp}/f.onnx"], "q.pte", "--save-fp32 file"),
-        (["--save-fp32", "{tmp}/q.onnx"], "q.onnx", "name the same file"),
+        (["--save-fp32", "{tmp}/q.onnx"], "q.onnx", "are the same file"),
     ],
 )
 def test_runtime_quantize_bad_options_are_one_line(capsys, tmp_path, fmnist, micro_file, extra, output, message):

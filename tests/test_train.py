@@ -610,10 +610,10 @@ def test_distillation_loss_matches_deit():
 def test_threads_follow_the_free_cores_at_start_and_a_resume_keeps_them(fm, tiny_config, tmp_path, monkeypatch):
     """Another busy process at start: the run trains on the free core, records it, and a resume on an idle machine
     keeps that count (a different count would change float rounding, and the losses with it)."""
-    import rapidnet.engine.trainer as trainer_module
+    import rapidnet.engine.cpu_share as cpu_share
 
     seen: list[int] = []
-    monkeypatch.setattr(trainer_module, "free_threads", lambda most: (1, 1.0))
+    monkeypatch.setattr(cpu_share, "free_threads", lambda most: (1, 1.0))
     original_step = ClassificationTask.train_step
 
     def counting_step(self, model, batch):
@@ -628,6 +628,6 @@ def test_threads_follow_the_free_cores_at_start_and_a_resume_keeps_them(fm, tiny
     assert load_training_state(out / "last.pt")["threads"] == 1
     assert all("other_cores" in r for r in read_jsonl(out / "steps.jsonl"))
     seen.clear()
-    monkeypatch.setattr(trainer_module, "free_threads", lambda most: (2, 0.0))  # idle now
+    monkeypatch.setattr(cpu_share, "free_threads", lambda most: (2, 0.0))  # idle now
     assert train_on(tiny_config, fm, out, "--epochs", "2", "--resume", str(out / "last.pt")) == 0
     assert set(seen) == {1}

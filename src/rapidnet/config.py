@@ -24,7 +24,16 @@ from typing import Any
 
 import yaml
 
-from rapidnet.errors import ConfigError
+from rapidnet.constants import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_IMAGES,
+    MAX_INTERVAL,
+    MAX_SEED,
+    MAX_TIME_BUDGET,
+    MAX_WORKERS,
+)
+from rapidnet.errors import ConfigError, file_problem
 from rapidnet.utils import atomic_write
 
 __all__ = [
@@ -270,10 +279,9 @@ def _read_text(path: Path) -> str:
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read one file and, recursively, its ``base:`` files (relative to it), later values winning."""
     path = path.expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"config file {path} does not exist: pass a file such as configs/fashion_mnist_rapidnet_ti.yaml"
-        )
+    problem = file_problem(path)
+    if problem is not None:
+        raise ConfigError(f"config file {path} {problem}: pass a file such as configs/fashion_mnist_rapidnet_ti.yaml")
     resolved = path.resolve()
     if resolved in seen:
         raise ConfigError(f"config file {path} inherits from itself through 'base:': break the cycle")
@@ -297,6 +305,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     for base in [bases] if isinstance(bases, str) else bases if isinstance(bases, list) else [bases]:
         if not isinstance(base, str) or not base or "\0" in base:
             raise ConfigError(f"config file {path}: 'base' must be a file name or a list of them")
+        problem = file_problem(path.parent / base)
+        if problem is not None:
+            raise ConfigError(
+                f"config file {path}: its base {base!r} ({path.parent / base}) {problem}: name a YAML file, relative "
+                "to this one"
+            )
         merged = _deep_merge(merged, _read_yaml(path.parent / base, (*seen, resolved)))
     return _deep_merge(merged, data)
 
@@ -465,9 +479,11 @@ def _validate(cfg: Config, source: str) -> None:
 
     for key, choices in _CHOICES.items():
         need(_get(cfg, key) in choices, key, "one of " + ", ".join(map(str, choices)))
-    need(cfg.train.epochs >= 1, "train.epochs", "at least 1")
-    need(cfg.data.batch_size >= 1, "data.batch_size", "at least 1")
-    need(cfg.data.eval_batch_size is None or cfg.data.eval_batch_size >= 1, "data.eval_batch_size", "at least 1")
+    need(1 <= cfg.train.epochs <= MAX_EPOCHS, "train.epochs", f"1..{MAX_EPOCHS}")
+    need(0 <= cfg.train.seed <= MAX_SEED, "train.seed", f"0..{MAX_SEED}")
+    need(1 <= cfg.data.batch_size <= MAX_BATCH, "data.batch_size", f"1..{MAX_BATCH}")
+    eval_batch = cfg.data.eval_batch_size
+    need(eval_batch is None or 1 <= eval_batch <= MAX_BATCH, "data.eval_batch_size", f"1..{MAX_BATCH} or null")
     twice = sorted(k for k in cfg.model.kwargs if k in {f.name for f in dataclasses.fields(ModelConfig)})
     if twice:  # the task passes model.X itself: the same key in model.kwargs would reach the constructor twice
         raise ConfigError(f"{source}: set model.{twice[0]}, not model.kwargs.{twice[0]}")
@@ -477,9 +493,9 @@ def _validate(cfg: Config, source: str) -> None:
     need(0 <= cfg.model.drop_path_rate < 1, "model.drop_path_rate", "in [0, 1)")
     need(0 <= cfg.model.drop_rate < 1, "model.drop_rate", "in [0, 1)")
     need(cfg.model.num_classes is None or 1 <= cfg.model.num_classes <= 100_000, "model.num_classes", "1..100000")
-    need(cfg.data.workers >= 0, "data.workers", "0 or more")
-    need(cfg.data.limit_train is None or cfg.data.limit_train >= 1, "data.limit_train", "at least 1")
-    need(cfg.data.limit_val is None or cfg.data.limit_val >= 1, "data.limit_val", "at least 1")
+    need(0 <= cfg.data.workers <= MAX_WORKERS, "data.workers", f"0..{MAX_WORKERS}")
+    for key in ("data.limit_train", "data.limit_val"):
+        need(_get(cfg, key) is None or 1 <= _get(cfg, key) <= MAX_IMAGES, key, f"1..{MAX_IMAGES} images or null")
     need(cfg.data.crop_pct is None or 0 < cfg.data.crop_pct <= 1, "data.crop_pct", "in (0, 1]")
     need(cfg.optim.lr is None or cfg.optim.lr > 0, "optim.lr", "positive")
     need(cfg.optim.base_lr > 0, "optim.base_lr", "positive")
@@ -504,10 +520,14 @@ def _validate(cfg: Config, source: str) -> None:
     zoom_ok = zoom is None or (len(zoom) == 2 and 4 <= zoom[0] <= zoom[1] <= _MAX_SIDE)
     need(zoom_ok, "aug.zoom", f"null or [min, max] with 4 <= min <= max <= {_MAX_SIDE}")
     need(cfg.aug.noise >= 0, "aug.noise", "0 or more")
-    need(cfg.train.log_interval >= 1, "train.log_interval", "at least 1")
-    need(cfg.train.eval_interval >= 1, "train.eval_interval", "at least 1")
+    need(1 <= cfg.train.log_interval <= MAX_INTERVAL, "train.log_interval", f"1..{MAX_INTERVAL} steps")
+    need(1 <= cfg.train.eval_interval <= MAX_INTERVAL, "train.eval_interval", f"1..{MAX_INTERVAL} epochs")
     budget = cfg.train.time_budget
-    need(budget is None or 0 < budget <= 100_000, "train.time_budget", "minutes (positive), or null")
+    need(
+        budget is None or 0 < budget <= MAX_TIME_BUDGET,
+        "train.time_budget",
+        f"more than 0 and at most {MAX_TIME_BUDGET} minutes, or null",
+    )
     need(
         all(-cfg.train.epochs <= m for m in cfg.sched.decay_milestones),
         "sched.decay_milestones",

@@ -6,6 +6,9 @@ them (each also subclasses the builtin exception a caller would naturally expect
 
 from __future__ import annotations
 
+import os
+import stat
+
 
 class RapidNetError(Exception):
     """Base class for errors caused by bad input rather than by a bug."""
@@ -21,3 +24,29 @@ class DataError(RapidNetError, ValueError):
 
 class ConfigError(RapidNetError, ValueError):
     """A configuration or command-line option that cannot be honoured."""
+
+
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def file_kind(mode: int) -> str:
+    """What a ``stat`` mode says an entry is, for a message: "a file", "a folder", "a FIFO (named pipe)", ..."""
+    return "a file" if stat.S_ISREG(mode) else _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be read as a file ("does not exist", "is a folder", "is a character device", ...), or
+    None when it is a regular file: an input's error then says what the path is instead of a guess."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist" if not os.path.islink(path) else "is a broken link"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    return None if stat.S_ISREG(mode) else f"is {file_kind(mode)}, not a file"

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
+from rapidnet.constants import DEFAULT_BOOTSTRAP
 from rapidnet.errors import DataError
 
 __all__ = [
@@ -48,8 +49,6 @@ __all__ = [
 ]
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-#: bootstrap resamples of an evaluation's images for its 95% interval
-DEFAULT_BOOTSTRAP = 1000
 _CHUNK_ELEMENTS = 2_000_000  # floats per (resamples x thresholds x detections) block of the AP bootstrap
 
 

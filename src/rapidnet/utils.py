@@ -15,6 +15,7 @@ import pickle
 import platform
 import re
 import shutil
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from rapidnet.errors import CheckpointError, ConfigError
+from rapidnet.runtimes import suffixes
 
 __all__ = [
     "atomic_write",
@@ -58,6 +60,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the file was not written completely")
     with open(path, "rb") as f:
         head = f.read(16)
+    exported = exported_format(path, head)
+    if exported is not None:
+        raise CheckpointError(
+            f"{path} is an exported {exported} model, not a checkpoint of weights: run it with rapidnet predict or "
+            "eval --checkpoint; here, pass the checkpoint it was exported from"
+        )
     if path.suffix == ".safetensors" or (len(head) > 9 and head[8:9] == b"{"):
         return _read_safetensors(path)
     try:
@@ -78,6 +86,26 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
             f"{path} is truncated or not a PyTorch checkpoint ({detail[:120]}): re-download or re-export it"
         ) from None
     return obj, {}
+
+
+def exported_format(path: Path, head: bytes) -> str | None:
+    """The runtime whose file ``path`` is (by suffix, or by its first bytes: XML, a TFLite flatbuffer, a TorchScript
+    archive), or None for anything else: so that a model file given as weights is named as what it is."""
+    runtime = suffixes().get(path.suffix.lower())
+    if runtime is not None and runtime != "torchscript":
+        return runtime
+    if head.lstrip().startswith((b"<?xml", b"<net")):
+        return "openvino"
+    if head[4:8] == b"TFL3":
+        return "litert"
+    if head.startswith(b"PK"):  # a zip: torch.save's and TorchScript's archives; only TorchScript holds code/
+        try:
+            with zipfile.ZipFile(path) as archive:
+                if any("/code/" in name for name in archive.namelist()[:10_000]):
+                    return "torchscript"
+        except (OSError, zipfile.BadZipFile):
+            return None
+    return None
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -107,7 +135,14 @@ _DISK_ERRORS: dict[int, tuple[str, str]] = {
 #: how Rust writers (safetensors) report an OS error inside their own exception type
 _OS_ERROR_TEXT = re.compile(r"os error ([0-9]+)")
 #: what torch's zip writer (a RuntimeError) and safetensors (their own error) say when the disk fills up mid-write
-_FULL_DISK_TEXT = ("unexpected pos", "file write failed", "no space left", "storagefull", "quota exceeded")
+_FULL_DISK_TEXT = (
+    "unexpected pos",
+    "file write failed",
+    "no space left",
+    "storagefull",
+    "quota exceeded",
+    "iostream error",  # OpenVINO's serializer, which reports a full disk only through the C++ stream's failure
+)
 
 
 def temp_path(path: str | os.PathLike) -> Path:
@@ -135,6 +170,26 @@ def _free_space(folder: Path) -> str:
     return ""
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The first existing ancestor of ``path`` that is not a folder (so nothing can be created under it), if any."""
+    for parent in reversed(Path(path).absolute().parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def check_output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """``path`` as a folder that exists or can be created: refused in one line when it, or a folder above it, is a
+    file (mkdir would say only "File exists" or "Not a directory")."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file, not a folder: choose a folder")
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        raise ConfigError(f"{what} {path} cannot be created: {blocker} is a file, not a folder: choose another path")
+    return path
+
+
 def write_error(path: str | os.PathLike, error: BaseException) -> CheckpointError | None:
     """The one-line error for a failed write of ``path``, naming the folder and the fix; None for an exception that
     is not about the disk (a bug, which should keep its traceback).
@@ -145,6 +200,12 @@ def write_error(path: str | os.PathLike, error: BaseException) -> CheckpointErro
     """
     path = Path(path)
     folder = path.parent.absolute()
+    if isinstance(error, OSError) and error.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = file_in_the_way(path)
+        if blocker is not None:
+            return CheckpointError(
+                f"cannot write {path}: {blocker} is a file, not a folder: choose an output path under a folder"
+            )
     if isinstance(error, OSError):
         known = _DISK_ERRORS.get(error.errno or -1)
         if known is None:
@@ -265,7 +326,8 @@ def _inside(path: Path, folder: Path) -> bool:
 def refuse_overwriting_input(
     outputs: str | os.PathLike | Iterable[str | os.PathLike], *inputs: str | os.PathLike | None
 ) -> None:
-    """Raise a one-line :class:`ConfigError` when writing ``outputs`` would replace one of ``inputs``.
+    """Raise a one-line :class:`ConfigError` when writing ``outputs`` would replace one of ``inputs``, or when two
+    of ``outputs`` are one file (the second write would replace the first).
 
     ``outputs`` is one path or several (e.g. OpenVINO's ``.xml`` and its ``.bin``); ``None`` inputs are skipped. An
     output is refused when it is the same file as an input (:func:`_same_file`) or a folder holding an input (a
@@ -273,7 +335,16 @@ def refuse_overwriting_input(
     command never reads its source, computes for minutes and then destroys that source with its result.
     """
     paths = [outputs] if isinstance(outputs, (str, os.PathLike)) else list(outputs)
+    written: list[Path] = []
     for output in (Path(p).expanduser() for p in paths):
+        twin = next((w for w in written if _same_file(w, output)), None)
+        if twin is not None:
+            raise ConfigError(
+                f"two outputs of this command are the same file {output}"
+                + (f" (also named {twin})" if str(twin) != str(output) else "")
+                + ": the second would replace the first; give each output its own path"
+            )
+        written.append(output)
         for given in inputs:
             if given is None or str(given) == "":
                 continue

@@ -7,7 +7,8 @@ over the input channels and over N images, is the ERF map (:func:`input_gradient
 (:func:`erf_fractions`): the side of the smallest square, centred where the map's mass is, that holds a fraction
 ``t`` of the map's total, as a fraction of the input side (``t20``, ``t50``, ``t90``, ``t99``). Beside it, the
 theoretical receptive field (:func:`theoretical_rf`): the side of the box of input pixels that can affect the centre
-output at all, so that the ERF can be read against the RF it could have.
+output at all, so that the ERF can be read against the RF it could have; found by arithmetic over the graph that
+torch.fx traces, with a gradient probe for the networks that arithmetic cannot follow (:func:`receptive_field`).
 
 Differences from RepLKNet's scripts, on purpose: the gradient is taken in absolute value (RepLKNet rectifies it, so
 negative contributions vanish from its maps), and the squares are measured on the raw map (RepLKNet measures them
@@ -27,12 +28,14 @@ answer how large the ERF is (pass ``--checkpoint``).
 
 from __future__ import annotations
 
+import builtins
 import copy
 import math
+import operator
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +47,13 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import FeatureDictNet
 from torch import Tensor, nn
+from torch.fx import Node, Tracer
+from torch.fx.node import map_arg
 from tqdm import tqdm
 
+from rapidnet.constants import RF_CAP
 from rapidnet.data import FASHION_MNIST_NAME, IMG_EXTENSIONS, FashionMNIST, is_fashion_mnist_folder, load_rgb
+from rapidnet.data.listing import list_files
 from rapidnet.errors import CheckpointError, ConfigError, DataError, RapidNetError
 from rapidnet.models import create_model, is_rapidnet, load
 from rapidnet.models.backbone import BackboneWithFPN
@@ -56,6 +63,7 @@ from rapidnet.utils import atomic_write, subset_indices, unwrap_model
 __all__ = [
     "ERF_THRESHOLDS",
     "RF_CAP",
+    "RF_METHODS",
     "ReceptiveField",
     "StageFeatures",
     "build_model",
@@ -77,8 +85,6 @@ __all__ = [
 
 #: the fractions of the ERF map's total that :func:`erf_fractions` reports squares for (RepLKNet's 20/50/90/99%)
 ERF_THRESHOLDS: tuple[float, ...] = (0.2, 0.5, 0.9, 0.99)
-#: the largest probe side :func:`receptive_field` tries: a larger RF is reported as this, flagged ``clipped``
-RF_CAP = 1024
 #: the task a dense checkpoint holds (its backbone body is what is measured)
 _DENSE_TASKS = ("detection", "segmentation")
 
@@ -181,18 +187,24 @@ def erf_centre(grad_map: np.ndarray) -> tuple[int, int]:
 
 # ---- the theoretical receptive field -------------------------------------------------------------------------------
 
+#: how :func:`receptive_field` finds the RF: arithmetic over the traced graph, the gradient probe, or the graph where
+#: it can follow the network and the probe elsewhere
+RF_METHODS = ("auto", "graph", "probe")
+
 
 @dataclass(frozen=True)
 class ReceptiveField:
     """What :func:`receptive_field` found: ``side`` (pixels) = ``max(height, width)`` of the box of input pixels that
     affect the centre output, on a ``probe``-pixel square input; ``clipped`` when even the largest probe allowed was
-    too small (``side`` is then that probe's side: the RF is at least that)."""
+    too small (``side`` is then that probe's side: the RF is at least that). ``method`` says how it was found
+    (``graph`` or ``probe``); it takes no part in comparisons, since both methods answer the same question."""
 
     side: int
     height: int
     width: int
     probe: int
     clipped: bool
+    method: str = field(default="probe", compare=False)
 
 
 def receptive_field(
@@ -203,43 +215,63 @@ def receptive_field(
     cap: int = RF_CAP,
     probes: int = 2,
     seed: int = 0,
+    method: str = "auto",
 ) -> ReceptiveField:
-    """The theoretical receptive field of the centre output of ``features``, measured on random inputs.
+    """The theoretical receptive field of the centre output of ``features``: the input pixels it depends on at all.
 
-    A square probe of ``start`` pixels, doubled until the box of input pixels with a non-zero gradient of the centre
-    output lies strictly inside it (touches no border: the RF is then whole, not cut by the padding), at most
-    ``cap`` pixels. A module is measured on a float64 copy (the caller's is untouched) in eval mode, with its max
-    pools as average pools of the same geometry (a max pool passes gradient to one pixel per window, an average pool
-    to all, and both see the same pixels); the scalar is a random combination of the centre's channels, and
-    ``probes`` random images are measured at once (the union of their non-zero pixels), so a ReLU or GELU that is
-    flat for one input, or channels that cancel, do not shrink the box. A plain callable is probed as it is
-    (float32). Stops at the first probe holding the box, so a small RF costs little. (A box inside the probe is
-    taken as whole: true of every network whose RF has no holes wider than half the ``start`` probe, which only a
-    lone conv dilated by more than 15 would have.)
+    Both methods look at square inputs of ``start`` pixels, doubled until the box of input pixels the centre output
+    ``(h//2, w//2)`` depends on lies strictly inside the input (touches no border: the RF is then whole, not cut by
+    the padding), at most ``cap`` pixels; so the answer does not depend on the images an ERF is measured on.
+
+    ``graph`` (what ``auto`` uses wherever it applies): arithmetic over the graph that ``torch.fx`` traces (timm's
+    leaf modules and functions kept whole): for each input size, the map sizes forward through the layers, then,
+    backward from the centre output, the interval of each layer's input that its requested outputs need, clipped to
+    the map (conv and pool windows with stride, dilation and padding, timm's dynamic 'same' padding included; nearest
+    upsampling; adaptive pools; the union over the inputs of sums, products and concatenations, a broadcast operand
+    needing its one pixel). An interval per layer, rather than the usual ``r, j, start`` recurrence, because it also
+    gives what the probe sees at the borders, where the padding cuts the box. It costs milliseconds and needs no
+    gradient, and it has none of the probe's blind spots: a dilated conv's holes, a gradient that underflows, and
+    weights that are zero (timm's ResNets start their blocks' last BatchNorm at zero, so the probe of an untrained one
+    sees its shortcuts only; the arithmetic gives the architecture's RF, which the probe gives once trained). An op
+    that mixes every position along an axis (a global mean or pool, GroupNorm, a softmax or norm over positions, as
+    in squeeze-excitation) makes the RF the whole input: reported as the probe reports it, ``cap``, clipped. An op
+    it does not model (attention, reshapes of the map, bilinear resizing, code fx cannot trace) makes ``auto`` fall
+    back to the probe; ``graph`` then raises a one-line error.
+
+    ``probe``: measured on random inputs. A module is measured on a float64 copy (the caller's is untouched; float32
+    would lose the far pixels of a RapidNet at initialisation, whose layer scales of 1e-5 multiply along the longest
+    paths) in eval mode, with its max pools as average pools of the same geometry (a max pool passes gradient to one
+    pixel per window, an average pool to all, and both see the same pixels); the scalar is a random combination of
+    the centre's channels, and the box is the union over ``probes`` random images, measured one at a time so memory
+    is that of one image's autograd graph, so a ReLU or GELU that is flat for one input, or channels that cancel, do
+    not shrink it. A plain callable is probed as it is (float32). Stops at the first probe holding the box, so a small
+    RF costs little; a large one costs forward and backward passes at up to ``cap`` pixels. (A box inside the probe is
+    taken as whole: true of every network whose RF has no holes wider than half the ``start`` probe, which only a lone
+    conv dilated by more than 15 would have.)
     """
     if not 1 <= start <= cap:
         raise ConfigError(f"receptive field probes of {start}..{cap} pixels: start must be between 1 and the cap")
     if probes < 1:
         raise ConfigError(f"probes={probes}: measure at least 1 random input")
+    if method not in RF_METHODS:
+        raise ConfigError(f"receptive field method {method!r}: use one of {', '.join(RF_METHODS)}")
+    if method != "probe":
+        try:
+            with _measuring(features):  # eval mode: BatchNorm is per pixel, dropout and drop-path are identities
+                graph = _RFGraph(features)
+                return _grow(graph.box, start, cap, "graph")
+        except _Unsupported as e:
+            if method == "graph":
+                detail = " ".join(str(e).split())[:160]
+                raise ConfigError(f"the RF arithmetic cannot follow this network ({detail}): use the probe") from None
     net, dtype = _probe_copy(features)
     device = _device(net)
     generator = torch.Generator().manual_seed(seed)
-    size = start
-    while True:
-        ran, box = _gradient_box(net, channels, size, probes, dtype, device, generator, last=size >= cap)
-        if ran and box is None:
-            raise ConfigError(
-                "the centre output does not depend on the input (its gradient is zero everywhere): "
-                "is this the feature map of the model?"
-            )
-        if box is not None:
-            top, bottom, left, right = box
-            height, width = bottom - top + 1, right - left + 1
-            if top > 0 and left > 0 and bottom < size - 1 and right < size - 1:
-                return ReceptiveField(max(height, width), height, width, size, False)
-            if size >= cap:
-                return ReceptiveField(cap, height, width, size, True)
-        size = min(2 * size, cap)
+
+    def probe_box(size: int, last: bool) -> tuple[bool, _Box | None]:
+        return _gradient_box(net, channels, size, probes, dtype, device, generator, last)
+
+    return _grow(probe_box, start, cap, "probe")
 
 
 def theoretical_rf(features: Callable[[Tensor], Tensor], channels: int = 3, **options: Any) -> int:
@@ -251,6 +283,31 @@ def theoretical_rf(features: Callable[[Tensor], Tensor], channels: int = 3, **op
     return receptive_field(features, channels, **options).side
 
 
+#: (top, bottom, left, right) of a box of input pixels, inclusive
+_Box = tuple[int, int, int, int]
+
+
+def _grow(box_at: Callable[[int, bool], tuple[bool, _Box | None]], start: int, cap: int, method: str) -> ReceptiveField:
+    """The search both methods share: ``box_at(size, last)`` gives ``(ran, box)`` for a ``size`` input (``ran``
+    False: too small for the network, retried larger unless it is the ``last`` one)."""
+    size = start
+    while True:
+        ran, box = box_at(size, size >= cap)
+        if ran and box is None:
+            raise ConfigError(
+                "the centre output does not depend on the input (its gradient is zero everywhere): "
+                "is this the feature map of the model?"
+            )
+        if box is not None:
+            top, bottom, left, right = box
+            height, width = bottom - top + 1, right - left + 1
+            if top > 0 and left > 0 and bottom < size - 1 and right < size - 1:
+                return ReceptiveField(max(height, width), height, width, size, False, method)
+            if size >= cap:
+                return ReceptiveField(cap, height, width, size, True, method)
+        size = min(2 * size, cap)
+
+
 def _gradient_box(
     net: Callable[[Tensor], Tensor],
     channels: int,
@@ -260,35 +317,41 @@ def _gradient_box(
     device: torch.device,
     generator: torch.Generator,
     last: bool,
-) -> tuple[bool, tuple[int, int, int, int] | None]:
-    """``(ran, (top, bottom, left, right))`` of the pixels with a non-zero gradient on a ``size`` probe; ``ran``
-    False when the probe is too small for the network (retried larger unless it is the ``last`` one)."""
-    x = torch.randn(probes, channels, size, size, generator=generator, dtype=dtype).to(device).requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            out = net(x)
-            out = _feature_map(out, allow_empty=True)
-    except (RuntimeError, ConfigError) as e:
-        if not last:
+) -> tuple[bool, _Box | None]:
+    """``(ran, (top, bottom, left, right))`` of the pixels with a non-zero gradient on a ``size`` probe, the union
+    over ``probes`` images run one at a time; ``ran`` False when the probe is too small for the network (retried
+    larger unless it is the ``last`` one)."""
+    found: _Box | None = None
+    for _ in range(probes):
+        x = torch.randn(1, channels, size, size, generator=generator, dtype=dtype).to(device).requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                out = _feature_map(net(x), allow_empty=True)
+        except (RuntimeError, ConfigError) as e:
+            if not last:
+                return False, None
+            detail = " ".join(str(e).split())[:120] or type(e).__name__
+            raise ConfigError(f"the network cannot take a {size}x{size} probe input ({detail})") from None
+        h, w = out.shape[-2:]
+        if h == 0 or w == 0:
+            if last:
+                raise ConfigError(f"the feature map of a {size}x{size} input is empty: the stage's stride is too large")
             return False, None
-        detail = " ".join(str(e).split())[:120] or type(e).__name__
-        raise ConfigError(f"the network cannot take a {size}x{size} probe input ({detail})") from None
-    h, w = out.shape[-2:]
-    if h == 0 or w == 0:
-        if last:
-            raise ConfigError(f"the feature map of a {size}x{size} input is empty: the stage's stride is too large")
-        return False, None
-    mix = torch.randn(out.shape[:2], generator=generator, dtype=dtype).to(device)
-    score = (out[:, :, h // 2, w // 2] * mix).sum()
-    if not score.requires_grad:
-        return True, None
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(score, x)
-    hit = (grad.abs().sum(dim=(0, 1)) > 0).nonzero()
-    if hit.numel() == 0:
-        return True, None
-    (top, left), (bottom, right) = hit.min(0).values.tolist(), hit.max(0).values.tolist()
-    return True, (top, bottom, left, right)
+        mix = torch.randn(out.shape[:2], generator=generator, dtype=dtype).to(device)
+        score = (out[:, :, h // 2, w // 2] * mix).sum()
+        del out
+        if not score.requires_grad:
+            continue
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(score, x)
+        hit = (grad.abs().sum(dim=(0, 1)) > 0).nonzero()
+        del grad, score, x
+        if hit.numel() == 0:
+            continue
+        (top, left), (bottom, right) = hit.min(0).values.tolist(), hit.max(0).values.tolist()
+        box = (top, bottom, left, right)
+        found = box if found is None else _union(found, box)
+    return True, found
 
 
 def _probe_copy(features: Callable[[Tensor], Tensor]) -> tuple[Callable[[Tensor], Tensor], torch.dtype]:
@@ -304,6 +367,703 @@ def _probe_copy(features: Callable[[Tensor], Tensor]) -> tuple[Callable[[Tensor]
             elif type(child) is nn.AdaptiveMaxPool2d and not child.return_indices:
                 setattr(module, name, nn.AdaptiveAvgPool2d(child.output_size))
     return net.double().eval().requires_grad_(False), torch.float64
+
+
+# ---- the receptive field by arithmetic over the traced graph --------------------------------------------------------
+
+
+class _Unsupported(Exception):
+    """The graph holds an op the arithmetic does not model, or cannot be traced: the probe measures it instead."""
+
+
+class _Empty(Exception):
+    """An input of this size leaves some layer an empty map, or maps that do not fit together: the network cannot
+    take it (as PyTorch would raise, the probe would)."""
+
+
+@dataclass(frozen=True)
+class _Map:
+    """An input-dependent tensor, as the arithmetic sees it: the spatial ``size`` (h, w), the dims its H and W axes
+    are (None: reduced away, size 1) and its rank (None: unknown, for a map of one pixel that was reshaped)."""
+
+    size: tuple[int, int]
+    axes: tuple[int | None, int | None]
+    ndim: int | None
+
+
+@dataclass(frozen=True)
+class _Seq:
+    """The tuple an op returns of pieces of one map (chunk, split along channels): every item is ``item``."""
+
+    item: _Map
+
+
+#: per spatial axis, the (first, last) pixels of a map that an op's output needs
+_Req = tuple[tuple[int, int], tuple[int, int]]
+#: an op's step backward: from the pixels of its output that are needed to those of each input map
+_Back = Callable[[_Req], list[tuple[Node, _Req | None]]]
+
+#: ops that act pixel by pixel (the union over their inputs' pixels, a broadcast operand giving its one pixel)
+_POINTWISE_OPS = frozenset((
+    "add", "sub", "rsub", "mul", "div", "truediv", "floordiv", "true_divide", "floor_divide", "mod", "remainder",
+    "fmod", "pow", "neg", "pos", "abs", "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt",
+    "square", "reciprocal", "sign", "sigmoid", "tanh", "relu", "relu6", "gelu", "silu", "mish", "hardswish",
+    "hardsigmoid", "hardtanh", "elu", "selu", "celu", "leaky_relu", "softplus", "softsign", "logsigmoid",
+    "tanhshrink", "softshrink", "hardshrink", "threshold", "rrelu", "prelu", "clamp", "clamp_min", "clamp_max",
+    "clip", "where", "maximum", "minimum", "erf", "erfc", "sin", "cos", "floor", "ceil", "round", "trunc", "frac",
+    "lerp", "addcmul", "addcdiv", "masked_fill", "nan_to_num", "type_as", "to", "float", "double", "half", "bfloat16",
+    "contiguous", "clone", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+    "local_response_norm", "channel_shuffle",
+))  # fmt: skip
+#: reductions called as ``op(input, dim=None, keepdim=False)``
+_REDUCTIONS = frozenset(("mean", "sum", "amax", "amin", "logsumexp", "prod", "nansum", "nanmean"))
+#: operator's in-place names, as the op they apply
+_INPLACE = {"iadd": "add", "isub": "sub", "imul": "mul", "itruediv": "truediv", "ifloordiv": "floordiv", "ipow": "pow"}
+_POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.Softshrink, nn.Hardshrink, nn.Threshold, nn.LogSigmoid, nn.Softmax2d, nn.LocalResponseNorm, nn.ChannelShuffle,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)  # fmt: skip
+
+
+class _RFGraph:
+    """The traced graph of a network and, for an input size, the box of input pixels its centre output depends on."""
+
+    def __init__(self, features: Callable[[Tensor], Tensor]) -> None:
+        self.root, graph = _trace(features)
+        self.nodes = list(graph.nodes)
+        inputs = [n for n in self.nodes if n.op == "placeholder"]
+        outputs = [n for n in self.nodes if n.op == "output"]
+        if not inputs or len(outputs) != 1:
+            raise _Unsupported("the traced graph has no input or no single output")
+        self.input, self.output = inputs[0], outputs[0]
+        self.consts: dict[Node, Any] = {}  # what does not depend on the input, computed once
+
+    def box(self, size: int, last: bool) -> tuple[bool, _Box | None]:
+        """``(ran, box)`` for a ``size`` input, as :func:`_gradient_box` gives them."""
+        try:
+            values, backs = self._forward(size)
+        except _Empty as e:
+            if not last:
+                return False, None
+            raise ConfigError(f"the network cannot take a {size}x{size} probe input ({e})") from None
+        result = self.output.args[0]
+        if isinstance(result, (tuple, list)) and len(result) == 1:
+            result = result[0]
+        out = values.get(result) if isinstance(result, Node) else None
+        if not isinstance(out, _Map) or out.ndim != 4 or out.axes != (2, 3):
+            raise _Unsupported("the output is not one (N, C, h, w) map")
+        (h, w) = out.size
+        requests: dict[Node, _Req] = {result: ((h // 2, h // 2), (w // 2, w // 2))}
+        for node in reversed(self.nodes):
+            if node is self.input or node not in requests or node not in backs:
+                continue
+            for source, need in backs[node](requests.pop(node)):
+                if need is not None:
+                    requests[source] = need if source not in requests else _union_req(requests[source], need)
+        need = requests.get(self.input)
+        return True, None if need is None else (*need[0], *need[1])
+
+    def _forward(self, size: int) -> tuple[dict[Node, Any], dict[Node, _Back]]:
+        """Every node's value (a :class:`_Map`, a :class:`_Seq` or a constant) and each map op's step backward."""
+        values: dict[Node, Any] = {}
+        backs: dict[Node, _Back] = {}
+        for node in self.nodes:
+            if node.op == "output":
+                continue
+            if node is self.input:
+                values[node] = _Map((size, size), (2, 3), 4)
+            elif node in self.consts:
+                values[node] = self.consts[node]
+            elif node.op == "placeholder":
+                if not node.args:
+                    raise _Unsupported(f"a second input, {node.name}, without a default")
+                values[node] = self.consts[node] = node.args[0]
+            elif node.op == "get_attr":
+                values[node] = self.consts[node] = _attr(self.root, str(node.target))
+            else:
+                args = map_arg(node.args, values.__getitem__)
+                kwargs = map_arg(node.kwargs, values.__getitem__)
+                if not any(isinstance(values[n], (_Map, _Seq)) for n in node.all_input_nodes):
+                    values[node] = self.consts[node] = self._run(node, args, kwargs)
+                    continue
+                try:
+                    values[node], backs[node] = self._step(node, args, kwargs, values)
+                except (_Empty, _Unsupported):
+                    raise
+                except Exception as e:  # arguments of a form the rules do not expect: the probe measures it
+                    raise _Unsupported(f"{node.name} ({type(e).__name__}: {e})") from None
+        return values, backs
+
+    def _run(self, node: Node, args: Any, kwargs: Any) -> Any:
+        """A node that does not depend on the input (a weight reshaped or standardised), computed as it is."""
+        name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE or name == "setitem":
+            raise _Unsupported(f"{name} would change the model's tensors in place")
+        try:
+            with torch.no_grad():
+                if node.op == "call_function":
+                    return node.target(*args, **kwargs)  # type: ignore[operator]
+                if node.op == "call_method":
+                    return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+                return self.root.get_submodule(str(node.target))(*args, **kwargs)
+        except Exception as e:  # whatever the model's own code raises: let the probe report it
+            raise _Unsupported(f"{node.name} fails on its constants ({type(e).__name__})") from None
+
+    def _step(self, node: Node, args: Any, kwargs: Any, values: dict[Node, Any]) -> tuple[Any, _Back]:
+        if node.op == "call_module":
+            module = self.root.get_submodule(str(node.target))
+            source, x = _one(node, values)
+            return _module_step(module, source, x)
+        name = _op_name(node)
+        if name is None:
+            raise _Unsupported(f"{node.op} {getattr(node.target, '__name__', node.target)}")
+        if name in _POINTWISE_OPS:
+            return _broadcast(node, args, kwargs, values)
+        if name == "getitem":
+            return _getitem(node, args, values)
+        if name == "getattr" and len(args) == 2 and args[1] in ("dtype", "device"):
+            return (torch.float64 if args[1] == "dtype" else torch.device("cpu")), lambda need: []
+        if name == "cat" or name == "concat" or name == "concatenate":
+            return _cat(node, args, kwargs, values)
+        source, x = _one(node, values)
+        if name in _REDUCTIONS or name in ("std", "var"):
+            if name in ("std", "var") and len(args) > 2:
+                raise _Unsupported(f"{name} with positional options")
+            return _reduce(source, x, _arg(args, kwargs, 1, "dim", None), bool(_arg(args, kwargs, 2, "keepdim", False)))
+        if name in ("softmax", "log_softmax", "softmin", "normalize"):
+            dim = _arg(args, kwargs, 2 if name == "normalize" else 1, "dim", 1 if name == "normalize" else None)
+            if dim is None:
+                raise _Unsupported(f"{name} over an implicit dim")
+            return _whole_along(source, x, _dims(dim, x))
+        if name == "batch_norm":
+            return _norm_step(source, x, bool(_arg(args, kwargs, 5, "training", False)))
+        if name in ("group_norm", "instance_norm"):
+            stats = name == "group_norm" or bool(_arg(args, kwargs, 5, "use_input_stats", True))
+            return _norm_step(source, x, stats)
+        if name == "layer_norm":
+            return _layer_norm(source, x, len(_seq(_arg(args, kwargs, 1, "normalized_shape", ()))))
+        if name == "linear":
+            return _linear(source, x)
+        if name == "conv2d":
+            weight = _arg(args, kwargs, 1, "weight", None)
+            if not isinstance(weight, Tensor) or weight.ndim != 4:
+                raise _Unsupported("conv2d with a weight that is not a constant 4-d tensor")
+            padding = _arg(args, kwargs, 4, "padding", 0)
+            kernel, stride = tuple(weight.shape[-2:]), _pair(_arg(args, kwargs, 3, "stride", 1))
+            dilation = _pair(_arg(args, kwargs, 5, "dilation", 1))
+            pre, own = _conv_padding(padding, kernel, dilation)
+            return _window(source, x, kernel, stride, dilation, own, pre)
+        if name in ("max_pool2d", "avg_pool2d"):
+            kernel = _pair(_arg(args, kwargs, 1, "kernel_size", None))
+            stride = _pair(_arg(args, kwargs, 2, "stride", None) or kernel)
+            own = _pair(_arg(args, kwargs, 3, "padding", 0))
+            dilation = _pair(_arg(args, kwargs, 4, "dilation", 1)) if name == "max_pool2d" else (1, 1)
+            ceil_mode = bool(_arg(args, kwargs, 5 if name == "max_pool2d" else 4, "ceil_mode", False))
+            return _window(source, x, kernel, stride, dilation, own, ((0, 0), (0, 0)), ceil_mode)
+        if name in ("adaptive_avg_pool2d", "adaptive_max_pool2d"):
+            return _adaptive(source, x, _arg(args, kwargs, 1, "output_size", None))
+        if name == "interpolate":
+            return _upsample(
+                source,
+                x,
+                _arg(args, kwargs, 1, "size", None),
+                _arg(args, kwargs, 2, "scale_factor", None),
+                _arg(args, kwargs, 3, "mode", "nearest"),
+                _arg(args, kwargs, 5, "recompute_scale_factor", None),
+            )
+        if name == "pad":
+            if _arg(args, kwargs, 2, "mode", "constant") != "constant":
+                raise _Unsupported("reflect, replicate or circular padding")
+            return _pad(source, x, list(_arg(args, kwargs, 1, "pad", ())))
+        if name in ("permute", "transpose", "swapaxes", "unsqueeze", "squeeze"):
+            return _move(name, source, x, args[1:], kwargs)
+        if name in ("chunk", "split", "tensor_split"):
+            dims = _dims(_arg(args, kwargs, 2, "dim", 0), x)
+            if set(dims) & set(x.axes):
+                raise _Unsupported(f"{name} along a spatial axis")
+            return _Seq(x), lambda need: [(source, need)]
+        if name in ("view", "reshape", "flatten"):
+            if x.size != (1, 1):
+                raise _Unsupported(f"{name} of a map (the spatial layout is lost)")
+            return _Map((1, 1), (None, None), None), lambda need: [(source, ((0, 0), (0, 0)))]
+        raise _Unsupported(f"the op {name}")
+
+
+def _trace(features: Callable[[Tensor], Tensor]) -> tuple[nn.Module, torch.fx.Graph]:
+    """``(root, graph)`` that ``torch.fx`` traces, timm's leaf modules and functions kept whole (as timm's own
+    feature extraction does): a module that computes its padding from the input size (``Conv2dSame``) is then one
+    node the arithmetic knows, and code that branches on sizes is left to the probe."""
+    from timm.layers import get_notrace_functions, get_notrace_modules
+
+    leaves = tuple(get_notrace_modules())
+
+    class LeafTracer(Tracer):
+        def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+            return isinstance(m, leaves) or super().is_leaf_module(m, module_qualified_name)
+
+    tracer = LeafTracer(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
+    try:
+        graph = tracer.trace(features)  # type: ignore[arg-type]
+    except Exception as e:  # fx raises many types for code it cannot follow: the probe measures such networks
+        raise _Unsupported(f"torch.fx cannot trace it: {type(e).__name__}") from None
+    return tracer.root, graph
+
+
+def _attr(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _op_name(node: Node) -> str | None:
+    """The name of a torch, ``torch.nn.functional`` or operator function (or tensor method) a node calls: in-place
+    names as the op they apply; None for any other function."""
+    if node.op == "call_method":
+        name = str(node.target)
+    else:
+        target = node.target
+        name = getattr(target, "__name__", None)
+        if not name or not any(getattr(ns, name, None) is target for ns in (operator, torch, F, builtins)):
+            return None
+    name = _INPLACE.get(name, name)
+    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
+
+
+def _arg(args: Sequence[Any], kwargs: Mapping[str, Any], index: int, name: str, default: Any) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else default
+
+
+def _seq(value: Any) -> tuple[Any, ...]:
+    return tuple(value) if isinstance(value, (tuple, list, torch.Size)) else (value,)
+
+
+def _pair(value: Any) -> tuple[Any, Any]:
+    items = _seq(value)
+    if len(items) == 1:
+        return items[0], items[0]
+    if len(items) != 2:
+        raise _Unsupported(f"a 2-d window of {value!r}")
+    return items[0], items[1]
+
+
+def _union(a: _Box, b: _Box) -> _Box:
+    return min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3])
+
+
+def _union_req(a: _Req, b: _Req) -> _Req:
+    return (min(a[0][0], b[0][0]), max(a[0][1], b[0][1])), (min(a[1][0], b[1][0]), max(a[1][1], b[1][1]))
+
+
+def _clip(first: int, last: int, size: int) -> tuple[int, int] | None:
+    first, last = max(first, 0), min(last, size - 1)
+    return (first, last) if first <= last else None
+
+
+def _each(need: _Req, step: Callable[[int, int, int], tuple[int, int] | None]) -> _Req | None:
+    """``step(axis, first, last)`` on both axes; None where either needs nothing."""
+    h, w = step(0, *need[0]), step(1, *need[1])
+    return None if h is None or w is None else (h, w)
+
+
+def _one(node: Node, values: Mapping[Node, Any]) -> tuple[Node, _Map]:
+    """The one map an op takes (its first argument); any other input that depends on the input is refused."""
+    source = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+    maps = [n for n in node.all_input_nodes if isinstance(values[n], (_Map, _Seq))]
+    if not isinstance(source, Node) or maps != [source] or not isinstance(values[source], _Map):
+        raise _Unsupported(f"{node.name} takes more than one map, or a tuple of maps")
+    return source, values[source]
+
+
+def _nchw(x: _Map) -> _Map:
+    """A map whose last two dims are H and W (a one-pixel map of unknown layout counts as 1x1)."""
+    if x.ndim is not None and x.ndim in (3, 4) and x.axes == (x.ndim - 2, x.ndim - 1):
+        return x
+    if x.axes == (None, None) and x.size == (1, 1):
+        return _Map((1, 1), (2, 3), 4)
+    raise _Unsupported("a 2-d window over a tensor whose last two dims are not H and W")
+
+
+def _dims(dim: Any, x: _Map) -> tuple[int, ...]:
+    if x.ndim is None:
+        raise _Unsupported("an op along dims of a reshaped map")
+    items = range(x.ndim) if dim is None else _seq(dim)
+    if not all(isinstance(d, int) for d in items):
+        raise _Unsupported(f"dims {dim!r}")
+    return tuple(d % x.ndim for d in items) if x.ndim else ()
+
+
+def _same(source: Node, x: _Map) -> tuple[_Map, _Back]:
+    return x, lambda need: [(source, need)]
+
+
+def _whole_along(source: Node, x: _Map, dims: Sequence[int]) -> tuple[_Map, _Back]:
+    """An op that keeps the shape and mixes every position along ``dims`` (softmax, normalize)."""
+    mixed = [x.axes[axis] is not None and x.axes[axis] in dims for axis in (0, 1)]
+
+    def back(need: _Req) -> list[tuple[Node, _Req | None]]:
+        return [(source, _each(need, lambda axis, a, b: (0, x.size[axis] - 1) if mixed[axis] else (a, b)))]
+
+    return x, back
+
+
+def _reduce(source: Node, x: _Map, dim: Any, keepdim: bool) -> tuple[_Map, _Back]:
+    """A reduction over ``dim`` (all dims: None): a reduced spatial axis needs the whole input along it."""
+    if x.ndim is None:  # a one-pixel map: the pixel
+        return _Map((1, 1), (None, None), None), lambda need: [(source, ((0, 0), (0, 0)))]
+    dims = set(_dims(dim, x))
+    axes: list[int | None] = []
+    for pos in x.axes:
+        if pos is None or (pos in dims and not keepdim):
+            axes.append(None)
+        else:
+            axes.append(pos if keepdim else pos - sum(d < pos for d in dims))
+    reduced = [x.axes[axis] is not None and x.axes[axis] in dims for axis in (0, 1)]
+    size = (1 if reduced[0] else x.size[0], 1 if reduced[1] else x.size[1])
+    out = _Map(size, (axes[0], axes[1]), x.ndim if keepdim else x.ndim - len(dims))
+
+    def back(need: _Req) -> list[tuple[Node, _Req | None]]:
+        return [(source, _each(need, lambda axis, a, b: (0, x.size[axis] - 1) if reduced[axis] else (a, b)))]
+
+    return out, back
+
+
+def _norm_step(source: Node, x: _Map, batch_stats: bool) -> tuple[_Map, _Back]:
+    """A norm: per pixel with stored statistics, over all positions with the input's own."""
+    return _whole_along(source, x, [a for a in x.axes if a is not None]) if batch_stats else _same(source, x)
+
+
+def _layer_norm(source: Node, x: _Map, count: int) -> tuple[_Map, _Back]:
+    """LayerNorm over the last ``count`` dims: per pixel over channels (NHWC), over positions where they are in."""
+    if x.ndim is None:
+        return _same(source, x)
+    return _whole_along(source, x, range(x.ndim - count, x.ndim))
+
+
+def _linear(source: Node, x: _Map) -> tuple[_Map, _Back]:
+    """A linear layer acts on the last dim: per pixel on NHWC maps or pooled features, not across positions."""
+    if x.ndim is not None and x.ndim - 1 in x.axes:
+        raise _Unsupported("a linear layer across positions")
+    return _same(source, x)
+
+
+def _broadcast(node: Node, args: Any, kwargs: Any, values: Mapping[Node, Any]) -> tuple[_Map, _Back]:
+    """An op pixel by pixel over broadcast operands: each input map needs the requested pixels, or its one pixel
+    along an axis it is broadcast along."""
+    maps = [(n, values[n]) for n in node.all_input_nodes if isinstance(values[n], (_Map, _Seq))]
+    if any(isinstance(m, _Seq) for _, m in maps):
+        raise _Unsupported(f"{node.name} takes a tuple of maps")
+    consts = [t for t in _leaves((args, kwargs)) if isinstance(t, Tensor)]
+    ranks = [m.ndim for _, m in maps if m.ndim is not None] + [t.ndim for t in consts]
+    ndim = max(ranks) if ranks else None
+    size, axes = [1, 1], [None, None]
+    for axis in (0, 1):
+        placed = {m.axes[axis] + ndim - m.ndim for _, m in maps if m.axes[axis] is not None}  # type: ignore[operator]
+        if len(placed) > 1:
+            raise _Unsupported(f"{node.name} adds maps whose H or W dims differ")
+        if not placed:
+            continue
+        axes[axis] = pos = placed.pop()
+        sides = {m.size[axis] for _, m in maps if m.axes[axis] is not None}
+        sides |= {t.shape[pos - ndim + t.ndim] for t in consts if pos - ndim + t.ndim >= 0}  # type: ignore[operator]
+        if len(sides - {1}) > 1:
+            raise _Empty(f"{node.name} gets maps of sizes {sorted(sides)}")
+        size[axis] = max(sides)
+    out = _Map((size[0], size[1]), (axes[0], axes[1]), ndim)
+
+    def back(need: _Req) -> list[tuple[Node, _Req | None]]:
+        steps: list[tuple[Node, _Req | None]] = []
+        for source, m in maps:
+            whole = [m.axes[axis] is None or m.size[axis] < size[axis] for axis in (0, 1)]
+            steps.append((source, _each(need, lambda axis, a, b, whole=whole: (0, 0) if whole[axis] else (a, b))))
+        return steps
+
+    return out, back
+
+
+def _leaves(value: Any) -> Iterator[Any]:
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _leaves(item)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _leaves(item)
+    else:
+        yield value
+
+
+def _getitem(node: Node, args: Any, values: Mapping[Node, Any]) -> tuple[Any, _Back]:
+    """A piece of a tuple of maps, or an index of a map that keeps H and W whole (``x[:, :c]``)."""
+    source, index = node.args[0], args[1]
+    value = values.get(source) if isinstance(source, Node) else None
+    if any(isinstance(values[n], (_Map, _Seq)) for n in node.all_input_nodes if n is not source):
+        raise _Unsupported("indexing by a tensor that depends on the input")
+    if isinstance(value, _Seq):
+        return value.item, lambda need: [(source, need)]
+    if not isinstance(value, _Map) or value.ndim is None:
+        raise _Unsupported("indexing of a reshaped map")
+    x = value
+    items = index if isinstance(index, tuple) else (index,)
+    if not all(i is None or i is Ellipsis or isinstance(i, slice) or type(i) is int for i in items):
+        raise _Unsupported("advanced indexing of a map")
+    consumed = sum(i is not None and i is not Ellipsis for i in items)
+    if consumed > x.ndim or sum(i is Ellipsis for i in items) > 1:
+        raise _Unsupported("an index with too many dims")
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items = (*items[:at], *([slice(None)] * (x.ndim - consumed)), *items[at + 1 :])
+    else:
+        items = (*items, *([slice(None)] * (x.ndim - consumed)))
+    spatial = {pos: axis for axis, pos in enumerate(x.axes) if pos is not None}
+    axes: list[int | None] = [None, None]
+    dim = out = 0
+    for item in items:
+        if item is None:
+            out += 1
+            continue
+        axis = spatial.get(dim)
+        if axis is not None:
+            if item != slice(None):
+                raise _Unsupported("indexing a map along H or W")
+            axes[axis] = out
+        dim += 1
+        out += 0 if type(item) is int else 1
+    return _Map(x.size, (axes[0], axes[1]), out), lambda need: [(source, need)]
+
+
+def _cat(node: Node, args: Any, kwargs: Any, values: Mapping[Node, Any]) -> tuple[_Map, _Back]:
+    """A concatenation along channels: each input map needs what the output needs."""
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    if not isinstance(parts, (tuple, list)):
+        raise _Unsupported("a concatenation of a tuple of maps")
+    maps = [(n, values[n]) for n in parts if isinstance(n, Node) and isinstance(values[n], _Map)]
+    if not maps or any(isinstance(values[n], _Seq) for n in node.all_input_nodes):
+        raise _Unsupported("a concatenation of a tuple of maps")
+    first = maps[0][1]
+    dims = _dims(_arg(args, kwargs, 1, "dim", 0), first)
+    if any(m.axes != first.axes or m.ndim != first.ndim for _, m in maps):
+        raise _Unsupported("a concatenation of maps of different layouts")
+    if any(m.size != first.size for _, m in maps):
+        raise _Empty(f"{node.name} gets maps of sizes {sorted({m.size for _, m in maps})}")
+    if set(dims) & set(first.axes):
+        raise _Unsupported("a concatenation along H or W")
+    return first, lambda need: [(n, need) for n, _ in maps]
+
+
+def _move(name: str, source: Node, x: _Map, rest: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[_Map, _Back]:
+    """Dims moved (permute, transpose), added or removed (unsqueeze, squeeze): where H and W are then."""
+    if x.ndim is None:
+        raise _Unsupported(f"{name} of a reshaped map")
+    n, axes = x.ndim, list(x.axes)
+    if name == "permute":
+        raw = kwargs.get("dims", rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest)
+        order = [int(d) % n for d in raw]
+        axes = [None if a is None else order.index(a) for a in axes]
+    elif name in ("transpose", "swapaxes"):
+        d0, d1 = (int(_arg(rest, kwargs, i, k, None)) % n for i, k in ((0, "dim0"), (1, "dim1")))
+        axes = [d1 if a == d0 else d0 if a == d1 else a for a in axes]
+    elif name == "unsqueeze":
+        d = int(_arg(rest, kwargs, 0, "dim", 0)) % (n + 1)
+        axes, n = [None if a is None else a + (a >= d) for a in axes], n + 1
+    else:
+        dim = _arg(rest, kwargs, 0, "dim", None)
+        if dim is None:
+            raise _Unsupported("squeeze of every dim of size 1")
+        dims = set(_dims(dim, x))
+        if dims - {a for a in x.axes if a is not None}:
+            raise _Unsupported("squeeze of a dim other than H or W (its size is not followed)")
+        dims = {a for axis, a in enumerate(x.axes) if a in dims and x.size[axis] == 1}  # H or W of more stays
+        axes = [None if a is None or a in dims else a - sum(d < a for d in dims) for a in axes]
+        n -= len(dims)
+    return _Map(x.size, (axes[0], axes[1]), n), lambda need: [(source, need)]
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """timm's dynamic 'same' padding (TensorFlow's): the (before, after) pixels for a ``size`` input."""
+    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _conv_padding(
+    padding: Any, kernel: Sequence[int], dilation: Sequence[int]
+) -> tuple[tuple[tuple[int, int], tuple[int, int]], tuple[int, int]]:
+    """A conv's ``padding`` as (asymmetric padding added first, per axis; the conv's own, per axis)."""
+    none = ((0, 0), (0, 0))
+    if padding == "valid":
+        return none, (0, 0)
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+        return ((totals[0] // 2, totals[0] - totals[0] // 2), (totals[1] // 2, totals[1] - totals[1] // 2)), (0, 0)
+    return none, _pair(padding)
+
+
+def _window(
+    source: Node,
+    x: _Map,
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    own: Sequence[int],
+    pre: Sequence[tuple[int, int]],
+    ceil_mode: bool = False,
+) -> tuple[_Map, _Back]:
+    """A conv or pool window: ``pre`` padding added first (timm's 'same'), then the layer's own symmetric ``own``.
+    Output pixel ``i`` of an axis needs input pixels ``i*s - pad .. i*s - pad + d*(k-1)`` (those in the map)."""
+    x = _nchw(x)
+    size = []
+    for axis in (0, 1):
+        k, s, d, p = kernel[axis], stride[axis], dilation[axis], own[axis]
+        n = x.size[axis] + pre[axis][0] + pre[axis][1]
+        span = n + 2 * p - d * (k - 1) - 1
+        if span < 0 or s < 1:
+            raise _Empty(f"a {k}x{k} window gets a {x.size[0]}x{x.size[1]} map")
+        out = (-(-span // s) if ceil_mode else span // s) + 1
+        if ceil_mode and (out - 1) * s >= n + p:  # PyTorch's rule: the last window starts inside the input
+            out -= 1
+        size.append(out)
+    shift = [pre[axis][0] + own[axis] for axis in (0, 1)]
+
+    def step(axis: int, a: int, b: int) -> tuple[int, int] | None:
+        first = a * stride[axis] - shift[axis]
+        return _clip(first, b * stride[axis] - shift[axis] + dilation[axis] * (kernel[axis] - 1), x.size[axis])
+
+    return _Map((size[0], size[1]), x.axes, x.ndim), lambda need: [(source, _each(need, step))]
+
+
+def _adaptive(source: Node, x: _Map, output_size: Any) -> tuple[_Map, _Back]:
+    """An adaptive pool: output ``i`` of ``o`` pools input ``floor(i*n/o) .. ceil((i+1)*n/o) - 1``."""
+    x = _nchw(x)
+    wanted = _pair(output_size)
+    outs = [x.size[axis] if wanted[axis] is None else int(wanted[axis]) for axis in (0, 1)]
+    if min(outs) < 1:
+        raise _Empty("an adaptive pool to nothing")
+
+    def step(axis: int, a: int, b: int) -> tuple[int, int] | None:
+        n, o = x.size[axis], outs[axis]
+        return _clip(a * n // o, -(-(b + 1) * n // o) - 1, n)
+
+    return _Map((outs[0], outs[1]), x.axes, x.ndim), lambda need: [(source, _each(need, step))]
+
+
+def _upsample(source: Node, x: _Map, size: Any, scale: Any, mode: Any, recompute: Any) -> tuple[_Map, _Back]:
+    """Nearest upsampling (or downsampling), indices as PyTorch's kernel computes them (float32 scales); other
+    modes (bilinear, bicubic: taps whose weight can be zero) are left to the probe."""
+    if mode != "nearest":
+        raise _Unsupported(f"{mode} resizing")
+    x = _nchw(x)
+    outs, scales = [], []
+    for axis in (0, 1):
+        n = x.size[axis]
+        if size is not None:
+            o, s = int(_pair(size)[axis]), None
+        else:
+            factor = float(_pair(scale)[axis])
+            o, s = math.floor(n * factor), None if recompute else factor
+        if o < 1:
+            raise _Empty("a resize to nothing")
+        outs.append(o)
+        scales.append(np.float32(1.0 / s) if s is not None and s > 0 else np.float32(n) / np.float32(o))
+
+    def index(axis: int, i: int) -> int:
+        n, o = x.size[axis], outs[axis]
+        if o == n:
+            return i
+        if o == 2 * n:
+            return i >> 1
+        return min(int(np.floor(np.float32(i) * scales[axis])), n - 1)
+
+    def step(axis: int, a: int, b: int) -> tuple[int, int] | None:
+        return index(axis, a), index(axis, b)
+
+    return _Map((outs[0], outs[1]), x.axes, x.ndim), lambda need: [(source, _each(need, step))]
+
+
+def _pad(source: Node, x: _Map, pads: list[Any]) -> tuple[_Map, _Back]:
+    """Constant padding ``(left, right, top, bottom, ...)`` of the last dims (negative: cropping)."""
+    if x.ndim is None:
+        raise _Unsupported("padding of a reshaped map")
+    lo, hi, size = [0, 0], [0, 0], list(x.size)
+    for axis, pos in enumerate(x.axes):
+        if pos is None:
+            continue
+        k = 2 * (x.ndim - 1 - pos)
+        if len(pads) >= k + 2:
+            lo[axis], hi[axis] = int(pads[k]), int(pads[k + 1])
+            size[axis] = x.size[axis] + lo[axis] + hi[axis]
+    if min(size) < 1:
+        raise _Empty("padding crops the map to nothing")
+
+    def step(axis: int, a: int, b: int) -> tuple[int, int] | None:
+        return _clip(a - lo[axis], b - lo[axis], x.size[axis])
+
+    return _Map((size[0], size[1]), x.axes, x.ndim), lambda need: [(source, _each(need, step))]
+
+
+def _module_step(module: nn.Module, source: Node, x: _Map) -> tuple[Any, _Back]:
+    """The step of a leaf module (torch.nn's, or timm's leaves)."""
+    from timm.layers import AvgPool2dSame, Conv2dSame, FrozenBatchNormAct2d, ScaledStdConv2dSame, StdConv2dSame
+    from timm.layers.pool2d_same import MaxPool2dSame
+
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            raise _Unsupported(f"{module.padding_mode} padding")
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+        timm_convs = (Conv2dSame, StdConv2dSame, ScaledStdConv2dSame)
+        if type(module).__module__.split(".")[0] != "torch" and not isinstance(module, timm_convs):
+            raise _Unsupported(f"the conv {type(module).__name__}")
+        pre, own = _conv_padding(module.padding, kernel, dilation)
+        if isinstance(module, Conv2dSame) or getattr(module, "same_pad", False):  # padding from the input size
+            pre = tuple(_same_padding(x.size[a], kernel[a], stride[a], dilation[a]) for a in (0, 1))  # type: ignore[assignment]
+        return _window(source, x, kernel, stride, dilation, own, pre)
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+        kernel = _pair(module.kernel_size)
+        stride = _pair(module.stride or kernel)
+        dilation = _pair(module.dilation) if isinstance(module, nn.MaxPool2d) else (1, 1)
+        pre = ((0, 0), (0, 0))
+        if isinstance(module, (MaxPool2dSame, AvgPool2dSame)):
+            same_dilation = dilation if isinstance(module, MaxPool2dSame) else (1, 1)
+            pre = tuple(_same_padding(x.size[a], kernel[a], stride[a], same_dilation[a]) for a in (0, 1))  # type: ignore[assignment]
+        elif type(module).__module__.split(".")[0] != "torch":
+            raise _Unsupported(f"the pool {type(module).__name__}")
+        return _window(source, x, kernel, stride, dilation, _pair(module.padding), pre, module.ceil_mode)
+    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        return _adaptive(source, x, module.output_size)
+    if isinstance(module, nn.Upsample):
+        return _upsample(source, x, module.size, module.scale_factor, module.mode, module.recompute_scale_factor)
+    if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d)):
+        return _pad(source, x, list(module.padding))
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, FrozenBatchNormAct2d)):
+        if not all(_pointwise_module(child) for child in module.children()):  # timm's BatchNormAct2d: act, drop
+            raise _Unsupported(f"{type(module).__name__} with a non-pointwise part")
+        return _norm_step(source, x, module.training or getattr(module, "running_mean", 0) is None)
+    if isinstance(module, nn.GroupNorm):
+        return _norm_step(source, x, True)
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return _norm_step(source, x, module.training or not module.track_running_stats)
+    if isinstance(module, nn.LayerNorm):
+        return _layer_norm(source, x, len(module.normalized_shape))
+    if isinstance(module, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
+        if module.dim is None:
+            raise _Unsupported(f"{type(module).__name__} over an implicit dim")
+        return _whole_along(source, x, _dims(module.dim, x))
+    if isinstance(module, nn.Linear):
+        return _linear(source, x)
+    if isinstance(module, nn.Flatten):
+        if x.size != (1, 1):
+            raise _Unsupported("a flatten of a map (the spatial layout is lost)")
+        return _Map((1, 1), (None, None), None), lambda need: [(source, ((0, 0), (0, 0)))]
+    if _pointwise_module(module):
+        return _same(source, x)
+    raise _Unsupported(f"the module {type(module).__name__}")
+
+
+def _pointwise_module(module: nn.Module) -> bool:
+    """An activation, dropout or identity of torch.nn (or of timm's activations): pixel by pixel."""
+    return isinstance(module, _POINTWISE_MODULES) or type(module).__module__.startswith("timm.layers.activations")
 
 
 # ---- stage outputs of a model --------------------------------------------------------------------------------------
@@ -518,17 +1278,9 @@ def load_images(data: str | Path, count: int, resolution: int, seed: int = 0) ->
 
 
 def _image_files(folder: Path) -> list[Path]:
-    if not folder.exists():
-        raise DataError(f"data folder {folder} does not exist: pass a folder of images or '{FASHION_MNIST_NAME}'")
-    if not folder.is_dir():
-        raise DataError(f"data {folder} is not a folder: pass a folder of images or '{FASHION_MNIST_NAME}'")
-    files = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMG_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-        and p.is_file()
-    )
+    """The images under ``folder``, listed by the data folder rules (:mod:`rapidnet.data.listing`)."""
+    fix = f"pass a folder of images or '{FASHION_MNIST_NAME}'"
+    files = list_files(folder, IMG_EXTENSIONS, fix=fix)
     if not files:
         raise DataError(
             f"no images in {folder} (searched recursively): expected files ending in {', '.join(IMG_EXTENSIONS)}"
@@ -568,14 +1320,16 @@ def measure_erf(
     probes: int = 2,
     seed: int = 0,
     progress: bool | None = False,
+    rf_method: str = "auto",
 ) -> list[dict[str, Any]]:
     """The ERF of each stage of ``model`` over ``images`` (N, 3, H, W) in [0, 1]: one dict per stage.
 
     Images are normalised with ``mean``/``std`` (default :func:`model_normalization`; a one-channel model gets their
     grey mean). Each dict: ``stage``, ``reduction`` (stride), ``resolution`` (H, or [H, W]), ``images`` (N),
     ``feature_size`` ([h, w] of the stage map), the fractions of :func:`erf_fractions` (``t20`` ... ``t99``),
-    ``theoretical_rf`` (pixels, :func:`receptive_field` up to ``rf_cap``) and ``theoretical_rf_clipped``, and
-    ``map``: the (H, W) ERF map averaged over the images, for :func:`plot_erf`. ``progress``: a tqdm bar on stderr
+    ``theoretical_rf`` (pixels, :func:`receptive_field` up to ``rf_cap``, by ``rf_method``; ``probes`` and ``seed``
+    reach its probe) and ``theoretical_rf_clipped``, and ``map``: the (H, W) ERF map averaged over the images, for
+    :func:`plot_erf`. ``progress``: a tqdm bar on stderr
     over the images (None: only on a terminal).
     """
     _check_images(images)
@@ -602,7 +1356,7 @@ def measure_erf(
                 fractions = erf_fractions(total, thresholds)
             except DataError as e:
                 raise DataError(f"{label} stage {stage}: {e}") from None
-            rf = receptive_field(feat, x.shape[1], cap=rf_cap, probes=probes, seed=seed)
+            rf = receptive_field(feat, x.shape[1], cap=rf_cap, probes=probes, seed=seed, method=rf_method)
             rows.append(
                 {
                     "stage": stage,

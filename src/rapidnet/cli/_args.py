@@ -33,3 +33,21 @@ def fraction(text: str) -> float:
     if not 0 < value <= 1:  # NaN fails too
         raise argparse.ArgumentTypeError(f"{text} is out of range: use a number in (0, 1], e.g. 0.875")
     return value
+
+
+def float_in(low: float, high: float, *, low_open: bool = True) -> Callable[[str], float]:
+    """A finite number in ``(low, high]`` (``[low, high]`` with ``low_open=False``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        ok = (value > low if low_open else value >= low) and value <= high  # NaN fails too
+        if not ok:
+            bound = f"{'more than' if low_open else 'at least'} {low:g} and at most {high:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use a number {bound}")
+        return value
+
+    parse.__name__ = "number"
+    return parse

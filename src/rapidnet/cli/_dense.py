@@ -8,26 +8,14 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
+from typing import TYPE_CHECKING, Any
 
 from rapidnet.cli.train import add_train_options, load_run_config, run_training
-from rapidnet.data import load_rgb
-from rapidnet.data.ade20k import SegEvalTransform
-from rapidnet.deploy import registry
-from rapidnet.deploy.dense import ExportedSegmenter
-from rapidnet.deploy.detection import ExportedDetector
-from rapidnet.engine.distributed import resolve_device
+from rapidnet.constants import DEFAULT_BOOTSTRAP
 from rapidnet.errors import ConfigError, DataError
-from rapidnet.metrics import DEFAULT_BOOTSTRAP, CocoEvaluator, SegmentationMetrics
-from rapidnet.models import load
-from rapidnet.tasks import TASKS
-from rapidnet.tasks import _dense as dense_tasks  # called through the module: tests patch its functions
-from rapidnet.utils import refuse_overwriting_input, subset_indices
-from rapidnet.visualize import draw_instances, draw_semantic, save_png
+
+if TYPE_CHECKING:
+    import torch
 
 _NAMES = {"detection": ("det", "Mask R-CNN", "a COCO-format folder (annotations/instances_{train,val}.json)"),
           "segmentation": ("seg", "Semantic FPN", "an ADE20K-layout folder (images/ and annotations/)")}  # fmt: skip
@@ -98,6 +86,7 @@ def run_dense(args: argparse.Namespace, kind: str) -> int:
 
 
 def _train(args: argparse.Namespace, kind: str) -> int:
+    from rapidnet.tasks import TASKS
 
     if args.config is None and args.resume is None:
         raise ConfigError(f"give --config (e.g. configs/mosaic_*_rapidnet_ti.yaml) or --resume for a {kind} run")
@@ -107,6 +96,11 @@ def _train(args: argparse.Namespace, kind: str) -> int:
 
 
 def _eval(args: argparse.Namespace, kind: str) -> int:
+    from rapidnet.engine.distributed import resolve_device
+    from rapidnet.metrics import CocoEvaluator, SegmentationMetrics
+    from rapidnet.tasks import _dense as dense_tasks  # called through the module: tests patch its functions
+    from rapidnet.utils import subset_indices
+
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: use 1 or more")
     if args.bootstrap < 0:
@@ -161,6 +155,11 @@ def _with_interval(key: str, metrics: dict[str, Any]) -> str:
 def _load(path: str, kind: str, device: torch.device, use_ema: bool = True) -> tuple[Any, dict[str, Any]]:
     """The dense model a checkpoint holds (``rapidnet.load``, which checks it is a ``kind`` one) on ``device``, or
     an exported file of one run in its runtime (:mod:`rapidnet.deploy.dense`, :mod:`rapidnet.deploy.detection`)."""
+    from rapidnet.deploy import registry
+    from rapidnet.deploy.dense import ExportedSegmenter
+    from rapidnet.deploy.detection import ExportedDetector
+    from rapidnet.models import load
+
     if registry.is_exported_file(path):
         runtime = registry.for_path(path)
         runtime.require(f"running {Path(path).name}")
@@ -178,6 +177,10 @@ def _load(path: str, kind: str, device: torch.device, use_ema: bool = True) -> t
 
 
 def _read_image(path: str) -> torch.Tensor:
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    from rapidnet.data import load_rgb
 
     try:
         pil = load_rgb(path)  # refuses decompression bombs, scales 16-bit images
@@ -188,9 +191,22 @@ def _read_image(path: str) -> torch.Tensor:
     return TF.to_dtype(TF.pil_to_tensor(pil), torch.float32, scale=True)
 
 
-@torch.no_grad()
 def _predict(args: argparse.Namespace, kind: str) -> int:
-    out = Path(args.output).expanduser()
+    import torch
+
+    with torch.no_grad():
+        return _predict_images(args, kind)
+
+
+def _predict_images(args: argparse.Namespace, kind: str) -> int:
+    import torch.nn.functional as F
+
+    from rapidnet.data.ade20k import SegEvalTransform
+    from rapidnet.engine.distributed import resolve_device
+    from rapidnet.utils import check_output_folder, refuse_overwriting_input
+    from rapidnet.visualize import draw_instances, draw_semantic, save_png
+
+    out = check_output_folder(args.output)
     # an overlay OUT/STEM.png must not replace one of the images (or the checkpoint) it is drawn from
     refuse_overwriting_input([out / f"{Path(p).stem}.png" for p in args.images], *args.images, args.checkpoint)
     device = resolve_device(args.device)

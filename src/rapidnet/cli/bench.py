@@ -11,16 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-from rapidnet.deploy import registry
-from rapidnet.deploy.bench import (
-    DEFAULT_MODELS,
-    format_table,
-    installed_backends,
-    load_accuracies,
-    plot_latency_vs_accuracy,
-    run_benchmark,
-    run_file_benchmark,
-)
+from rapidnet import runtimes
+from rapidnet.cli._args import int_in
+from rapidnet.constants import MAX_BATCH, MAX_SIDE, MIN_SIDE
 from rapidnet.errors import ConfigError
 
 
@@ -29,8 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--models",
         nargs="+",
-        default=list(DEFAULT_MODELS),
-        help="RapidNet variants, timm model names, semantic_fpn:<backbone>",
+        help="RapidNet variants, timm model names, semantic_fpn:<backbone> (default: rapidnet_ti and the mobile "
+        "peers of rapidnet.deploy.bench.DEFAULT_PEERS)",
     )
     p.add_argument(
         "--checkpoint",
@@ -41,14 +34,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--backends",
         nargs="+",
-        help=f"of {', '.join(registry.backend_names())} (default: every one installed here; cuda is skipped where "
+        help=f"of {', '.join(runtimes.backend_names())} (default: every one installed here; cuda is skipped where "
         "absent)",
     )
-    p.add_argument("--resolution", type=int, nargs="+", default=[224], metavar="PX", help="H [W]")
-    p.add_argument("--batch", type=int, help="latency batch size (default 1; files: their own)")
-    p.add_argument("--throughput-batch", type=int, default=0, help="also time this batch size (0: skip)")
-    p.add_argument("--threads", type=int, default=2, help="threads for every backend (PyTorch, each runtime)")
-    p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
+    side = int_in(MIN_SIDE, MAX_SIDE)
+    p.add_argument("--resolution", type=side, nargs="+", default=[224], metavar="PX", help="H [W]")
+    p.add_argument("--batch", type=int_in(1, MAX_BATCH), help="latency batch size (default 1; files: their own)")
+    p.add_argument(
+        "--throughput-batch", type=int_in(0, MAX_BATCH), default=0, help="also time this batch size (0: skip)"
+    )
+    p.add_argument(
+        "--threads", type=int_in(1, 1024), default=2, help="threads for every backend (PyTorch, each runtime)"
+    )
+    p.add_argument("--rounds", type=int_in(1, 100_000), default=20, help="interleaved timing rounds")
     p.add_argument("--accuracies", help="JSON {model: top1} of measured accuracies for the plot")
     p.add_argument("--output", default="runs/bench", help="folder for bench.json and latency_vs_top1.png")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -56,6 +54,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rapidnet.deploy.bench import (
+        DEFAULT_MODELS,
+        format_table,
+        installed_backends,
+        load_accuracies,
+        plot_latency_vs_accuracy,
+        run_benchmark,
+        run_file_benchmark,
+    )
+    from rapidnet.deploy.common import check_writable
+    from rapidnet.utils import atomic_write, refuse_overwriting_input
+
     if len(args.resolution) not in (1, 2):
         raise ConfigError("--resolution takes H or H W")
     if args.threads < 1 or args.rounds < 1 or (args.batch is not None and args.batch < 1):
@@ -64,16 +74,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--backends times models: a file given with --checkpoint runs in its own runtime")
     batches = [args.batch or 1] + ([args.throughput_batch] if args.throughput_batch else [])
     accuracies = load_accuracies(args.accuracies)
+    out = Path(args.output)
+    written = [out / "bench.json", out / "latency_vs_top1.png"]
+    refuse_overwriting_input(written, *(args.checkpoint or []), args.accuracies)
+    check_writable(written[0])  # now, not after minutes of timing
     if args.checkpoint:
         report = run_file_benchmark(args.checkpoint, args.batch, args.threads, args.rounds)
     else:
         backends = args.backends or installed_backends()
+        models = args.models or list(DEFAULT_MODELS)
         report = run_benchmark(
-            args.models, backends, (args.resolution[0], args.resolution[-1]), batches, args.threads, args.rounds
+            models, backends, (args.resolution[0], args.resolution[-1]), batches, args.threads, args.rounds
         )
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    atomic_write(written[0], lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     plot_backend = next(
         (b for b in ("onnx", "torch", "torch-cl") if any(r["backend"] == b for r in report["results"])), None
     )

@@ -9,10 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from rapidnet.models import RapidNet, load, reparameterize, save_weights
-from rapidnet.models.checkpoint import model_arch
-from rapidnet.utils import refuse_overwriting_input
-
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a checkpoint to rapidnet safetensors", description=__doc__)
@@ -25,6 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rapidnet.models import RapidNet, load, reparameterize, save_weights
+    from rapidnet.models.checkpoint import model_arch
+    from rapidnet.utils import refuse_overwriting_input
+
     refuse_overwriting_input(args.dst, args.src)
     model, meta = load(args.src, model=args.model, use_ema=not args.raw_weights, task="classification")
     if args.reparameterize:

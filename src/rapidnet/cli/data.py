@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rapidnet.data.mosaic import DEFAULT_MOSAIC_STYLE, MOSAIC_STYLES, build_mosaic
-from rapidnet.utils import refuse_overwriting_input
+from rapidnet.cli._args import int_in
+from rapidnet.constants import DEFAULT_MOSAIC_STYLE, MAX_OBJECTS, MAX_SCENES, MAX_SEED, MAX_SIDE, MOSAIC_STYLES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -20,15 +20,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     m = actions.add_parser("mosaic", help="scenes of Fashion-MNIST garments in COCO and ADE20K formats")
     m.add_argument("--out", required=True, help="output folder (created; must be empty or an older mosaic)")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--num-train", type=int, default=2000, metavar="N")
-    m.add_argument("--num-val", type=int, default=1000, metavar="N")
-    m.add_argument("--num-dev", type=int, default=500, metavar="N",
+    scenes = int_in(0, MAX_SCENES)
+    m.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
+    m.add_argument("--num-train", type=int_in(1, MAX_SCENES), default=2000, metavar="N")
+    m.add_argument("--num-val", type=int_in(1, MAX_SCENES), default=1000, metavar="N")
+    m.add_argument("--num-dev", type=scenes, default=500, metavar="N",
                    help="scenes of the dev split that chooses the best epoch (garments from Fashion-MNIST "
                         "training images no train scene uses; 0: none, the best epoch is chosen on val)")  # fmt: skip
-    m.add_argument("--image-size", type=int, default=128, metavar="PX")
-    m.add_argument("--min-objects", type=int, default=2)
-    m.add_argument("--max-objects", type=int, default=6)
+    m.add_argument("--image-size", type=int_in(32, MAX_SIDE), default=128, metavar="PX")
+    m.add_argument("--min-objects", type=int_in(1, MAX_OBJECTS), default=2)
+    m.add_argument("--max-objects", type=int_in(1, MAX_OBJECTS), default=6)
     m.add_argument("--style", choices=MOSAIC_STYLES, default=DEFAULT_MOSAIC_STYLE,
                    help="black: light garments on black, as in Fashion-MNIST (default); dark: on dark grey (a mild "
                         "domain gap); tinted: coloured garments on coloured backgrounds (a larger gap)")  # fmt: skip
@@ -39,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rapidnet.data.mosaic import build_mosaic
+    from rapidnet.utils import refuse_overwriting_input
 
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     refuse_overwriting_input(args.out, args.fashion_mnist)  # --overwrite replaces the whole --out folder

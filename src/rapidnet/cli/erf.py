@@ -11,28 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from rapidnet.analysis.erf import (
-    RF_CAP,
-    build_model,
-    check_model_name,
-    check_plot_path,
-    load_images,
-    measure_erf,
-    model_normalization,
-    plot_erf,
-    stage_features,
-)
 from rapidnet.cli._args import int_in
-from rapidnet.data import FASHION_MNIST_NAME
+from rapidnet.constants import FASHION_MNIST_NAME, MAX_SIDE, RF_CAP
 from rapidnet.errors import ConfigError
-from rapidnet.models import is_rapidnet
-from rapidnet.models.checkpoint import MAX_SIDE
-from rapidnet.utils import refuse_overwriting_input
 
 #: the most images one run measures (each costs a forward and a backward pass per stage)
 MAX_IMAGES = 100_000
@@ -89,6 +74,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="PX",
         help=f"largest probe for the theoretical RF; a larger RF is reported as this, flagged (default {RF_CAP})",
     )
+    p.add_argument(
+        "--threads",
+        type=int_in(1, 1024),
+        metavar="N",
+        help="CPU threads for the gradients (default: the cores other processes leave free, measured at the start)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per model and stage, a line each")
     p.add_argument("--plot", metavar="PNG", help="write the ERF maps as one PNG: a row per model, a column per stage")
     return p
@@ -127,6 +118,64 @@ def format_table(rows: list[dict[str, Any]], thresholds: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    threads_before = torch.get_num_threads()
+    pick_threads = _free_threads(args.threads)  # measured while the rest of the libraries load
+    try:
+        return _run(args, pick_threads)
+    finally:
+        torch.set_num_threads(threads_before)  # an in-process caller keeps its own count
+
+
+def _free_threads(asked: int | None) -> Callable[[], int]:
+    """Start measuring what CPU other processes use; the returned call sets and returns the thread count to measure
+    on: ``asked`` (``--threads``), else the cores they leave free, as training picks them (``engine/cpu_share``: on
+    a shared machine a thread that keeps losing its core stalls every operator at the barrier). The measurement runs
+    while the libraries and the images load, so it rarely adds a wait (its window is half a second)."""
+    import time
+
+    import torch
+
+    from rapidnet.engine.cpu_share import ThreadGovernor
+
+    most, window, started = torch.get_num_threads(), 0.5, time.perf_counter()
+    governor = ThreadGovernor(most, started, interval_s=window) if asked is None and most > 1 else None
+
+    def pick() -> int:
+        threads = asked or most
+        if governor is not None:
+            time.sleep(max(0.0, started + window - time.perf_counter()))
+            governor.poll(time.perf_counter())
+            threads = governor.threads
+            if threads < most:
+                print(
+                    f"note: other processes are using {governor.others:.1f} cores: measuring on {threads} of {most} "
+                    "threads (--threads to choose)",
+                    file=sys.stderr,
+                )
+        torch.set_num_threads(threads)
+        return threads
+
+    return pick
+
+
+def _run(args: argparse.Namespace, pick_threads: Callable[[], int]) -> int:
+    import torch
+
+    from rapidnet.analysis.erf import (
+        build_model,
+        check_model_name,
+        check_plot_path,
+        load_images,
+        measure_erf,
+        model_normalization,
+        plot_erf,
+        stage_features,
+    )
+    from rapidnet.models import is_rapidnet
+    from rapidnet.utils import refuse_overwriting_input
+
     if args.images < 1:
         raise ConfigError(f"--images {args.images}: measure at least 1 image (default 50)")
     pairs = _pairs(args)
@@ -153,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
     images = load_images(args.data, args.images, args.resolution, args.seed)  # bad data fails before any model
     if len(images) < args.images:
         print(f"note: {args.data} holds {len(images)} images, fewer than --images {args.images}", file=sys.stderr)
+    pick_threads()
     results: list[dict[str, Any]] = []
     thresholds: list[str] = []
     for name, checkpoint in pairs:

@@ -1,10 +1,11 @@
 """``rapidnet eval --checkpoint C``: top-1/top-5 and loss on a validation folder or the Fashion-MNIST test split.
 
 Uses the checkpoint's eval transform (its stored ``pretrained_cfg``: resize ``size / crop_pct`` bicubic, centre
-crop), on any checkpoint this project or the authors wrote; ``--reparameterize`` evaluates the fused inference model
-(same accuracy). An exported file (``.onnx``, ``.xml``, ``.pte``, ``.tflite``, ``.pt2``, TorchScript ``.pt``) is
-evaluated in its own runtime with the preprocessing it carries: fp32 files give the checkpoint's figures to float
-rounding.
+crop), on any checkpoint this project or the authors wrote. ``--reparameterize`` evaluates the fused inference model
+(same accuracy); ``--compile`` the fused model compiled by Inductor, the fast form on a CPU (the first batch waits
+for the compile, so it pays on sets of thousands of images). An exported file (``.onnx``, ``.xml``, ``.pte``,
+``.tflite``, ``.pt2``, TorchScript ``.pt``) is evaluated in its own runtime with the preprocessing it carries: fp32
+files give the checkpoint's figures to float rounding.
 """
 
 from __future__ import annotations
@@ -12,28 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from rapidnet.cli._args import fraction, int_in
-from rapidnet.config import Config
-from rapidnet.data import build_dataset
-from rapidnet.deploy import registry
-from rapidnet.deploy.cpu import optimize_
-from rapidnet.engine.distributed import DistInfo, resolve_device
-from rapidnet.engine.task import RunContext
+from rapidnet.constants import INTERPOLATIONS, MAX_BATCH, MAX_IMAGES, MAX_SIDE, MAX_WORKERS, MIN_SIDE
 from rapidnet.errors import ConfigError, DataError
-from rapidnet.models import RapidNet, load, reparameterize
-from rapidnet.models.checkpoint import INTERPOLATIONS, MAX_SIDE, MIN_SIDE, check_resize
-from rapidnet.tasks.classification import (
-    build_eval_loader,
-    build_eval_transform,
-    describe_metrics,
-    eval_data_config,
-    evaluate_classifier,
-)
-from rapidnet.utils import subset_indices
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -53,8 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--model", help="the timm model a checkpoint without metadata holds, or a variant to check the file against"
     )
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=256)
+    p.add_argument("--workers", type=int_in(0, MAX_WORKERS), default=2)
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--amp",
@@ -70,8 +57,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--crop-pct", type=fraction, help="override the checkpoint's crop_pct, in (0, 1]")
     p.add_argument("--interpolation", choices=INTERPOLATIONS, help="override the checkpoint's resize interpolation")
-    p.add_argument("--limit", type=int, metavar="N", help="a fixed random subset of N images (as --limit-val)")
+    p.add_argument(
+        "--limit", type=int_in(1, MAX_IMAGES), metavar="N", help="a fixed random subset of N images (as --limit-val)"
+    )
     p.add_argument("--reparameterize", action="store_true", help="evaluate the fused inference model")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="evaluate the fused model compiled by torch.compile (Inductor, frozen weights on a CPU): faster on "
+        "large sets, the first batch waits for the compile",
+    )
     p.add_argument("--raw-weights", action="store_true", help="the raw weights, not the EMA ones, when both exist")
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (counted) instead of stopping")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -79,16 +74,42 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def compiled(model: torch.nn.Module, device: torch.device, args: argparse.Namespace) -> torch.nn.Module:
+    """The fused model compiled for ``device``: on a CPU through Inductor with frozen weights, one compile for every
+    batch (the short last one is padded); elsewhere plain ``torch.compile``."""
+    import torch
+
+    from rapidnet.models import reparameterize
+
+    if device.type != "cpu":
+        return torch.compile(reparameterize(model))
+    if args.amp or args.channels_last:
+        flag = "--amp" if args.amp else "--channels-last"
+        raise ConfigError(f"--compile on a CPU compiles the fp32 model in its own layout: drop {flag}")
+    from rapidnet.deploy.inductor import compile_for_cpu
+
+    return compile_for_cpu(model, batch_size=args.batch_size)
+
+
 def run(args: argparse.Namespace) -> int:
-    for name in ("batch_size", "workers", "limit", "input_size"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "workers" else 1):
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    import torch
+
+    from rapidnet.data import build_dataset
+    from rapidnet.data.transforms import eval_data_config, eval_transform
+    from rapidnet.deploy import registry
+    from rapidnet.engine.distributed import DistInfo, resolve_device
+    from rapidnet.models import RapidNet, load, reparameterize
+    from rapidnet.models.checkpoint import check_resize
+    from rapidnet.tasks.evaluation import build_eval_loader, describe_metrics, evaluate_classifier
+    from rapidnet.utils import subset_indices
+
     device = resolve_device(args.device)
     exported = registry.is_exported_file(args.checkpoint)
     if exported:
         given = [
-            f for f in ("model", "input_size", "reparameterize", "raw_weights", "channels_last") if getattr(args, f)
+            f
+            for f in ("model", "input_size", "reparameterize", "compile", "raw_weights", "channels_last")
+            if getattr(args, f)
         ]
         if given:
             flag = "--" + given[0].replace("_", "-")
@@ -115,8 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if args.reparameterize:
         if not isinstance(model, RapidNet):
             raise ConfigError("--reparameterize applies to RapidNet models only")
-        # eager CPU inference gets the CPU pass on top of folding (rapidnet.deploy.cpu); other devices the plain fold
-        model = optimize_(model) if device.type == "cpu" else reparameterize(model)
+        model = reparameterize(model)
     data_config = eval_data_config(model, input_size=args.input_size)
     if args.crop_pct is not None:
         try:
@@ -126,18 +146,26 @@ def run(args: argparse.Namespace) -> int:
         data_config["crop_pct"] = args.crop_pct
     if args.interpolation is not None:
         data_config["interpolation"] = args.interpolation
-    dataset.transform = build_eval_transform(data_config)
+    dataset.transform = eval_transform(data_config)
     info = DistInfo(device=device)
     indices = subset_indices(len(dataset), args.limit)
     loader = build_eval_loader(dataset, indices, args.batch_size, args.workers, info, device.type == "cuda")
-    ctx = RunContext(cfg=Config(), dist=info, output=Path("."), amp=args.amp, channels_last=args.channels_last)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model = compiled(model, device, args)
     skipped: list[str] = []
     start = time.perf_counter()
     metrics = evaluate_classifier(
-        model, loader, ctx, on_corrupt=skipped.extend if args.skip_corrupt else None, progress=args.progress
+        model,
+        loader,
+        device,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        dist=info,
+        on_corrupt=skipped.extend if args.skip_corrupt else None,
+        progress=args.progress,
     )
     seconds = time.perf_counter() - start
     result = {
@@ -145,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
         "data": str(args.data),
         "split": args.split,
         **metrics,
-        "reparameterized": bool(args.reparameterize),
+        "reparameterized": bool(args.reparameterize or args.compile),
+        "compiled": bool(args.compile),
         **({"runtime": model.runner.runtime} if exported else {}),
         "input_size": list(data_config["input_size"]),
         "crop_pct": data_config.get("crop_pct"),
@@ -157,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        form = ", reparameterized" if args.reparameterize else ""
+        form = ", compiled" if args.compile else ", reparameterized" if args.reparameterize else ""
         print(f"{args.checkpoint} on {args.data} ({args.split}{form}): {describe_metrics(metrics)}  {seconds:.1f} s")
         if skipped:
             print(f"skipped {len(set(skipped))} unreadable image file(s) (e.g. {sorted(set(skipped))[0]})")

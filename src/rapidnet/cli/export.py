@@ -16,16 +16,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from rapidnet.deploy import registry
-from rapidnet.deploy.common import check_resolution, check_writable
-from rapidnet.deploy.dense import export_graph
-from rapidnet.deploy.export import export
-from rapidnet.deploy.onnx import DEFAULT_OPSET
+from rapidnet import runtimes
+from rapidnet.constants import DEFAULT_OPSET
 from rapidnet.errors import ConfigError
-from rapidnet.models import create_model, load
-from rapidnet.utils import refuse_overwriting_input
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,8 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         default="onnx",
-        type=registry.unalias,
-        choices=registry.file_runtimes(),
+        type=runtimes.unalias,
+        choices=runtimes.file_runtimes(),
         help="the runtime to export for (default: onnx)",
     )
     p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the model's)")
@@ -66,6 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     if args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     threads_before = torch.get_num_threads()
@@ -77,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from rapidnet.deploy import registry
+    from rapidnet.deploy.common import check_resolution, check_writable
+    from rapidnet.deploy.dense import export_graph
+    from rapidnet.deploy.export import export
+    from rapidnet.models import create_model, load
+    from rapidnet.utils import refuse_overwriting_input
+
     if args.resolution is not None:
         check_resolution(args.resolution)
     runtime = registry.get(args.format)

@@ -6,15 +6,13 @@ import argparse
 import json
 
 from rapidnet.cli._args import int_in
+from rapidnet.constants import MAX_CLASSES, MAX_SIDE
 from rapidnet.errors import ConfigError
-from rapidnet.models import VARIANTS, create_model, reparameterize
-from rapidnet.models.checkpoint import MAX_CLASSES, MAX_SIDE
-from rapidnet.models.complexity import count_gmacs, count_params
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="table of variants: parameters and GMACs", description=__doc__)
-    p.add_argument("variants", nargs="*", help=f"variants to show (default: all of {', '.join(VARIANTS)})")
+    p.add_argument("variants", nargs="*", help="variants to show (default: all of rapidnet_ti|s|m|b)")
     p.add_argument("--resolution", type=int, nargs="+", default=[224], metavar="PX", help="H [W] (default 224)")
     p.add_argument(
         "--num-classes", type=int_in(0, MAX_CLASSES), default=1000, help="classifier outputs (0: none; default 1000)"
@@ -24,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def variant_info(name: str, resolution: tuple[int, int], num_classes: int = 1000) -> dict:
+    from rapidnet.models import create_model, reparameterize
+    from rapidnet.models.complexity import count_gmacs, count_params
+
     model = create_model(name, num_classes=num_classes).eval()
     single = create_model(name, num_classes=num_classes, distillation=False)
     fused = reparameterize(model)
@@ -55,6 +56,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rapidnet.models import VARIANTS
+
     names = args.variants or list(VARIANTS)
     for n in names:
         if n not in VARIANTS:

@@ -11,9 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rapidnet.engine.runlog import read_jsonl
 from rapidnet.errors import DataError
-from rapidnet.utils import atomic_write, refuse_overwriting_input
 
 #: validation metrics drawn in the second panel, when the log has them: classification, then the dense tasks
 _METRICS = (
@@ -88,6 +86,8 @@ def loss_terms(log_records: list[dict[str, Any]], step_records: list[dict[str, A
 
 def _read_log(path: Path, missing_ok: bool = False) -> list[dict[str, Any]]:
     """``read_jsonl`` with a one-line error for a log that is not a readable text file."""
+    from rapidnet.engine.runlog import read_jsonl
+
     try:
         return read_jsonl(path, missing_ok=missing_ok)
     except (OSError, UnicodeDecodeError) as e:
@@ -101,6 +101,8 @@ def plot_run(log_path: Path, out: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from rapidnet.utils import atomic_write
 
     records = [r for r in _read_log(log_path) if "epoch" in r and "report" not in r]  # the final report is no epoch
     if not records:
@@ -144,6 +146,7 @@ def plot_run(log_path: Path, out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rapidnet.utils import refuse_overwriting_input
 
     path = Path(args.run)
     log_path = path / "log.jsonl" if path.is_dir() else path

@@ -13,16 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-from timm.data import ImageNetInfo, create_transform, resolve_data_config
-
 from rapidnet.cli._args import int_in
-from rapidnet.data import load_rgb
-from rapidnet.deploy import registry
-from rapidnet.deploy.cpu import optimize_
+from rapidnet.constants import MAX_CLASSES
 from rapidnet.errors import CheckpointError, ConfigError, DataError
-from rapidnet.models import create_model, load
-from rapidnet.models.checkpoint import MAX_CLASSES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
 
@@ -46,12 +39,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def collect_images(paths: list[str]) -> list[Path]:
+    """The image files named; folders are searched recursively under the rules of :mod:`rapidnet.data.listing`."""
+    from rapidnet.data.listing import check_regular, list_files
+
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            found += list_files(p, IMAGE_SUFFIXES)
         elif p.exists():
-            found.append(p)
+            found.append(check_regular(p))
         else:
             raise DataError(f"image not found: {p}: check the path")
     if not found:
@@ -62,6 +58,8 @@ def collect_images(paths: list[str]) -> list[Path]:
 
 def read_image(path: Path) -> Any:
     """An image as RGB (16-bit scaled, oversized refused: :func:`rapidnet.data.load_rgb`), or a one-line error."""
+    from rapidnet.data import load_rgb
+
     try:
         return load_rgb(path)
     except DataError:
@@ -95,12 +93,21 @@ def class_names(metadata: Mapping[str, Any], num_classes: int) -> list[str]:
             )
         return [str(n) for n in names]
     if num_classes == 1000:
+        from timm.data import ImageNetInfo
+
         info = ImageNetInfo()
         return [info.index_to_description(i).split(",")[0] for i in range(1000)]
     return [str(i) for i in range(num_classes)]
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+    from timm.data import resolve_data_config
+
+    from rapidnet.data.transforms import eval_transform
+    from rapidnet.deploy import registry
+    from rapidnet.models import create_model, load, reparameterize_
+
     files = collect_images(args.images)
     if args.checkpoint and registry.is_exported_file(args.checkpoint):
         if args.model:
@@ -108,13 +115,13 @@ def run(args: argparse.Namespace) -> int:
         model, metadata = registry.load_exported(args.checkpoint, task="classification")
     elif args.checkpoint:
         model, metadata = load(args.checkpoint, model=args.model, task="classification")
-        model = optimize_(model)  # folded, plus the eager-CPU kernels (rapidnet.deploy.cpu); in place: ours
+        model = reparameterize_(model)  # in place: the model is ours; a few images do not repay a compile
     else:
         name = args.model or "rapidnet_ti"
         print(f"note: no --checkpoint: {name} has RANDOM weights, so these predictions mean nothing")
-        model, metadata = optimize_(create_model(name)), {}
+        model, metadata = reparameterize_(create_model(name)), {}
     data_config = channel_config(resolve_data_config(model=model))
-    transform = create_transform(**data_config)
+    transform = eval_transform(data_config)
     mode = "L" if data_config["input_size"][0] == 1 else "RGB"
     names: list[str] | None = None
     results = []

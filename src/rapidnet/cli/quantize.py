@@ -14,14 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from rapidnet.deploy import registry
-from rapidnet.deploy.common import check_resolution
-from rapidnet.deploy.dense import export_graph
-from rapidnet.deploy.onnx import QUANTIZED_OPS
-from rapidnet.deploy.quantize import quantize_model, runtime_for_output
+from rapidnet import runtimes
 from rapidnet.errors import ConfigError
-from rapidnet.models import load
-from rapidnet.utils import refuse_overwriting_input
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -41,8 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--runtime",
-        type=registry.unalias,
-        choices=registry.quantizing(),
+        type=runtimes.unalias,
+        choices=runtimes.quantizing(),
         help="whose quantizer and kernels (default: from --output: .onnx onnx, .xml openvino, .pte executorch, "
         ".tflite litert)",
     )
@@ -85,6 +79,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rapidnet.deploy import registry
+    from rapidnet.deploy.common import check_resolution
+    from rapidnet.deploy.dense import export_graph
+    from rapidnet.deploy.onnx import QUANTIZED_OPS
+    from rapidnet.deploy.quantize import quantize_model, runtime_for_output
+    from rapidnet.models import load
+    from rapidnet.utils import refuse_overwriting_input
+
     if args.resolution is not None:
         check_resolution(args.resolution)
     output = Path(args.output)
@@ -95,9 +97,6 @@ def run(args: argparse.Namespace) -> int:
     if args.save_fp32:
         written += runtime.files(args.save_fp32)
     refuse_overwriting_input(written, *inputs)
-    # two outputs of one command must not be one file either
-    if args.save_fp32 and len({str(Path(p).expanduser().resolve()) for p in written}) < len(written):
-        raise ConfigError(f"--save-fp32 {args.save_fp32} and --output {args.output} name the same file: give two")
     is_file = registry.is_exported_file(args.checkpoint)
     if is_file and args.model:
         raise ConfigError(f"--model does not apply to {args.checkpoint}: the file is the model")

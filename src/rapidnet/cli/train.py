@@ -16,12 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rapidnet.config import load_config
-from rapidnet.engine import Trainer
-from rapidnet.engine.checkpoint import load_training_state
-from rapidnet.engine.trainer import RUN_FILES
-from rapidnet.tasks.classification import ClassificationTask
-from rapidnet.utils import refuse_overwriting_input
+from rapidnet.cli._args import float_in, int_in
+from rapidnet.constants import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_IMAGES,
+    MAX_INTERVAL,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_TIME_BUDGET,
+    MAX_WORKERS,
+    MIN_SIDE,
+)
 
 #: command-line flag (argparse dest) -> config key
 FLAG_KEYS: dict[str, str] = {
@@ -76,15 +82,19 @@ def add_train_options(
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its last.pt (or best.pt)")
     p.add_argument("--model", help="RapidNet variant (rapidnet_ti|s|m|b) or any timm model name")
     p.add_argument("--data", help=data_help)
-    p.add_argument("--epochs", type=int, help="train this many epochs (replaces the config's train.time_budget)")
+    p.add_argument(
+        "--epochs",
+        type=int_in(1, MAX_EPOCHS),
+        help="train this many epochs (replaces the config's train.time_budget)",
+    )
     p.add_argument(
         "--time-budget",
-        type=float,
+        type=float_in(0, MAX_TIME_BUDGET),
         metavar="MINUTES",
         help="run as many of the epochs as fit this many minutes of training and evaluation here",
     )
-    p.add_argument("--batch-size", type=int, help="images per step on each process")
-    p.add_argument("--lr", type=float, help="learning rate (default: base_lr x global batch / 1024)")
+    p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), help="images per step on each process")
+    p.add_argument("--lr", type=float_in(0, 10), help="learning rate (default: base_lr x global batch / 1024)")
     p.add_argument("--output", help="run folder (checkpoints, logs); default: the config's, or the resumed run's")
     p.add_argument(
         "--force",
@@ -92,7 +102,7 @@ def add_train_options(
         help="replace the run already in --output (its checkpoints, logs and config are deleted when this run starts)",
     )
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--workers", type=int, help="data loading processes per training process")
+    p.add_argument("--workers", type=int_in(0, MAX_WORKERS), help="data loading processes per training process")
     p.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
@@ -103,14 +113,18 @@ def add_train_options(
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="keep a model EMA")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int_in(0, MAX_SEED))
     if classification:
         _add_classification_options(p)
-    p.add_argument("--limit-train", type=int, metavar="N", help="train on a fixed random subset of N images")
-    p.add_argument("--limit-val", type=int, metavar="N", help="validate on a fixed random subset of N images")
-    p.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")
-    p.add_argument("--log-interval", type=int, metavar="STEPS", help="steps between steps.jsonl records")
-    p.add_argument("--eval-interval", type=int, metavar="EPOCHS", help="evaluate every N epochs and after the last")
+    count = int_in(1, MAX_IMAGES)
+    p.add_argument("--limit-train", type=count, metavar="N", help="train on a fixed random subset of N images")
+    p.add_argument("--limit-val", type=count, metavar="N", help="validate on a fixed random subset of N images")
+    p.add_argument("--clip-grad", type=float_in(0, 1e6), metavar="NORM", help="clip the gradient norm")
+    interval = int_in(1, MAX_INTERVAL)
+    p.add_argument("--log-interval", type=interval, metavar="STEPS", help="steps between steps.jsonl records")
+    p.add_argument(
+        "--eval-interval", type=interval, metavar="EPOCHS", help="evaluate every N epochs and after the last"
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -142,7 +156,7 @@ def _add_classification_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="skip unreadable image files (counted and reported) instead of stopping",
     )
-    p.add_argument("--input-size", type=int, metavar="PX")
+    p.add_argument("--input-size", type=int_in(MIN_SIDE, MAX_SIDE), metavar="PX")
     p.add_argument("--pipeline", choices=("timm", "tensor"), help="input pipeline (tensor: in-memory data only)")
 
 
@@ -158,12 +172,15 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rapidnet.tasks.classification import ClassificationTask
 
     return run_training(args, ClassificationTask)
 
 
 def load_run_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Any:
     """The run's config: ``--config`` (or, resuming without one, the checkpoint's), then flags and ``--set``."""
+    from rapidnet.config import load_config
+    from rapidnet.engine.checkpoint import load_training_state
 
     values = {**(extra or {}), **flag_values(args)}
     base = None
@@ -176,6 +193,9 @@ def load_run_config(args: argparse.Namespace, extra: dict[str, Any] | None = Non
 
 def run_training(args: argparse.Namespace, task_factory: Callable[[Any], Any], cfg: Any = None) -> int:
     """Train ``task_factory(cfg)`` with the engine (``cfg`` default: :func:`load_run_config`); the exit status."""
+    from rapidnet.engine import Trainer
+    from rapidnet.engine.trainer import RUN_FILES
+    from rapidnet.utils import refuse_overwriting_input
 
     cfg = cfg if cfg is not None else load_run_config(args)
     # the run writes (and --force deletes) these files: none may be a checkpoint the run starts from

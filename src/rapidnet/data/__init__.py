@@ -13,6 +13,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from rapidnet.constants import FASHION_MNIST_NAME
 from rapidnet.data.fashion_mnist import (
     DEFAULT_FASHION_MNIST_DIR,
     FASHION_MNIST_CLASSES,
@@ -30,6 +31,7 @@ from rapidnet.data.folder import (
     MAX_IMAGE_PIXELS,
     CorruptSample,
     ImageFolderDataset,
+    check_classes_readable,
     check_same_classes,
     collate_dense,
     collate_skip_corrupt,
@@ -50,6 +52,7 @@ __all__ = [
     "FashionMNIST",
     "ImageFolderDataset",
     "build_dataset",
+    "check_classes_readable",
     "check_same_classes",
     "collate_dense",
     "collate_skip_corrupt",
@@ -62,7 +65,6 @@ __all__ = [
     "write_idx",
 ]
 
-FASHION_MNIST_NAME = "fashion-mnist"
 
 _SPLITS = {"train": "train", "val": "val", "test": "val"}
 _EXPECTED = (

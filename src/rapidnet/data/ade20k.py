@@ -32,13 +32,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from rapidnet.data.folder import collate_dense
+from rapidnet.data.folder import _one_line, collate_dense, load_rgb, open_image
+from rapidnet.data.listing import check_member, list_files
 from rapidnet.errors import ConfigError, DataError
 
 __all__ = [
@@ -62,15 +62,44 @@ collate_segmentation = collate_dense
 def read_label_map(path: str | os.PathLike[str]) -> np.ndarray:
     """A label PNG as a ``(H, W)`` uint8 array of class values (palette PNGs give their indices)."""
     try:
-        with Image.open(path) as img:
+        with open(path, "rb") as f, open_image(f, path) as img:
             if img.mode not in ("L", "P", "I", "I;16"):
                 raise DataError(
                     f"label map {path} is a {img.mode} image: label PNGs must be single-channel (mode L or P)"
                 )
             arr = np.asarray(img)
+    except DataError:
+        raise
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read label map {path} ({e}): replace the file") from None
+        raise DataError(f"cannot read label map {path} ({_one_line(e)}): replace the file") from None
     return arr
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The ``semantic`` section of a data set's ``meta.json``, checked: ``classes`` a list of at most 256 names,
+    ``reduce_zero_label`` true or false; anything else is a one-line error naming the field."""
+    fix = "rebuild the data set (rapidnet data mosaic) or delete the file"
+    if path.stat().st_size > 1 << 24:
+        raise DataError(f"{path} is over 16 MB, far more than a class list takes: {fix}")
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise DataError(f"{path} is nested too deeply: {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise DataError(f"{path} is not valid JSON ({_one_line(e)[:100]}): {fix}") from None
+    meta = raw.get("semantic") if isinstance(raw, dict) else None
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: 'semantic' is a {type(meta).__name__}, not an object: {fix}")
+    classes = meta.get("classes")
+    if classes is not None and (
+        not isinstance(classes, list) or not 1 <= len(classes) <= 256 or not all(isinstance(c, str) for c in classes)
+    ):
+        raise DataError(f"{path}: 'semantic.classes' must be a list of 1..256 class names (strings): {fix}")
+    if not isinstance(meta.get("reduce_zero_label", True), bool):
+        raise DataError(f"{path}: 'semantic.reduce_zero_label' must be true or false: {fix}")
+    return meta
 
 
 def _scale_factor(h: int, w: int, scale: Sequence[int] | None, ratio: float) -> float:
@@ -251,10 +280,7 @@ class ADE20KSegmentation(Dataset):
         meta: dict[str, Any] = {}
         meta_path = self.root / META_FILE
         if meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8")).get("semantic", {}) or {}
-            except (json.JSONDecodeError, OSError, AttributeError) as e:
-                raise DataError(f"{meta_path} is not valid JSON ({e}): rebuild the data set or delete it") from None
+            meta = read_meta(meta_path)
         if reduce_zero_label is None:
             reduce_zero_label = bool(meta.get("reduce_zero_label", True))
         self.reduce_zero_label = reduce_zero_label
@@ -281,7 +307,7 @@ class ADE20KSegmentation(Dataset):
         self.classes: list[str] = names
 
     def _pair_files(self) -> tuple[list[Path], list[Path]]:
-        images = sorted(p for p in self.image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        images = list_files(self.image_dir, IMAGE_EXTENSIONS, recursive=False, what="image folder")
         if not images:
             raise DataError(f"no images in {self.image_dir}: add .jpg/.png images (and their label PNGs)")
         labels = []
@@ -289,7 +315,7 @@ class ADE20KSegmentation(Dataset):
             lab = self.label_dir / f"{img.stem}.png"
             if not lab.is_file():
                 raise DataError(f"image {img} has no annotation {lab}: add the label PNG or remove the image")
-            labels.append(lab)
+            labels.append(check_member(lab, self.label_dir))
         return images, labels
 
     def __len__(self) -> int:
@@ -317,10 +343,11 @@ class ADE20KSegmentation(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         path = self.images[index]
         try:
-            with Image.open(path) as img:
-                pil = img.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read image {path} ({e}): replace the file") from None
+            pil = load_rgb(path)
+        except DataError:
+            raise
+        except Exception as e:  # Pillow raises several types for a file it cannot decode
+            raise DataError(f"cannot read image {path} ({_one_line(e)}): replace the file") from None
         lab = self.load_label(index)
         if lab.shape != (pil.height, pil.width):
             raise DataError(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,7 +30,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from rapidnet.data.folder import collate_dense
+from rapidnet.data.coco_schema import read_coco_json, validate_coco
+from rapidnet.data.folder import _one_line, collate_dense, load_rgb
+from rapidnet.data.listing import check_member, list_files
 from rapidnet.errors import DataError
 
 __all__ = ["IMAGE_EXTENSIONS", "CocoInstances", "coco_ground_truth", "collate_detection", "detection_transforms"]
@@ -39,6 +40,9 @@ __all__ = ["IMAGE_EXTENSIONS", "CocoInstances", "coco_ground_truth", "collate_de
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 collate_detection = collate_dense
+
+#: the most bytes the instance masks of one image may take (objects x height x width, one byte per pixel)
+MAX_MASK_BYTES = 1 << 30
 
 
 def detection_transforms(train: bool, hflip: float = 0.5, photometric: bool = False) -> Callable[..., Any] | None:
@@ -59,17 +63,14 @@ def detection_transforms(train: bool, hflip: float = 0.5, photometric: bool = Fa
 
 
 def _load_coco(ann_file: Path) -> Any:
-
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-            return COCO(str(ann_file))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"annotation file {ann_file} is not valid JSON ({e}): re-export or re-download it") from None
-    except (KeyError, TypeError, AssertionError) as e:
-        raise DataError(
-            f"annotation file {ann_file} is not in COCO format (problem with {e}): it needs images, annotations "
-            "and categories lists"
-        ) from None
+    """The annotation file, checked against the COCO format (:mod:`.coco_schema`), as a pycocotools ``COCO``."""
+    data = read_coco_json(ann_file)
+    validate_coco(data, ann_file)
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        coco.createIndex()
+    return coco
 
 
 class CocoInstances(Dataset):
@@ -132,30 +133,14 @@ class CocoInstances(Dataset):
         if not cats:
             raise DataError(f"{self.ann_file} has no categories: add a 'categories' list with ids and names")
         cat_ids = sorted(int(c["id"]) for c in cats)
-        if cat_ids[0] < 1 or len(set(cat_ids)) != len(cat_ids):
-            raise DataError(
-                f"{self.ann_file} has category ids {cat_ids[:10]}: ids must be unique and >= 1 (0 is background)"
-            )
         self.category_ids: list[int] = cat_ids
         self.cat_to_label: dict[int, int] = {c: i + 1 for i, c in enumerate(cat_ids)}
         self.label_to_cat: dict[int, int] = {i + 1: c for i, c in enumerate(cat_ids)}
         self.classes: list[str] = [str(self.coco.cats[c].get("name", c)) for c in cat_ids]
-        for ann in self.coco.dataset.get("annotations", []):
-            if ann.get("category_id") not in self.coco.cats:
-                raise DataError(
-                    f"{self.ann_file}: annotation {ann.get('id')} has category id {ann.get('category_id')}, out of "
-                    f"range (categories: {cat_ids[0]}..{cat_ids[-1]}): fix the annotation or add the category"
-                )
 
     def _check_images(self, check_files: bool, check_unlisted: bool) -> None:
         if not self.coco.imgs:
             raise DataError(f"{self.ann_file} lists no images: add entries to its 'images' list")
-        for ann in self.coco.dataset.get("annotations", []):
-            if ann.get("image_id") not in self.coco.imgs:
-                raise DataError(
-                    f"{self.ann_file}: annotation {ann.get('id')} refers to image id {ann.get('image_id')}, which "
-                    "is not in the 'images' list: add the image entry or remove the annotation"
-                )
         listed = {str(img["file_name"]) for img in self.coco.imgs.values()}
         if check_files:
             for name in sorted(listed):
@@ -164,11 +149,12 @@ class CocoInstances(Dataset):
                         f"image {self.image_dir / name} listed in {self.ann_file.name} is missing: restore the file "
                         "or remove its entry"
                     )
+                check_member(self.image_dir / name, self.image_dir)
         if check_unlisted:
-            for entry in sorted(os.scandir(self.image_dir), key=lambda e: e.name):
-                if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.name not in listed:
+            for path in list_files(self.image_dir, IMAGE_EXTENSIONS, recursive=False, what="image folder"):
+                if path.name not in listed:
                     raise DataError(
-                        f"image {entry.path} has no entry in {self.ann_file.name}: add it to 'images' (with its "
+                        f"image {path} has no entry in {self.ann_file.name}: add it to 'images' (with its "
                         "annotations) or remove the file (or pass check_unlisted=False)"
                     )
 
@@ -186,15 +172,22 @@ class CocoInstances(Dataset):
         info = self.coco.imgs[self.ids[index]]
         path = self.image_dir / info["file_name"]
         try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read image {path} ({e}): replace the file") from None
+            return load_rgb(path)
+        except DataError:
+            raise
+        except Exception as e:  # Pillow raises several types for a file it cannot decode
+            raise DataError(f"cannot read image {path} ({_one_line(e)}): replace the file") from None
 
     def load_target(self, index: int, height: int, width: int) -> dict[str, Any]:
         """Boxes, labels and masks of the non-crowd objects of item ``index``; degenerate boxes are skipped."""
         image_id = self.ids[index]
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        if len(anns) * height * width > MAX_MASK_BYTES:
+            raise DataError(
+                f"image {self.coco.imgs[image_id]['file_name']} in {self.ann_file.name} has {len(anns)} objects of "
+                f"{height}x{width} pixels: their masks would take {len(anns) * height * width / 2**30:.1f} GB, more "
+                f"than the {MAX_MASK_BYTES >> 30} GB limit: split the image or drop objects"
+            )
         boxes, labels, masks = [], [], []
         for ann in anns:
             x, y, w, h = (float(v) for v in ann["bbox"])

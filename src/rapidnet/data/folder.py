@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.transforms.functional import pil_to_tensor
 
+from rapidnet.data.listing import data_folder, walk_folder
 from rapidnet.errors import DataError
 
 __all__ = [
@@ -29,11 +30,13 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "CorruptSample",
     "ImageFolderDataset",
+    "check_classes_readable",
     "check_same_classes",
     "collate_dense",
     "collate_skip_corrupt",
     "load_rgb",
     "targets_to_device",
+    "unreadable_image_error",
 ]
 
 IMG_EXTENSIONS: tuple[str, ...] = torchvision.datasets.folder.IMG_EXTENSIONS
@@ -58,25 +61,63 @@ class CorruptSample:
 MAX_IMAGE_PIXELS = 89_478_485
 
 
-def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    """Decode an image fully (``convert`` forces the lazy decode) so truncation is detected here, not in a transform.
+#: pixels any image may decode to, whatever its file size (4096 x 4096: 48 MB as RGB)
+FREE_PIXELS = 4096 * 4096
+#: above :data:`FREE_PIXELS`, the most pixels per byte of file: 0.25 bits per pixel, which honest JPEG and PNG photos
+#: stay well above; a 1 KB PNG of one colour that claims 10,000 x 10,000 pixels is far below
+MAX_PIXELS_PER_BYTE = 32
 
-    Images of more than :data:`MAX_IMAGE_PIXELS` pixels are refused (``DataError``) from their header, before any
-    decoding. 16-bit and 32-bit greyscale (PNG/TIFF modes ``I;16``, ``I``, ``F``) are scaled to 8 bits rather than
-    clipped: Pillow's ``convert("RGB")`` saturates every value above 255, so a 16-bit scan would come out white.
+
+def open_image(f: Any, path: str | os.PathLike[str]) -> Image.Image:
+    """``Image.open`` of the open file ``f`` with the size checked from the header, before anything is decoded.
+
+    Refused (``DataError``): more than :data:`MAX_IMAGE_PIXELS` pixels, or more than :data:`FREE_PIXELS` pixels and
+    more than :data:`MAX_PIXELS_PER_BYTE` per byte of the file: what decoding costs stays in proportion to what was
+    read, so a tiny file cannot ask for gigabytes.
     """
-    with open(path, "rb") as f, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below with a one-line error
         try:
             img = Image.open(f)
         except Image.DecompressionBombError as e:  # over twice the threshold: Pillow says how many pixels
             found = re.search(r"\((\d+) pixels\)", str(e))
             raise DataError(_too_large(path, f"{int(found.group(1)):,} pixels" if found else "too large")) from None
-        if img.width * img.height > MAX_IMAGE_PIXELS:
-            raise DataError(_too_large(path, f"{img.width}x{img.height} pixels"))
+    pixels = img.width * img.height
+    if pixels > MAX_IMAGE_PIXELS:
+        raise DataError(_too_large(path, f"{img.width}x{img.height} pixels"))
+    size = os.fstat(f.fileno()).st_size if hasattr(f, "fileno") else 0
+    if pixels > FREE_PIXELS and pixels > MAX_PIXELS_PER_BYTE * size:
+        raise DataError(
+            f"image {path} claims {img.width}x{img.height} pixels from {size:,} bytes ({pixels / max(size, 1):,.0f} "
+            f"pixels per byte; above {FREE_PIXELS:,} pixels this project decodes at most {MAX_PIXELS_PER_BYTE} per "
+            "byte, a guard against decompression bombs): if it is a genuine image, downscale it (e.g. to 4096 px on "
+            "the long side)"
+        )
+    return img
+
+
+def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """Decode an image fully (``convert`` forces the lazy decode) so truncation is detected here, not in a transform.
+
+    The size is checked from the header before any decoding (:func:`open_image`). 16-bit and 32-bit greyscale
+    (PNG/TIFF modes ``I;16``, ``I``, ``F``) are scaled to 8 bits rather than clipped: Pillow's ``convert("RGB")``
+    saturates every value above 255, so a 16-bit scan would come out white.
+    """
+    with open(path, "rb") as f:
+        img = open_image(f, path)
         if img.mode.startswith("I") or img.mode == "F":
             return Image.fromarray(_to_uint8(np.asarray(img)), mode="L").convert("RGB")
         return img.convert("RGB")
+
+
+def unreadable_image_error(path: str) -> DataError:
+    """One line naming the unreadable file, why, and the option that skips such files (for a ``CorruptSample``)."""
+    try:
+        load_rgb(path)
+        reason = "unreadable"
+    except Exception as e:  # the decoder's own message says what is wrong with the file
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+    return DataError(f"cannot read image {path} ({reason}): replace or delete it, or pass --skip-corrupt to skip it")
 
 
 def _too_large(path: str | os.PathLike[str], size: str) -> str:
@@ -135,12 +176,8 @@ class ImageFolderDataset(torchvision.datasets.ImageFolder):
         allow_empty: bool = False,
         min_classes: int = 1,
     ) -> None:
-        path = Path(root).expanduser()
-        layout = f"put images in {path}/<class_name>/, one sub-folder per class"
-        if not path.exists():
-            raise DataError(f"image folder {path} does not exist: {layout}")
-        if not path.is_dir():
-            raise DataError(f"image folder {path} is not a folder: {layout}")
+        layout = f"put images in {Path(root).expanduser()}/<class_name>/, one sub-folder per class"
+        path = data_folder(root, "image folder", layout)
         super().__init__(
             str(path),
             transform=transform,
@@ -168,12 +205,31 @@ class ImageFolderDataset(torchvision.datasets.ImageFolder):
             )
 
     def find_classes(self, directory: str | os.PathLike[str]) -> tuple[list[str], dict[str, int]]:
-        """Class names are the non-hidden sub-folders, sorted, as in torchvision."""
-        with os.scandir(directory) as entries:
-            classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        """Class names are the non-hidden sub-folders, sorted, as in torchvision (listed by :mod:`.listing`'s rules)."""
+        classes = sorted(p.name for p, is_folder in walk_folder(Path(directory), recursive=False) if is_folder)
         if not classes:
             raise DataError(f"no class sub-folders in {directory}: put images in {directory}/<class_name>/")
         return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(  # type: ignore[override]
+        directory: str | os.PathLike[str],
+        class_to_idx: dict[str, int],
+        extensions: tuple[str, ...] | None = None,
+        is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        """``(path, class index)`` of every image, walked once under the data folder rules (:mod:`.listing`): a link
+        from one class folder into another, or back up the tree, is an error, not a silent relabelling."""
+        root = Path(directory)
+        valid = is_valid_file or (lambda name: name.lower().endswith(tuple(extensions or IMG_EXTENSIONS)))
+        samples = []
+        for path, is_folder in walk_folder(root):
+            rel = path.relative_to(root).parts
+            if not is_folder and len(rel) > 1 and rel[0] in class_to_idx and valid(str(path)):
+                samples.append((str(path), class_to_idx[rel[0]]))
+        samples.sort(key=lambda s: (s[1], os.path.dirname(s[0]), os.path.basename(s[0])))  # torchvision's order
+        return samples
 
     def __getitem__(self, index: int) -> tuple[Any, Any] | CorruptSample:  # type: ignore[override]
         path, target = self.samples[index]
@@ -186,6 +242,30 @@ class ImageFolderDataset(torchvision.datasets.ImageFolder):
         if self.target_transform is not None:
             target = self.target_transform(target)
         return sample, target
+
+
+def check_classes_readable(dataset: ImageFolderDataset, indices: Sequence[int] | None = None) -> None:
+    """Refuse a class none of whose images (among ``indices``) can be decoded: with unreadable images skipped, it
+    would train as a class without examples, silently. Decodes images of each class in order until one works (one
+    decode per class when the data are sound)."""
+    chosen = range(len(dataset.samples)) if indices is None else indices
+    by_class: dict[int, list[str]] = {}
+    for i in chosen:
+        path, target = dataset.samples[i]
+        by_class.setdefault(target, []).append(path)
+    for target, paths in sorted(by_class.items()):
+        reason = ""
+        for path in paths:
+            try:
+                dataset.loader(path)
+                break
+            except Exception as exc:  # any decode failure, as in __getitem__
+                reason = reason or f"{path}: {_one_line(exc)}"
+        else:
+            raise DataError(
+                f"class {dataset.classes[target]!r} in {dataset.root}: none of its {len(paths)} images can be read "
+                f"(e.g. {reason[:200]}): replace them, or remove the class folder"
+            )
 
 
 def _as_tensor_image(img: Any) -> Any:

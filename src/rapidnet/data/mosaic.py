@@ -49,8 +49,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
+from rapidnet.constants import DEFAULT_MOSAIC_STYLE, MAX_OBJECTS, MAX_SCENES, MAX_SIDE, MOSAIC_STYLES
 from rapidnet.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 from rapidnet.errors import ConfigError, DataError
+from rapidnet.utils import check_output_folder
 
 __all__ = [
     "DEFAULT_MOSAIC_STYLE",
@@ -89,13 +91,11 @@ class _Look(NamedTuple):
     shade_floor: float
 
 
-_LOOKS = {
+_LOOKS = {  # one per name of rapidnet.constants.MOSAIC_STYLES, in that order
     "black": _Look(8.0, False, (0.0, 0.25), (0.7, 1.0), 0.0),
     "dark": _Look(40.0, False, (0.0, 0.25), (0.7, 1.0), 0.0),
     "tinted": _Look(140.0, True, (0.3, 1.0), (0.6, 1.0), 0.4),
 }
-MOSAIC_STYLES = tuple(_LOOKS)
-DEFAULT_MOSAIC_STYLE = "black"
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,10 @@ class MosaicConfig:
             raise ConfigError(f"mosaic style {self.style!r} is unknown: use one of {', '.join(MOSAIC_STYLES)}")
         if h < 16 or w < 16:
             raise ConfigError(f"image_size {self.image_size} is too small: use at least 16x16")
+        if h > MAX_SIDE or w > MAX_SIDE:
+            raise ConfigError(f"image_size {self.image_size} is too large: use at most {MAX_SIDE}x{MAX_SIDE}")
+        if self.max_objects > MAX_OBJECTS:
+            raise ConfigError(f"max_objects={self.max_objects}: use at most {MAX_OBJECTS}")
         if not 1 <= self.min_objects <= self.max_objects:
             raise ConfigError(
                 f"min_objects={self.min_objects}, max_objects={self.max_objects}: need 1 <= min_objects <= max_objects"
@@ -274,8 +278,7 @@ def _pool(
 
 
 def _prepare_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {out} is a file: choose a folder")
+    check_output_folder(out)
     if out.is_dir() and any(out.iterdir()):
         if not (out / META_FILE).is_file():
             raise ConfigError(f"output folder {out} is not empty and holds no mosaic data set: choose an empty folder")
@@ -313,10 +316,10 @@ def build_mosaic(
     cfg = MosaicConfig(size, min_objects, max_objects, min_scale, max_scale, mask_threshold, max_occlusion, style=style)  # type: ignore[arg-type]
     cfg.check()
     counts = {"train": int(num_train), "val": int(num_val), DEV_SPLIT: int(num_dev)}
-    if min(counts.values()) < 0 or sum(counts.values()) == 0:
+    if min(counts.values()) < 0 or sum(counts.values()) == 0 or max(counts.values()) > MAX_SCENES:
         raise ConfigError(
             f"num_train={num_train}, num_val={num_val}, num_dev={num_dev}: ask for at least one scene, no negative "
-            "counts"
+            f"counts, at most {MAX_SCENES:,} per split"
         )
     out = Path(out_dir).expanduser()
     _prepare_output(out, overwrite)

@@ -7,7 +7,8 @@ what its runtime needs: export, load-and-run, int8 through the runtime's own qua
 The verbs are :func:`export` (file + check against PyTorch), :func:`quantize_model` (int8 + accuracy check),
 :func:`load_runner` (run any exported file) and :mod:`rapidnet.deploy.bench`.
 
-:func:`optimize` (``rapidnet.deploy.cpu``) is the explicit eager-CPU inference pass; exports never take it.
+:func:`compile_for_cpu` (``rapidnet.deploy.inductor``) is the fast form for CPU inference in this process: the
+folded model compiled by Inductor with frozen weights. Exports never take it; they take :func:`prepare_model`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from rapidnet.deploy.common import (
     prepare_model,
     preprocess_config,
 )
-from rapidnet.deploy.cpu import deoptimize_, optimize, optimize_
 from rapidnet.deploy.export import ExportResult, export, sample_inputs, verify_file
+from rapidnet.deploy.inductor import compile_for_cpu
 from rapidnet.deploy.quantize import (
     Agreement,
     QuantizeReport,
@@ -57,14 +58,12 @@ __all__ = [
     "calibration_dataset",
     "compare_accuracy",
     "compare_outputs",
-    "deoptimize_",
+    "compile_for_cpu",
     "eval_transform",
     "export",
     "export_metadata",
     "load_runner",
     "numpy_batches",
-    "optimize",
-    "optimize_",
     "prepare_model",
     "preprocess_config",
     "quantize_model",

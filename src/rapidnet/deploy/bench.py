@@ -1,9 +1,9 @@
 """Latency and throughput of RapidNet beside its peers, on the same machine, in one interleaved run.
 
 Every model is put in its inference form first (RapidNet reparameterized; timm models through
-``timm.utils.reparameterize_model`` where they fold); the eager PyTorch CPU backends run RapidNet through
-:func:`rapidnet.deploy.cpu.optimize` (its eager-CPU form); onnxruntime, OpenVINO, ExecuTorch (XNNPACK) and CUDA run
-the plain folded model as exported, and their ``-int8`` backends the file each runtime's own quantizer makes
+``timm.utils.reparameterize_model`` where they fold); eager PyTorch runs that form as it is, ``torch-compile``
+compiles it with Inductor, and onnxruntime, OpenVINO, ExecuTorch (XNNPACK), LiteRT and CUDA run it as exported, and
+their ``-int8`` backends the file each runtime's own quantizer makes
 (calibrated on a few synthetic batches: latency does not depend on the ranges). Timings interleave model by model
 and backend by backend in each round, so a noisy neighbour slows every contestant alike; the report gives medians
 and the interquartile range, the thread count, and each model's achieved GFLOP/s as a fraction of this machine's
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rapidnet.deploy import cpu, registry
+from rapidnet.deploy import registry
 from rapidnet.errors import ConfigError
 from rapidnet.models import create_model, is_rapidnet, reparameterize
 from rapidnet.models.complexity import count_gmacs, count_params
@@ -107,11 +107,10 @@ def check_model_names(names: Iterable[str]) -> None:
             )
 
 
-def build_inference_model(name: str, cpu_optimized: bool = False, resolution: Sequence[int] = (512, 512)) -> nn.Module:
+def build_inference_model(name: str, resolution: Sequence[int] = (512, 512)) -> nn.Module:
     """A model in the form one would deploy: RapidNet fused; timm models reparameterized where they can be.
 
-    RapidNet is the plain folded graph (what the exporters take), or with ``cpu_optimized`` its eager-CPU form
-    (:func:`rapidnet.deploy.cpu.optimize`); the flag changes nothing for timm models. ``semantic_fpn:<backbone>`` is
+    RapidNet is the plain folded graph (what the exporters take). ``semantic_fpn:<backbone>`` is
     the exported graph of a Semantic FPN (ADE20K's 150 classes, the paper's 256-channel FPN) at ``resolution``.
     """
     check_model_names([name])
@@ -122,8 +121,7 @@ def build_inference_model(name: str, cpu_optimized: bool = False, resolution: Se
         model = semantic_fpn(name.removeprefix(SEGMENTER), num_classes=150, drop_path_rate=0.0).eval()
         return timm.utils.reparameterize_model(SegmenterGraph(model, resolution))
     if is_rapidnet(name):
-        fused = reparameterize(create_model(name))
-        return cpu.optimize_(fused) if cpu_optimized else fused
+        return reparameterize(create_model(name))
     model = timm.create_model(name, pretrained=False).eval()
     return timm.utils.reparameterize_model(model)
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from rapidnet.errors import CheckpointError, ConfigError
 from rapidnet.models.checkpoint import is_features_model
+from rapidnet.utils import write_error
 
 _logger = logging.getLogger("rapidnet")
 
@@ -122,7 +123,7 @@ def check_writable(path: str | os.PathLike) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise CheckpointError(f"cannot write {path} ({e.strerror or e}): choose a writable output path") from None
+        raise write_error(path, e) or CheckpointError(f"cannot write {path}: choose a writable output path") from None
     if path.is_dir() and path.suffix != ".mlpackage":
         raise CheckpointError(f"cannot write {path}: it is a folder: give a file name")
     return path
@@ -144,11 +145,11 @@ def replace_into(path: Path, save: Callable[[Path], Any]) -> Path:
         save(tmp)
         remove(path)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         remove(tmp)
-        raise CheckpointError(f"cannot write {path} ({e.strerror or e}): choose a writable output path") from None
-    except BaseException:
-        remove(tmp)
+        error = write_error(path, e)
+        if error is not None:
+            raise error from None
         raise
     return path
 
@@ -162,17 +163,21 @@ _PREPARED = "_rapidnet_export_ready"  # set on the copies prepare_model makes
 def prepare_model(model: nn.Module) -> nn.Module:
     """The model to export: the plain folded graph as an fp32 eval copy on the CPU, with contiguous weights.
 
-    The original stays trainable and untouched. A model that went through :func:`rapidnet.deploy.cpu.optimize` is
-    turned back into the plain form too: exports never carry the eager-CPU modules or channels_last weights.
-    Task models (Semantic FPN) fold their backbone the same way. A model this function made is returned as it is:
-    the verbs prepare once and hand the result to a runtime, whose exporter prepares what it is given.
+    The original stays trainable and untouched. A compiled model (``torch.compile``'s wrapper or
+    :func:`rapidnet.deploy.compile_for_cpu`) is unwrapped to the module it compiled: exports never carry compiled
+    code. Task models (Semantic FPN) fold their backbone the same way. A model this function made is returned as it
+    is: the verbs prepare once and hand the result to a runtime, whose exporter prepares what it is given.
     """
-    from rapidnet.deploy.cpu import deoptimize_
     from rapidnet.models import reparameterize
 
     if getattr(model, _PREPARED, False):
         return model
-    prepared = deoptimize_(reparameterize(model)).float().cpu().eval()
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    model = getattr(model, "plain_module", model)  # compile_for_cpu's wrapper
+    if getattr(model, _PREPARED, False):
+        return model
+    prepared = reparameterize(model).float().cpu().eval()
+    prepared = prepared.to(memory_format=torch.contiguous_format)
     setattr(prepared, _PREPARED, True)
     return prepared
 
@@ -208,9 +213,9 @@ def preprocess_config(model: nn.Module, resolution: Sequence[int] | None = None)
 
 def eval_transform(config: Mapping[str, Any]) -> Any:
     """timm's eval transform (resize, centre crop, normalise) for a :func:`preprocess_config` dict."""
-    from timm.data import create_transform
+    from rapidnet.data.transforms import eval_transform as bounded
 
-    return create_transform(**{k: config[k] for k in PREPROCESS_KEYS if k in config}, is_training=False)
+    return bounded({k: config[k] for k in PREPROCESS_KEYS if k in config})
 
 
 def export_metadata(model: nn.Module, config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:

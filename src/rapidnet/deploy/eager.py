@@ -1,8 +1,8 @@
 """The benchmark's eager PyTorch backends: nothing to export, the model runs as a module.
 
-``torch`` and ``torch-cl`` run RapidNet in its eager-CPU form (:func:`rapidnet.deploy.cpu.optimize`, a copy: the
-plain folded model stays what the exporters get) and any other model as given; ``torch-cl`` also feeds a
-channels_last input to a channels_last copy, the layout oneDNN is fastest in. ``cuda`` runs the plain folded model
+``torch`` runs the model as given (the bench hands it RapidNet folded, the form every exporter takes); ``torch-cl``
+feeds a channels_last input to a channels_last copy, the layout oneDNN is fastest in. The fast CPU form in
+PyTorch is ``torch-compile`` (:mod:`rapidnet.deploy.inductor`). ``cuda`` runs the plain folded model
 on the GPU in fp16 autocast, channels_last, and waits for the GPU at the end of every call so the timing covers
 the work rather than its launch.
 """
@@ -17,14 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from rapidnet.deploy import cpu
 from rapidnet.deploy.common import Runtime
 from rapidnet.errors import ConfigError
-from rapidnet.models import RapidNet
-
-
-def _has_rapidnet(model: nn.Module) -> bool:
-    return any(isinstance(m, RapidNet) for m in model.modules())
 
 
 def _no_int8(runtime: Runtime, int8: bool) -> None:
@@ -33,17 +27,15 @@ def _no_int8(runtime: Runtime, int8: bool) -> None:
 
 
 class EagerTorch(Runtime):
-    """Eager PyTorch on the CPU, NCHW input: RapidNet through the eager-CPU pass (which runs channels_last inside)."""
+    """Eager PyTorch on the CPU, NCHW input, the model as given."""
 
     name = "torch"
     title = "PyTorch eager"
     channels_last: ClassVar[bool] = False
 
     def model_for(self, model: nn.Module) -> nn.Module:
-        """The module this backend times: RapidNet's eager-CPU form (a copy), anything else as given; a backend
-        that converts the layout gets its own copy so the caller's model is never changed."""
-        if _has_rapidnet(model):
-            return cpu.optimize(model)
+        """The module this backend times: the model as given, or a copy where the layout changes (the caller's
+        model is never changed)."""
         return copy.deepcopy(model) if self.channels_last else model
 
     def bench_runner(

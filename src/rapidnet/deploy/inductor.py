@@ -2,11 +2,11 @@
 AOTInductor packages (``aoti``, ``.pt2``): the same compiler run ahead of time into a shared library that
 ``torch._inductor.aoti_load_package`` (or LibTorch's ``AOTIModelPackageLoader`` from C++) runs without Python.
 
-Both start from :func:`~rapidnet.deploy.common.prepare_model` (never the eager-CPU pass: Inductor makes its own
+Both start from :func:`~rapidnet.deploy.common.prepare_model` (the plain folded model: Inductor makes its own
 oneDNN calls) and compile with ``freezing``, which folds the weights into the graph as constants and lets Inductor
 prepack them for oneDNN and fuse conv + GELU and conv + residual add into single oneDNN calls. Freezing happens only
 with autograd off (Inductor checks ``torch.is_grad_enabled()``) and, for ``torch.compile``, only when it is set
-while Dynamo traces; without it Inductor runs the plain aten convolutions, no faster than the eager-CPU pass. A
+while Dynamo traces; without it Inductor runs the plain aten convolutions, no faster than eager PyTorch. A
 frozen model no longer reads its parameters: it runs the weights it was compiled with.
 
 Packages are compiled for this machine's instruction set (``-march=native``; AOTI stores it as ``AOTI_CPU_ISA``), so
@@ -94,29 +94,51 @@ class CompiledForCpu(nn.Module):
     lifted the weights to graph inputs, and nothing gets frozen), and any call may compile. The patch changes a
     process-wide setting for the call, so do not compile other models in other threads meanwhile. The first call
     with a new input shape compiles (seconds); with ``dynamic=False`` each shape gets its own, fastest, code.
+    With ``batch_size`` set, smaller batches are padded with zeros to that size and the outputs cut back, so the
+    last, short batch of an evaluation reuses the code compiled for the full ones (eval-mode networks treat each
+    sample on its own, so the padding changes no output).
     ``module`` is the folded copy that was compiled; changing its weights changes nothing (they were frozen in).
     """
 
-    def __init__(self, module: nn.Module, compiled: Callable[..., Any]) -> None:
+    def __init__(self, module: nn.Module, compiled: Callable[..., Any], batch_size: int | None = None) -> None:
         super().__init__()
         self.module = module
+        self.batch_size = batch_size
         object.__setattr__(self, "compiled", compiled)  # not a submodule: it holds ``module``'s parameters again
         self.eval()
+
+    @property
+    def plain_module(self) -> nn.Module:
+        """The folded module that was compiled (what an exporter takes instead of this wrapper)."""
+        return self.module
 
     def forward(self, x: torch.Tensor) -> Any:
         from torch._inductor import config
 
+        short = self.batch_size is not None and x.shape[0] < self.batch_size
+        if short:
+            n = x.shape[0]
+            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
         with config.patch(freezing=True), torch.inference_mode():
-            return self.compiled(x)
+            out = self.compiled(x)
+        if short:
+            out = out[:n] if isinstance(out, torch.Tensor) else type(out)(o[:n] for o in out)
+        return out
 
 
-def compile_for_cpu(model: nn.Module, *, mode: str | None = COMPILE_MODE, dynamic: bool = False) -> CompiledForCpu:
-    """``torch.compile`` (Inductor, freezing) of the plain folded copy of ``model`` for eager-style CPU inference.
+def compile_for_cpu(
+    model: nn.Module, *, mode: str | None = COMPILE_MODE, dynamic: bool = False, batch_size: int | None = None
+) -> CompiledForCpu:
+    """``torch.compile`` (Inductor, freezing) of the plain folded copy of ``model``: the fast form for fp32 CPU
+    inference in this process (measured against eager in ``docs/performance.md``).
 
-    Compilation happens on the first call; ``model`` itself is untouched.
+    Compilation happens on the first call of each input shape; ``model`` itself is untouched. Give ``batch_size``
+    when batches of up to that size will come (an evaluation loop): short ones are padded, so one compile serves all.
     """
     plain = prepare_model(model)
-    return CompiledForCpu(plain, torch.compile(plain, backend="inductor", mode=mode, dynamic=dynamic))
+    return CompiledForCpu(
+        plain, torch.compile(plain, backend="inductor", mode=mode, dynamic=dynamic), batch_size=batch_size
+    )
 
 
 class TorchCompile(Runtime):

@@ -4,6 +4,10 @@
 :func:`for_path` by a file's suffix) and call its :class:`~rapidnet.deploy.common.Runtime` methods; none of them
 branches on a runtime's name. Runtime modules import only :mod:`rapidnet.deploy.common`, so an optional package
 (OpenVINO, ExecuTorch, LiteRT, ...) is imported only when its runtime is used.
+
+The table and what follows from names alone (:func:`file_runtimes`, :func:`unalias`, ...) are in
+:mod:`rapidnet.runtimes`, which imports nothing, so the command line's parsers list them without loading torch;
+they are re-exported here.
 """
 
 from __future__ import annotations
@@ -16,50 +20,27 @@ from pathlib import Path
 
 from rapidnet.deploy.common import ExportedModel, Runtime
 from rapidnet.errors import ConfigError
+from rapidnet.runtimes import ALIASES, INT8, backend_names, file_runtimes, names, quantizing, suffixes, unalias
+from rapidnet.runtimes import RUNTIMES as _RUNTIMES
 
-# name -> (module, class, file suffix or None). The order is the benchmark's and the help text's.
-_RUNTIMES: dict[str, tuple[str, str, str | None]] = {
-    "torch": ("rapidnet.deploy.eager", "EagerTorch", None),
-    "torch-cl": ("rapidnet.deploy.eager", "EagerTorchChannelsLast", None),
-    "torch-compile": ("rapidnet.deploy.inductor", "TorchCompile", None),
-    "onnx": ("rapidnet.deploy.onnx", "OnnxRuntime", ".onnx"),
-    "openvino": ("rapidnet.deploy.openvino", "OpenVINO", ".xml"),
-    "executorch": ("rapidnet.deploy.executorch", "ExecuTorch", ".pte"),
-    "litert": ("rapidnet.deploy.litert", "LiteRT", ".tflite"),
-    "coreml": ("rapidnet.deploy.coreml", "CoreML", ".mlpackage"),
-    "torchscript": ("rapidnet.deploy.torchscript", "TorchScript", ".pt"),
-    "aoti": ("rapidnet.deploy.inductor", "AOTInductor", ".pt2"),
-    "cuda": ("rapidnet.deploy.eager", "EagerCuda", None),
-}
-# The runtimes with an int8 quantizer (each module's Runtime.quantizer says which; a test holds the two together).
-_QUANTIZING = ("onnx", "openvino", "executorch", "litert")
-# Names the runtimes had before they had one each; accepted and mapped, never printed.
-ALIASES: dict[str, str] = {"onnxruntime": "onnx", "ort": "onnx", "ort-fp32": "onnx", "tflite": "litert"}
-INT8 = "-int8"
-
-
-def names() -> list[str]:
-    return list(_RUNTIMES)
-
-
-def file_runtimes() -> list[str]:
-    """The runtimes with a file format: what ``rapidnet export --format`` takes."""
-    return [n for n, (_, _, suffix) in _RUNTIMES.items() if suffix is not None]
-
-
-def quantizing() -> list[str]:
-    """The runtimes ``rapidnet quantize`` makes int8 files for."""
-    return list(_QUANTIZING)
-
-
-def suffixes() -> dict[str, str]:
-    """``{".onnx": "onnx", ...}``: which runtime runs a file."""
-    return {suffix: n for n, (_, _, suffix) in _RUNTIMES.items() if suffix is not None}
-
-
-def unalias(name: str) -> str:
-    """An old name mapped to the one name (argparse ``type=``: ``choices`` then says what is known)."""
-    return ALIASES.get(name, name)
+__all__ = [
+    "ALIASES",
+    "INT8",
+    "TASK_COMMANDS",
+    "backend_name",
+    "backend_names",
+    "canonical",
+    "file_runtimes",
+    "for_path",
+    "get",
+    "is_exported_file",
+    "load_exported",
+    "names",
+    "parse_backend",
+    "quantizing",
+    "suffixes",
+    "unalias",
+]
 
 
 def canonical(name: str) -> str:
@@ -127,18 +108,6 @@ def load_exported(
 
 
 # ---- the benchmark's backends: each runtime, and "<runtime>-int8" where it has a quantizer ------------------------
-
-
-def backend_names() -> list[str]:
-    """Every backend name the benchmark knows (whether or not its package is installed here)."""
-    out: list[str] = []
-    for name in _RUNTIMES:
-        if name in ("coreml",):  # Core ML runs on Apple hardware only
-            continue
-        out.append(name)
-        if name in _QUANTIZING:
-            out.append(name + INT8)
-    return out
 
 
 _BACKEND_ALIASES = {"ort-fp32": "onnx", "ort-int8": "onnx-int8"}

@@ -1,28 +1,9 @@
 """Hooks into ``Trainer.fit`` and the engine's built-in ones: EMA, BN-statistics averaging, best checkpoint, export
 of the best weights, the final report on a split kept apart from selection, TensorBoard.
 
-A :class:`Callback` overrides any of its hooks (each receives the :class:`~rapidnet.engine.trainer.Trainer`, whose
-``cfg``, ``task``, ``info``, ``model``, ``optimizer``, ``epoch``, ``step``, ``updates``, ``output`` and ``weights``
-it may read). The trainer calls every callback's hook in list order (the defaults of :func:`default_callbacks`
-first, then the ones given to ``Trainer(callbacks=...)``), at these points:
-
-========================  ==========================================================================================
-``setup``                 model, optimizer, schedule and scaler built, before a checkpoint is restored (every run)
-``on_load_checkpoint``    resuming: read back what ``on_save_checkpoint`` added to the state (after the model's)
-``on_fit_start``          everything built and restored, before the first step
-``on_train_epoch_start``  before the (rest of the) epoch's steps
-``on_optimizer_step``     after each optimizer update (``trainer.updates`` counts them)
-``on_train_step_end``     after each step, with its ``steps.jsonl`` record on logged steps (else None)
-``on_train_epoch_end``    the epoch's steps done and the schedule stepped, before ``last.pt`` and the evaluation
-``on_save_checkpoint``    building the ``last.pt`` state (epoch ends and interruptions): add keys to ``state``;
-                          an evaluated epoch saves twice, before its evaluation and after it
-``on_evaluate``           after the model's evaluation (evaluated epochs only; ``trainer.epoch`` already counts the
-                          epoch), with ``results``: weights name -> metrics; a callback may add its own weights'
-                          results (``"ema"``) or read them
-``on_epoch_end``          ``last.pt`` written; the epoch's ``log.jsonl`` record, which is logged next
-``on_fit_end``            after the last epoch or an interruption, with the :class:`FitResult`
-``teardown``              always last, also when ``fit`` raises (close files)
-========================  ==========================================================================================
+A callback subclasses :class:`~rapidnet.engine.hooks.Callback` (the hooks, when the trainer calls them, and the
+public :class:`~rapidnet.engine.hooks.TrainerAPI` each hook receives are documented in :mod:`rapidnet.engine.hooks`):
+callbacks read the trainer's public attributes, print through ``trainer.say`` and never reach into its internals.
 
 The built-in callbacks keep the checkpoint layout readers expect: EMA weights under ``model_ema``, the best result
 under ``best``. Modelled on Lightning's callbacks and mmengine's hooks, with only the hooks this engine needs.
@@ -35,16 +16,16 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from rapidnet.engine.checkpoint import copy_checkpoint, load_training_state
+from rapidnet.engine.console import format_metrics
 from rapidnet.engine.distributed import barrier
+from rapidnet.engine.hooks import Callback, FitResult, TrainerAPI
+from rapidnet.engine.run_folder import BEST, BEST_WEIGHTS
 from rapidnet.errors import CheckpointError
-
-if TYPE_CHECKING:
-    from rapidnet.engine.trainer import FitResult, Trainer
 
 __all__ = [
     "BEST",
@@ -60,49 +41,6 @@ __all__ = [
     "tensorboard_available",
 ]
 
-BEST = "best.pt"
-BEST_WEIGHTS = "model_best.safetensors"
-
-
-class Callback:
-    """Base class: every hook does nothing; see the module docstring for when each is called."""
-
-    def setup(self, trainer: Trainer) -> None:
-        pass
-
-    def on_load_checkpoint(self, trainer: Trainer, state: dict[str, Any]) -> None:
-        pass
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        pass
-
-    def on_train_epoch_start(self, trainer: Trainer) -> None:
-        pass
-
-    def on_optimizer_step(self, trainer: Trainer) -> None:
-        pass
-
-    def on_train_step_end(self, trainer: Trainer, record: dict[str, Any] | None) -> None:
-        pass
-
-    def on_train_epoch_end(self, trainer: Trainer) -> None:
-        pass
-
-    def on_evaluate(self, trainer: Trainer, results: dict[str, dict[str, float]]) -> None:
-        pass
-
-    def on_save_checkpoint(self, trainer: Trainer, state: dict[str, Any]) -> None:
-        pass
-
-    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        pass
-
-    def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
-        pass
-
-    def teardown(self, trainer: Trainer) -> None:
-        pass
-
 
 class ModelEma(Callback):
     """timm's ``ModelEmaV3`` of the model, updated after every optimizer update, saved as ``model_ema``.
@@ -117,13 +55,13 @@ class ModelEma(Callback):
         self.decay, self.warmup, self.evaluate = decay, warmup, evaluate
         self.ema: Any = None
 
-    def setup(self, trainer: Trainer) -> None:
+    def setup(self, trainer: TrainerAPI) -> None:
         from timm.utils import ModelEmaV3
 
         self.ema = ModelEmaV3(trainer.model, decay=self.decay, use_warmup=self.warmup)
         trainer.weights[self.name] = self.ema.module
 
-    def on_load_checkpoint(self, trainer: Trainer, state: dict[str, Any]) -> None:
+    def on_load_checkpoint(self, trainer: TrainerAPI, state: dict[str, Any]) -> None:
         try:
             self.ema.module.load_state_dict(state.get("model_ema") or state["model"])
         except (RuntimeError, ValueError, KeyError) as e:
@@ -133,14 +71,14 @@ class ModelEma(Callback):
                 "trained with"
             ) from None
 
-    def on_optimizer_step(self, trainer: Trainer) -> None:
+    def on_optimizer_step(self, trainer: TrainerAPI) -> None:
         self.ema.update(trainer.model, step=trainer.updates)
 
-    def on_evaluate(self, trainer: Trainer, results: dict[str, dict[str, float]]) -> None:
+    def on_evaluate(self, trainer: TrainerAPI, results: dict[str, dict[str, float]]) -> None:
         if self.evaluate:
             results[self.name] = trainer.task.evaluate(self.ema.module)
 
-    def on_save_checkpoint(self, trainer: Trainer, state: dict[str, Any]) -> None:
+    def on_save_checkpoint(self, trainer: TrainerAPI, state: dict[str, Any]) -> None:
         state["model_ema"] = self.ema.module.state_dict()
 
 
@@ -149,7 +87,7 @@ class BatchNormAveraging(Callback):
     over processes at every epoch end, for every set of weights, so that all processes evaluate, and rank 0 saves,
     the same model. Nothing on one process."""
 
-    def on_train_epoch_end(self, trainer: Trainer) -> None:
+    def on_train_epoch_end(self, trainer: TrainerAPI) -> None:
         if not trainer.info.distributed:
             return
         from timm.utils import distribute_bn
@@ -160,22 +98,32 @@ class BatchNormAveraging(Callback):
 
 class BestCheckpoint(Callback):
     """Chooses the best epoch by ``metric`` over every evaluated set of weights and copies its ``last.pt`` to
-    ``best.pt``; the choice (``{"metric", "value", "epoch", "source"}``) is saved under ``best``."""
+    ``best.pt``; the choice (``{"metric", "value", "epoch", "source"}``) is saved under ``best``.
 
-    def __init__(self, metric: str, higher_is_better: bool = True, filename: str = BEST) -> None:
+    With ``publish`` (the one :func:`default_callbacks` adds) the choice is also the trainer's ``best``, which the
+    epoch lines, logs and ``FitResult`` report; another selector (a second metric) keeps its choice to itself.
+    """
+
+    def __init__(self, metric: str, higher_is_better: bool = True, filename: str = BEST, publish: bool = False) -> None:
         self.metric = metric
         self.better: Callable[[float, float], bool] = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
         self.filename = filename
+        self.publish = publish
         self.best: dict[str, Any] | None = None
         self.improved = False  # this epoch gave a new best
 
-    def on_load_checkpoint(self, trainer: Trainer, state: dict[str, Any]) -> None:
-        self.best = state.get("best")
+    def _set(self, trainer: TrainerAPI, best: dict[str, Any] | None) -> None:
+        self.best = best
+        if self.publish:
+            trainer.best = best
 
-    def on_train_epoch_end(self, trainer: Trainer) -> None:
+    def on_load_checkpoint(self, trainer: TrainerAPI, state: dict[str, Any]) -> None:
+        self._set(trainer, state.get("best"))
+
+    def on_train_epoch_end(self, trainer: TrainerAPI) -> None:
         self.improved = False
 
-    def on_evaluate(self, trainer: Trainer, results: dict[str, dict[str, float]]) -> None:
+    def on_evaluate(self, trainer: TrainerAPI, results: dict[str, dict[str, float]]) -> None:
         score, source = float("nan"), "model"
         for i, (name, metrics) in enumerate(results.items()):
             value = metrics.get(self.metric, float("nan"))
@@ -183,13 +131,13 @@ class BestCheckpoint(Callback):
                 score, source = value, name
         if math.isfinite(score) and (self.best is None or self.better(score, self.best["value"])):
             # trainer.epoch already counts the epoch just trained (last.pt is saved before the evaluation)
-            self.best = {"metric": self.metric, "value": float(score), "epoch": trainer.epoch, "source": source}
+            self._set(trainer, {"metric": self.metric, "value": float(score), "epoch": trainer.epoch, "source": source})
             self.improved = True
 
-    def on_save_checkpoint(self, trainer: Trainer, state: dict[str, Any]) -> None:
+    def on_save_checkpoint(self, trainer: TrainerAPI, state: dict[str, Any]) -> None:
         state["best"] = self.best
 
-    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerAPI, record: dict[str, Any]) -> None:
         if self.improved and trainer.info.is_main:
             copy_checkpoint(trainer.last_path, trainer.output / self.filename)
 
@@ -201,7 +149,7 @@ class ExportBest(Callback):
         self.selector = selector
         self.filename = filename
 
-    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerAPI, record: dict[str, Any]) -> None:
         best = self.selector.best
         if self.selector.improved and best is not None and trainer.info.is_main:
             trainer.task.export(trainer.weights.get(best["source"], trainer.model), trainer.output / self.filename)
@@ -222,7 +170,7 @@ class FinalReport(Callback):
         self.selector = selector
         self.filename = filename
 
-    def _best_weights(self, trainer: Trainer, source: str) -> nn.Module:
+    def _best_weights(self, trainer: TrainerAPI, source: str) -> nn.Module:
         barrier(trainer.info)  # rank 0 copied the best epoch's last.pt to best.pt
         path = trainer.output / self.filename
         state = load_training_state(path)
@@ -233,9 +181,7 @@ class FinalReport(Callback):
         model.load_state_dict(state[key])
         return model
 
-    def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
-        from rapidnet.engine.trainer import format_metrics
-
+    def on_fit_end(self, trainer: TrainerAPI, result: FitResult) -> None:
         task, split = trainer.task, trainer.task.report_split
         if split is None or result.status != "completed":
             return
@@ -261,8 +207,8 @@ class FinalReport(Callback):
         trainer.log.append(record)
         names = task.metric_names
         if chosen is not None and best is not None:
-            trainer._say(f"{split}, best weights (epoch {best['epoch']}): {format_metrics(chosen, names)}")
-        trainer._say(f"{split}, final weights (epoch {trainer.epoch}): {format_metrics(final, names)}")
+            trainer.say(f"{split}, best weights (epoch {best['epoch']}): {format_metrics(chosen, names)}")
+        trainer.say(f"{split}, final weights (epoch {trainer.epoch}): {format_metrics(final, names)}")
         result.report = {"split": split, "best": chosen, "final": final, "best_epoch": record["best_epoch"]}
 
 
@@ -284,7 +230,10 @@ class TensorBoard(Callback):
         self.folder = folder
         self.writer: Any = None
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def output_note(self) -> str:
+        return f"TensorBoard: {self.folder}/"
+
+    def on_fit_start(self, trainer: TrainerAPI) -> None:
         if not trainer.info.is_main:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -299,22 +248,22 @@ class TensorBoard(Callback):
             if math.isfinite(value):
                 self.writer.add_scalar(f"{prefix}/{key}", value, global_step=step)
 
-    def on_train_step_end(self, trainer: Trainer, record: dict[str, Any] | None) -> None:
+    def on_train_step_end(self, trainer: TrainerAPI, record: dict[str, Any] | None) -> None:
         if self.writer is not None and record is not None:
             self._scalars("train", record, int(record["update"]), ("epoch", "step", "update"))
 
-    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerAPI, record: dict[str, Any]) -> None:
         if self.writer is not None:
             self._scalars("epoch", record, int(record["step"]), ("step",))
             self.writer.flush()
 
-    def teardown(self, trainer: Trainer) -> None:
+    def teardown(self, trainer: TrainerAPI) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
 
 
-def default_callbacks(trainer: Trainer) -> list[Callback]:
+def default_callbacks(trainer: TrainerAPI) -> list[Callback]:
     """What ``cfg`` asks for: BN averaging (acts under DDP), EMA (``ema.enabled``), best checkpoint and export of the
     best weights (by the task's ``primary_metric``), the final report (a task with a ``report_split``), TensorBoard
     (when installed)."""
@@ -322,7 +271,7 @@ def default_callbacks(trainer: Trainer) -> list[Callback]:
     callbacks: list[Callback] = [BatchNormAveraging()]
     if cfg.ema.enabled:
         callbacks.append(ModelEma(cfg.ema.decay, cfg.ema.warmup, cfg.ema.evaluate))
-    selector = BestCheckpoint(task.primary_metric, task.higher_is_better)
+    selector = BestCheckpoint(task.primary_metric, task.higher_is_better, publish=True)
     callbacks += [selector, ExportBest(selector)]
     if task.report_split is not None:
         callbacks.append(FinalReport(selector))

@@ -19,8 +19,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ThreadGovernor", "allowed_cpus", "busy_ticks", "free_threads", "own_ticks"]
+import torch
+
+__all__ = ["ThreadGovernor", "allowed_cpus", "busy_ticks", "free_threads", "own_ticks", "pick_threads"]
 
 
 def allowed_cpus() -> list[int]:
@@ -114,3 +117,34 @@ class ThreadGovernor:
             return None
         self.threads = wanted
         return wanted
+
+    def note(self) -> str:
+        """The line to show when :meth:`poll` saw the picture change: the run keeps its thread count regardless."""
+        busy = f"other processes are now using {self.others:.1f} cores"
+        if self.threads < torch.get_num_threads():
+            return f"note: {busy}: this run keeps {torch.get_num_threads()} threads and will be slower"
+        return f"note: {busy}: this run keeps {torch.get_num_threads()} threads ({self.threads} would be free)"
+
+
+def pick_threads(
+    device: torch.device, distributed: bool, recorded: Any, now: float, say: Callable[[str], None]
+) -> ThreadGovernor | None:
+    """Set the training thread count (a CPU run of one process): the cores other processes leave free, or the count
+    a resumed run ``recorded``. Returns the governor that keeps watching, with ``now`` on the clock its
+    :meth:`~ThreadGovernor.poll` will be called with (None where nothing is to decide)."""
+    most = torch.get_num_threads()
+    if device.type != "cpu" or distributed:
+        return None
+    if isinstance(recorded, int) and recorded >= 1:
+        threads, others = min(recorded, most), 0.0
+    else:
+        threads, others = free_threads(most) if most > 1 else (1, 0.0)
+    torch.set_num_threads(threads)
+    governor = ThreadGovernor(most, now)
+    governor.threads, governor.others = threads, others
+    if threads < most and not isinstance(recorded, int):
+        say(
+            f"note: other processes are using {others:.1f} cores: training on {threads} of {most} threads, "
+            "kept for the whole run (and by --resume) so that results stay reproducible (train.adapt_threads)"
+        )
+    return governor if most > 1 else None

@@ -1,8 +1,19 @@
-"""Every network: RapidNet (``rapidnet.py``), Mask R-CNN (``mask_rcnn.py``) and Semantic FPN (``semantic_fpn.py``) on
-its FPN backbone (``backbone.py``); checkpoints (``checkpoint.py``), loading any of them from a file (``loading.py``)
-and reparameterization."""
+"""Every network: RapidNet (``rapidnet.py``, its argument limits in ``limits.py``, its architecture as data in
+``spec.py``), Mask R-CNN (``mask_rcnn.py``) and Semantic FPN (``semantic_fpn.py``) on its FPN backbone
+(``backbone.py``); checkpoints (``checkpoint.py``: one read of a file into a ``Checkpoint`` record), the variants and
+their timm entry points (``factory.py``), loading any of them from a file (``loading.py``) and reparameterization.
 
-from rapidnet.models.checkpoint import checkpoint_filter_fn, load_state_dict_file, model_metadata, save_weights
+The modules import one way: limits <- rapidnet <- spec <- checkpoint <- factory <- backbone <- mask_rcnn /
+semantic_fpn <- loading."""
+
+from rapidnet.models.checkpoint import (
+    Checkpoint,
+    checkpoint_filter_fn,
+    load_state_dict_file,
+    model_metadata,
+    read_checkpoint_file,
+    save_weights,
+)
 from rapidnet.models.factory import create_model, is_rapidnet, list_variants
 from rapidnet.models.loading import load, load_model
 from rapidnet.models.mask_rcnn import mask_rcnn
@@ -12,6 +23,7 @@ from rapidnet.models.semantic_fpn import semantic_fpn
 
 __all__ = [
     "VARIANTS",
+    "Checkpoint",
     "RapidNet",
     "checkpoint_filter_fn",
     "create_model",
@@ -22,6 +34,7 @@ __all__ = [
     "load_state_dict_file",
     "mask_rcnn",
     "model_metadata",
+    "read_checkpoint_file",
     "reparameterize",
     "reparameterize_",
     "save_weights",

@@ -1,15 +1,16 @@
-"""Reading, converting, checking and writing checkpoints: the authors' formats and this project's own.
+"""Checkpoints: reading one into a :class:`Checkpoint` record, the authors' key names, checking, fitting, writing.
+
+Every way of loading weights starts from :func:`read_checkpoint_file`, which reads a file once into a
+:class:`Checkpoint`: its weights with wrappers and prefixes removed, its metadata (decoded and checked on first use).
+A RapidNet's record is completed once by :meth:`Checkpoint.as_rapidnet` (the weights in this project's key names, the
+architecture read off them within the constructor's limits) and handed as it is to the one build through timm
+(``rapidnet.models.factory``), whose ``pretrained_filter_fn`` (:func:`checkpoint_filter_fn`) fits the record's
+weights to the model. ``rapidnet.load`` (``rapidnet.models.loading``) dispatches on what a record holds.
 
 Every file is read with ``torch.load(..., weights_only=True)`` (``argparse.Namespace`` is allow-listed because the
 authors' training checkpoints store their arguments that way) or with safetensors, so a pickle that would run code is
 refused (:func:`rapidnet.utils.read_checkpoint`). Problems surface as one-line :class:`~rapidnet.errors.CheckpointError`
 messages.
-
-The pieces, bottom-up: :func:`read_weights` (a file's weights and metadata, wrappers removed),
-:func:`checkpoint_filter_fn` (timm's ``pretrained_filter_fn`` for RapidNet: the authors' key names, the fit check,
-classifier adaptation), :func:`load_timm_weights` (any other timm model, or its ``features_only`` body),
-:func:`decode_metadata`, and on the writing side :func:`model_metadata` and :func:`save_weights`. ``rapidnet.load``
-(``rapidnet.models.loading``) puts them together.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +28,32 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from rapidnet.constants import (
+    CROP_MODES,
+    INTERPOLATIONS,
+    MAX_CLASSES,
+    MAX_NAME_CHARS,
+    MAX_RESIZE,
+    MAX_SIDE,
+    MIN_CROP_PCT,
+    MIN_SIDE,
+)
 from rapidnet.errors import CheckpointError
-from rapidnet.models.rapidnet import DEFAULT_MLDC, VARIANTS, RapidNet
+from rapidnet.models.limits import RULES, ArgumentError, check_args
+from rapidnet.models.rapidnet import RapidNet
+from rapidnet.models.spec import ArchSpec, infer_arch, mldc_branch_count, model_arch
 from rapidnet.utils import atomic_write, read_checkpoint, unwrap_model
 
 __all__ = [
     "CROP_MODES",
     "INTERPOLATIONS",
-    "MAX_CHANS",
     "MAX_CLASSES",
     "MAX_NAME_CHARS",
     "MAX_RESIZE",
     "MAX_SIDE",
-    "MAX_WIDTH",
     "MIN_CROP_PCT",
     "MIN_SIDE",
-    "ArchSpec",
+    "Checkpoint",
     "adapt_classifier",
     "check_class_names",
     "check_input_size",
@@ -50,22 +61,24 @@ __all__ = [
     "check_pretrained_cfg",
     "check_resize",
     "check_shapes",
+    "check_tensor_dtypes",
+    "check_tensor_values",
     "checkpoint_filter_fn",
     "convert_official",
     "decode_metadata",
     "fit_state_dict",
     "hub_weights_file",
-    "infer_arch",
     "is_features_model",
     "is_official_format",
     "load_state_dict_file",
     "load_timm_checkpoint",
     "load_timm_weights",
-    "model_arch",
     "model_metadata",
-    "read_weights",
+    "read_checkpoint_file",
+    "read_pretrained",
     "save_weights",
     "strip_prefix",
+    "to_own_keys",
     "unwrap_state_dict",
 ]
 
@@ -74,6 +87,167 @@ _logger = logging.getLogger("rapidnet")
 # Which nested entry of a checkpoint dict holds the weights, in order of preference.
 _EMA_KEYS = ("state_dict_ema", "model_ema")
 _RAW_KEYS = ("state_dict", "model", "module", "net")
+
+# ---- the record: one read of a checkpoint --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read once: what every way of loading weights works from, so that nothing is read, converted or
+    worked out twice.
+
+    ``rapidnet.load``, ``rapidnet.create_model(checkpoint=...)``, timm's ``pretrained=True`` (a pretrained config's
+    ``file``, or the authors' file on the hub) and the readers of a timm model's weights all read files with
+    :func:`read_checkpoint_file`. A RapidNet's record is completed by :meth:`as_rapidnet` and handed on, as it is, to
+    the build (``rapidnet.create_model`` takes it as ``checkpoint``).
+    """
+
+    #: the file's path as given; ``None`` for weights handed over in memory
+    path: str | None
+    #: the weights, wrappers and ``module.``/``_orig_mod.`` prefixes removed: in this project's key names once
+    #: :meth:`as_rapidnet` has converted them (a timm or dense model's keys stay as stored)
+    state_dict: dict[str, torch.Tensor]
+    #: the metadata as stored (strings: safetensors metadata, or the ``rapidnet`` entry of a torch file)
+    stored: dict[str, str] = field(default_factory=dict, repr=False)
+    #: the RapidNet architecture read off the weights (:meth:`as_rapidnet`), within the constructor's limits
+    arch: ArchSpec | None = None
+    #: :attr:`metadata` once decoded
+    _metadata: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Any], mldc_dilations: Any = None) -> Checkpoint:
+        """Weights handed over in memory (timm's ``pretrained_cfg_overlay=dict(state_dict=...)``). They carry no
+        metadata, so the MLDC dilations, which weights do not show, are the caller's."""
+        metadata = {} if mldc_dilations is None else {"mldc_dilations": list(mldc_dilations)}
+        return cls(None, strip_prefix(unwrap_state_dict(state_dict)), _metadata=metadata)
+
+    @property
+    def name(self) -> str:
+        """What messages call it: the path, or "checkpoint" for weights in memory."""
+        return self.path if self.path is not None else "checkpoint"
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The stored metadata decoded and checked (:func:`decode_metadata`), once, on first use: a reader that never
+        interprets it (a timm model's weights for fine-tuning) does not refuse a file for it."""
+        decoded = self._metadata
+        if decoded is None:
+            decoded = decode_metadata(self.stored, self.name)
+            object.__setattr__(self, "_metadata", decoded)  # a cache: the record's content does not change
+        return decoded
+
+    @property
+    def kind(self) -> str:
+        """What the file holds: ``classification`` unless its metadata names a ``task``."""
+        return self.metadata.get("task") or "classification"
+
+    def as_rapidnet(self) -> Checkpoint:
+        """The record of a RapidNet: the weights in this project's key names and the architecture read off them
+        (depths, widths, head, classes, MLDC settings), which must be one the constructor takes. Done once: a
+        record that has its architecture is returned as it is."""
+        if self.arch is not None:
+            return self
+        state_dict = to_own_keys(self.state_dict)
+        arch = infer_arch(state_dict, self.metadata)
+        try:
+            check_args(arch.build_args)
+        except ArgumentError as e:
+            raise CheckpointError(f"{self.name} describes no buildable RapidNet ({e}): is the file damaged?") from None
+        return replace(self, state_dict=state_dict, arch=arch, _metadata=self.metadata)
+
+
+def read_checkpoint_file(path: str | os.PathLike, use_ema: bool = True) -> Checkpoint:
+    """Read a checkpoint file into a :class:`Checkpoint`: the EMA weights of a training checkpoint first when asked
+    and present, else the raw ones, else the bare dict; every tensor finite and unquantized; the metadata
+    (safetensors metadata, or the ``rapidnet`` entry of a torch file) kept for :attr:`Checkpoint.metadata`."""
+    obj, stored = read_checkpoint(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("rapidnet"), Mapping):
+        stored = {**{k: str(v) for k, v in obj["rapidnet"].items()}, **stored}
+    state_dict = strip_prefix(unwrap_state_dict(obj, use_ema=use_ema))
+    check_tensor_values(state_dict, path)
+    return Checkpoint(os.fspath(path), state_dict, stored)
+
+
+def read_pretrained(pretrained_cfg: Mapping[str, Any], use_ema: bool = True) -> Checkpoint:
+    """The checkpoint a timm pretrained config names: its ``file``, else the authors' file on the hub
+    (:func:`hub_weights_file`)."""
+    return read_checkpoint_file(pretrained_cfg.get("file") or hub_weights_file(pretrained_cfg), use_ema=use_ema)
+
+
+def load_state_dict_file(
+    path: str | os.PathLike, use_ema: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A checkpoint file's weights in this project's key names and its metadata as stored (strings).
+
+    Kept for the callers of the public API from before :class:`Checkpoint`: it reads through
+    :func:`read_checkpoint_file`.
+    """
+    record = read_checkpoint_file(path, use_ema=use_ema)
+    return to_own_keys(record.state_dict), record.stored
+
+
+# ---- unwrapping and checking tensors -------------------------------------------------------------------------------
+
+
+def unwrap_state_dict(obj: Any, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """Find the weights in a checkpoint: EMA weights first when asked and present, else the raw ones, else bare."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a dict of weights")
+    keys = (*_EMA_KEYS, *_RAW_KEYS) if use_ema else _RAW_KEYS
+    for key in keys:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return dict(inner)
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        found = ", ".join(sorted(map(str, obj.keys()))[:8])
+        raise CheckpointError(f"no weights found in checkpoint (top-level keys: {found}): is it a model checkpoint?")
+    return tensors
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, ...] = ("module.", "_orig_mod.")):
+    """Remove DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes."""
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith(prefixes):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def check_tensor_values(state_dict: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Every float tensor finite, every tensor a plain float, integer or bool one: a NaN or inf weight, or a quantized
+    tensor, would otherwise load and give NaN or meaningless predictions with no error."""
+    for key, value in state_dict.items():
+        if value.is_floating_point() or value.is_complex():
+            if value.numel() and not bool(torch.isfinite(value).all()):
+                bad = int((~torch.isfinite(value)).sum())
+                raise CheckpointError(
+                    f"{source}: tensor {key} holds {bad} NaN or infinite value(s): the weights are corrupt (a "
+                    "diverged run?); use an earlier checkpoint"
+                )
+        elif value.dtype not in _PLAIN_DTYPES:
+            raise CheckpointError(
+                f"{source}: tensor {key} is {value.dtype}, not a float, integer or bool tensor: a quantized or "
+                "converted file; pass the float weights it was made from"
+            )
+
+
+def check_tensor_dtypes(
+    state_dict: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], source: str | os.PathLike
+) -> None:
+    """A float weight of the model must come from a float tensor: an int8 tensor would be cast, not dequantized."""
+    for key, value in state_dict.items():
+        mine = own.get(key)
+        if mine is not None and mine.is_floating_point() and not value.is_floating_point():
+            raise CheckpointError(
+                f"{source}: tensor {key} is {value.dtype} where the model holds {mine.dtype}: an int8 or other "
+                "quantized file; pass the float weights it was made from"
+            )
+
+
+_PLAIN_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
 
 # ---- official -> rapidnet key names --------------------------------------------------------------------------------
 
@@ -175,20 +349,6 @@ def convert_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """timm's ``pretrained_filter_fn`` for RapidNet: unwrap, strip ``module.``, convert the authors' keys; and, given
-    the model, check that the weights fit it and adapt the classifier (:func:`fit_state_dict`).
-
-    Idempotent: weights already in this project's key names pass through unchanged.
-    """
-    sd = strip_prefix(unwrap_state_dict(state_dict))
-    sd = convert_official(sd) if is_official_format(sd) else _rename_legacy_branches(sd)
-    if isinstance(model, RapidNet):
-        source = (getattr(model, "pretrained_cfg", None) or {}).get("file") or "checkpoint"
-        sd = fit_state_dict(sd, model, str(source))
-    return sd
-
-
 #: files written before MLDC became a parameter name its two branches by their dilation
 _LEGACY_BRANCH = re.compile(r"^(.*\.mixer\.)conv_d([23])\.(.*)$")
 
@@ -204,51 +364,33 @@ def _rename_legacy_branches(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-# ---- reading -------------------------------------------------------------------------------------------------------
+def to_own_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Weights (unwrapped, prefixes removed) in this project's key names: the authors' converted, this project's older
+    MLDC branch names renamed, anything else as it is."""
+    return convert_official(state_dict) if is_official_format(state_dict) else _rename_legacy_branches(state_dict)
 
 
-def unwrap_state_dict(obj: Any, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """Find the weights in a checkpoint: EMA weights first when asked and present, else the raw ones, else bare."""
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a dict of weights")
-    keys = (*_EMA_KEYS, *_RAW_KEYS) if use_ema else _RAW_KEYS
-    for key in keys:
-        inner = obj.get(key)
-        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-            return dict(inner)
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        found = ", ".join(sorted(map(str, obj.keys()))[:8])
-        raise CheckpointError(f"no weights found in checkpoint (top-level keys: {found}): is it a model checkpoint?")
-    return tensors
+def checkpoint_filter_fn(
+    state_dict: Mapping[str, Any], model: nn.Module | None = None, checkpoint: Checkpoint | None = None
+) -> dict[str, torch.Tensor]:
+    """timm's ``pretrained_filter_fn`` for RapidNet: unwrap, strip ``module.``, convert the authors' keys; and, given
+    the model, check that the weights fit it and adapt the classifier (:func:`fit_state_dict`).
+
+    Idempotent: weights already in this project's key names pass through unchanged. The factory binds
+    ``checkpoint``, the record it builds from: the weights fitted are then that record's, already converted and with
+    their architecture read, and ``state_dict`` is only the stand-in timm was handed for them (timm deep-copies a
+    pretrained config, weights and all).
+    """
+    if checkpoint is not None:
+        return fit_state_dict(checkpoint.state_dict, model, checkpoint.name, checkpoint.arch)
+    sd = to_own_keys(strip_prefix(unwrap_state_dict(state_dict)))
+    if isinstance(model, RapidNet):
+        source = (getattr(model, "pretrained_cfg", None) or {}).get("file") or "checkpoint"
+        sd = fit_state_dict(sd, model, str(source))
+    return sd
 
 
-def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, ...] = ("module.", "_orig_mod.")):
-    """Remove DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes."""
-    out = {}
-    for k, v in state_dict.items():
-        while k.startswith(prefixes):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
-
-
-def read_weights(path: str | os.PathLike, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A checkpoint file's weights (wrappers and ``module.`` prefixes removed, keys otherwise as stored) and its
-    metadata as stored (strings: safetensors metadata, or the ``rapidnet`` entry of a torch file)."""
-    obj, metadata = read_checkpoint(path)
-    if isinstance(obj, Mapping) and isinstance(obj.get("rapidnet"), Mapping):
-        metadata = {**{k: str(v) for k, v in obj["rapidnet"].items()}, **metadata}
-    return strip_prefix(unwrap_state_dict(obj, use_ema=use_ema)), metadata
-
-
-def load_state_dict_file(
-    path: str | os.PathLike, use_ema: bool = True
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a RapidNet checkpoint file into a state dict in this project's key names, plus its stored metadata."""
-    state_dict, metadata = read_weights(path, use_ema=use_ema)
-    return checkpoint_filter_fn(state_dict), metadata
-
+# ---- metadata ------------------------------------------------------------------------------------------------------
 
 #: metadata values stored as JSON, as integers and as booleans (``"true"``/``"false"``); the rest are plain strings
 _JSON_METADATA = {
@@ -263,25 +405,16 @@ _JSON_METADATA = {
 _INT_METADATA = ("num_classes", "head_dim", "in_chans", "ffn_kernel")
 _BOOL_METADATA = ("distillation", "reparameterized")
 
-# ---- bounds on what a file may ask for ------------------------------------------------------------------------------
-# A checkpoint is untrusted input: a few bytes of metadata must not make a command allocate gigabytes. The bounds are
-# far beyond every real model (ImageNet-21k has 21,843 classes, the largest eval size in timm is 1,024 pixels) and far
-# below what exhausts a machine's memory.
+#: metadata that stores a RapidNet constructor argument: checked by that argument's rule (rapidnet.models.limits)
+_ARG_METADATA = frozenset(
+    ("depths", "widths", "num_classes", "head_dim", "in_chans", "mldc_dilations", "mldc_groups", "ffn_kernel")
+)
 
-#: the most classes (and class names) a file may describe
-MAX_CLASSES = 100_000
-#: the longest class name, and the longest plain string a file's metadata may hold
-MAX_NAME_CHARS = 256
-#: the sides (pixels) an eval transform may resize to: a 4096 x 4096 RGB image is 200 MB as float32
-MIN_SIDE, MAX_SIDE = 16, 4096
-#: the smallest stored crop fraction (real ones are 0.875..1), and the largest side the eval resize may reach
-MIN_CROP_PCT, MAX_RESIZE = 0.25, 2 * MAX_SIDE
-#: the resize interpolations timm's eval transform knows (``timm.data.transforms.str_to_interp_mode``)
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
-#: timm's eval crop modes
-CROP_MODES = ("center", "squash", "border")
-#: the widest layer and the most input channels a stored architecture may have
-MAX_WIDTH, MAX_CHANS = 16_384, 16
+# ---- bounds on what a file may ask for ------------------------------------------------------------------------------
+# A checkpoint is untrusted input: the bounds on architectures are the constructor's (rapidnet.models.limits); those
+# on eval transforms (MIN_SIDE/MAX_SIDE, MAX_RESIZE, ...) live in rapidnet.constants, where the command line's parsers
+# read them without importing torch.
+
 #: JSON metadata: how deep, how long a list and how large a number may be
 _MAX_DEPTH, _MAX_ITEMS, _MAX_NUMBER = 8, MAX_CLASSES, 1e9
 
@@ -340,24 +473,9 @@ def check_metadata_value(key: str, value: Any) -> None:
         check_pretrained_cfg(value)
     elif key == "eval_args":
         _check_eval_args(value)
-    elif key == "depths":
-        if not all(_is_list(d, 2) and all(_is_int(n, 0, 10_000) for n in d) for d in value) or len(value) > 16:
-            raise ValueError("expected up to 16 [inverted residual, dilated] pairs of block counts")
-    elif key == "widths":
-        if not all(_is_int(w, 1, MAX_WIDTH) for w in value) or len(value) > 16:
-            raise ValueError(f"expected up to 16 stage widths, each 1..{MAX_WIDTH}")
-    elif key == "num_classes":
-        _need(_is_int(value, 0, MAX_CLASSES), f"{value} classes, expected 0..{MAX_CLASSES}")
-    elif key == "head_dim":
-        _need(_is_int(value, 1, MAX_WIDTH), f"{value}, expected 1..{MAX_WIDTH}")
-    elif key == "in_chans":
-        _need(_is_int(value, 1, MAX_CHANS), f"{value} input channels, expected 1..{MAX_CHANS}")
-    elif key == "mldc_dilations":
-        _need(1 <= len(value) <= 16 and all(_is_int(d, 1, 64) for d in value), "expected 1..16 dilations in 1..64")
-    elif key == "mldc_groups":
-        _need(value == "depthwise" or _is_int(value, 1, MAX_WIDTH), f"{value!r}, expected a group count or depthwise")
-    elif key == "ffn_kernel":
-        _need(_is_int(value, 1, 63) and value % 2 == 1, f"{value}, expected an odd kernel size 1..63")
+    elif key in _ARG_METADATA:  # the constructor's own rules: a file describes only what the constructor takes
+        rule = RULES[key]
+        _need(rule.ok(value), f"{_short(value)}, expected {rule.what}")
     elif key in ("format", "arch", "task"):
         _need(_is_name(value), f"{value[:40]!r}: expected a name of at most {MAX_NAME_CHARS} printable characters")
 
@@ -404,7 +522,7 @@ def check_pretrained_cfg(cfg: Any) -> None:
         elif key == "crop_mode":
             _need(value in CROP_MODES, f"crop_mode {_short(value)}: expected one of {', '.join(CROP_MODES)}")
         elif key == "num_classes":
-            _need(_is_int(value, 0, MAX_CLASSES), f"num_classes {_short(value)}: expected 0..{MAX_CLASSES}")
+            _need(RULES["num_classes"].ok(value), f"num_classes {_short(value)}: expected {RULES['num_classes'].what}")
         elif not (_is_scalar(value) or (_is_list(value) and len(value) <= 16 and all(map(_is_scalar, value)))):
             raise ValueError(f"{key} {_short(value)}: expected a short value")
 
@@ -416,11 +534,10 @@ def check_resize(side: int, crop_pct: float) -> None:
 
 
 def check_input_size(value: Any, key: str = "input_size") -> None:
-    """``[channels, height, width]``: 1..:data:`MAX_CHANS` channels, sides :data:`MIN_SIDE`..:data:`MAX_SIDE`."""
+    """``[channels, height, width]``: as many channels as a model's ``in_chans`` may be, sides
+    :data:`MIN_SIDE`..:data:`MAX_SIDE`."""
     ok = (
-        _is_list(value, 3)
-        and _is_int(value[0], 1, MAX_CHANS)
-        and all(_is_int(v, MIN_SIDE, MAX_SIDE) for v in value[1:])
+        _is_list(value, 3) and RULES["in_chans"].ok(value[0]) and all(_is_int(v, MIN_SIDE, MAX_SIDE) for v in value[1:])
     )
     _need(ok, f"{key} {_short(value)}: expected [channels, height, width] with sides {MIN_SIDE}..{MAX_SIDE} pixels")
 
@@ -503,156 +620,6 @@ def hub_weights_file(pretrained_cfg: Mapping[str, Any]) -> str:
         ) from None
 
 
-# ---- architecture of a checkpoint ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """What a state dict says about the network that wrote it."""
-
-    depths: tuple[tuple[int, int], ...]
-    widths: tuple[int, ...]
-    head_dim: int
-    num_classes: int
-    distillation: bool
-    in_chans: int
-    reparameterized: bool
-    mldc_dilations: tuple[int, ...] = DEFAULT_MLDC["mldc_dilations"]
-    mldc_groups: int | str = DEFAULT_MLDC["mldc_groups"]
-    ffn_kernel: int = DEFAULT_MLDC["ffn_kernel"]
-
-    @property
-    def mldc_args(self) -> dict[str, Any]:
-        """The MLDC constructor arguments (``mldc_dilations``, ``mldc_groups``, ``ffn_kernel``)."""
-        return {"mldc_dilations": self.mldc_dilations, "mldc_groups": self.mldc_groups, "ffn_kernel": self.ffn_kernel}
-
-    @property
-    def variant(self) -> str | None:
-        """The variant whose depths, widths and head these are (whatever its MLDC settings: see ``describe``)."""
-        for name, cfg in VARIANTS.items():
-            if (
-                tuple(map(tuple, cfg["depths"])) == self.depths
-                and tuple(cfg["widths"]) == self.widths
-                and (cfg["head_dim"] == self.head_dim)
-            ):
-                return name
-        return None
-
-    def describe(self) -> str:
-        name = self.variant
-        shape = f"depths {[list(d) for d in self.depths]}, widths {list(self.widths)}, head {self.head_dim}"
-        changed = {k: v for k, v in self.mldc_args.items() if v != DEFAULT_MLDC[k]}
-        if changed:
-            shape += ", " + ", ".join(f"{k} {list(v) if isinstance(v, tuple) else v}" for k, v in changed.items())
-        return f"{name} ({shape})" if name else f"a custom RapidNet ({shape})"
-
-
-def infer_arch(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None) -> ArchSpec:
-    """Read depths, widths, head, classes and MLDC settings off a state dict in this project's key names.
-
-    The MLDC branch count, grouping and FFN kernel show in the weights' names and shapes; the dilations do not (a
-    3x3 kernel is a 3x3 kernel), so they come from the file's ``mldc_dilations`` metadata, and a file without it is
-    the paper's ``(2, 3)`` if it has two branches (every file written before MLDC was a parameter).
-    """
-    metadata = metadata or {}
-    try:
-        in_chans = state_dict["stem.0.conv.weight"].shape[1]
-        kinds: dict[int, dict[int, str]] = {}
-        for key in state_dict:
-            if (m := re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(\w+)", key)) is not None:
-                stage_blocks = kinds.setdefault(int(m.group(1)), {})
-                if m.group(3) in ("mixer", "ffn"):
-                    stage_blocks[int(m.group(2))] = "dilated"
-                else:
-                    stage_blocks.setdefault(int(m.group(2)), "inverted_residual")
-        num_stages = max(kinds) + 1 if kinds else 0
-        widths = [state_dict["stem.1.conv.weight"].shape[0]]
-        widths += [state_dict[f"stages.{i}.downsample.conv.weight"].shape[0] for i in range(1, num_stages)]
-        depths = []
-        for i in range(num_stages):
-            found = list(kinds.get(i, {}).values())
-            depths.append((found.count("inverted_residual"), found.count("dilated")))
-        head_dim = state_dict["head.conv.conv.weight"].shape[0]
-        mldc = _infer_mldc(state_dict, kinds, metadata)
-    except KeyError as e:
-        raise CheckpointError(f"checkpoint lacks {e.args[0]!r}: it is not a RapidNet checkpoint") from None
-    except IndexError:  # a conv weight with fewer than 2 dimensions
-        raise CheckpointError("checkpoint has a conv weight of too few dimensions: is the file damaged?") from None
-    fc = state_dict.get("head.fc.weight")
-    return ArchSpec(
-        depths=tuple(depths),
-        widths=tuple(int(w) for w in widths),
-        head_dim=int(head_dim),
-        num_classes=int(fc.shape[0]) if fc is not None else 0,
-        distillation="head.fc_dist.weight" in state_dict,
-        in_chans=int(in_chans),
-        reparameterized=not any(k.endswith("running_var") for k in state_dict),
-        **mldc,
-    )
-
-
-def _infer_mldc(
-    state_dict: Mapping[str, torch.Tensor], kinds: Mapping[int, Mapping[int, str]], metadata: Mapping[str, Any]
-) -> dict[str, Any]:
-    """MLDC settings of the first Dilated Convolution block (all blocks share them), checked against the metadata."""
-    first = next(((s, b) for s in sorted(kinds) for b in sorted(kinds[s]) if kinds[s][b] == "dilated"), None)
-    if first is None:  # no Dilated Convolution block: the settings are moot, keep what the file says
-        return {k: _stored_mldc(metadata, k) for k in DEFAULT_MLDC}
-    stage, block = first
-    prefix = f"stages.{stage}.blocks.{block}."
-    branches = mldc_branch_count(state_dict) or 0
-    weight = state_dict[f"{prefix}mixer.branches.0.conv.weight"]
-    out_chs, per_group = int(weight.shape[0]), int(weight.shape[1])
-    # from the branch's own shape (the stage width is checked against every weight later, on meta tensors)
-    groups: int | str = out_chs // per_group if per_group and out_chs % per_group == 0 else 1
-    if per_group == 1 and out_chs > 1:
-        groups = "depthwise"
-    if "mldc_groups" in metadata:  # the recorded form: a count equal to one stage's width is not "depthwise"
-        stored = metadata["mldc_groups"]
-        if (1 if stored == "depthwise" else out_chs / stored) != per_group:
-            raise CheckpointError(f"checkpoint metadata says mldc_groups {stored} but its weights have {groups}")
-        groups = stored
-    dilations = _stored_mldc(metadata, "mldc_dilations")
-    if len(dilations) != branches:
-        what = f"records mldc_dilations {list(dilations)}" if "mldc_dilations" in metadata else "records no dilations"
-        raise CheckpointError(f"checkpoint has {branches} MLDC branches but {what}: re-save it with rapidnet")
-    ffn_kernel = int(state_dict[f"{prefix}ffn.dw.conv.weight"].shape[-1])
-    return {"mldc_dilations": tuple(dilations), "mldc_groups": groups, "ffn_kernel": ffn_kernel}
-
-
-def mldc_branch_count(state_dict: Mapping[str, torch.Tensor]) -> int | None:
-    """Parallel MLDC branches of the first Dilated Convolution block (None: the network has no such block)."""
-    found = [m.groups() for k in state_dict if (m := _BRANCH_KEY.match(k))]
-    if not found:
-        return None
-    first = min((int(s), int(b)) for s, b, _ in found)
-    return len({i for s, b, i in found if (int(s), int(b)) == first})
-
-
-_BRANCH_KEY = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.mixer\.branches\.(\d+)\.")
-
-
-def _stored_mldc(metadata: Mapping[str, Any], key: str) -> Any:
-    value = metadata.get(key, DEFAULT_MLDC[key])
-    return tuple(value) if key == "mldc_dilations" else value
-
-
-def model_arch(model: nn.Module) -> ArchSpec:
-    """The same description for a live model."""
-    return ArchSpec(
-        depths=tuple(model.depths),
-        widths=tuple(model.widths),
-        head_dim=model.head_dim,
-        num_classes=model.num_classes,
-        distillation=model.distillation,
-        in_chans=model.in_chans,
-        reparameterized=not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()),
-        mldc_dilations=tuple(model.mldc_dilations),
-        mldc_groups=model.mldc_groups,
-        ffn_kernel=model.ffn_kernel,
-    )
-
-
 # ---- fitting weights to a model ------------------------------------------------------------------------------------
 
 
@@ -689,23 +656,28 @@ def adapt_classifier(state_dict: dict[str, torch.Tensor], model: nn.Module, sour
     return sd
 
 
-def fit_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+def fit_state_dict(
+    state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str, arch: ArchSpec | None = None
+) -> dict[str, torch.Tensor]:
     """Check that a converted state dict is this RapidNet's, with one-line errors, and adapt its classifier.
 
-    The result loads into ``model`` strictly, except for a classifier dropped for another class count (timm's
-    ``load_pretrained`` then loads non-strictly, as it does whenever the class count differs). Another input channel
-    count is left to ``load_pretrained`` too, which adapts the stem conv (``adapt_input_conv``: a grey model sums
-    the RGB filters).
+    ``arch`` is the state dict's architecture when already read (a :class:`Checkpoint`'s); without it, it is read
+    here, the model's dilations standing in for the ones weights cannot show. The result loads into ``model``
+    strictly, except for a classifier dropped for another class count (timm's ``load_pretrained`` then loads
+    non-strictly, as it does whenever the class count differs). Another input channel count is left to
+    ``load_pretrained`` too, which adapts the stem conv (``adapt_input_conv``: a grey model sums the RGB filters).
     """
     want = model_arch(model)
-    branches = mldc_branch_count(state_dict)
+    if arch is None:
+        branches = mldc_branch_count(state_dict)
+    else:
+        branches = len(arch.mldc_dilations) if any(dilated for _, dilated in arch.depths) else None
     if branches is not None and branches != len(want.mldc_dilations):
         raise CheckpointError(
             f"{source} has {branches} MLDC branches per block, the model {len(want.mldc_dilations)} "
             f"(mldc_dilations {list(want.mldc_dilations)}): build it with the checkpoint's mldc_dilations"
         )
-    # the weights cannot tell dilations apart: the model's own stand in for them
-    have = infer_arch(state_dict, {"mldc_dilations": list(want.mldc_dilations)})
+    have = arch if arch is not None else infer_arch(state_dict, {"mldc_dilations": list(want.mldc_dilations)})
     if (want.depths, want.widths, want.head_dim) != (have.depths, have.widths, have.head_dim):
         target = want.variant or "this custom RapidNet"
         fix = f"create '{have.variant}' instead" if have.variant else "create the model with the matching config"
@@ -742,6 +714,7 @@ def fit_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, sou
             parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
         raise CheckpointError(f"{source} does not fit the model: {'; '.join(parts)} keys")
     check_shapes(sd, {k: v.shape for k, v in own.items()}, source, in_chans_adapted=have.in_chans != want.in_chans)
+    check_tensor_dtypes(sd, own, source)
     for key, value in own.items():  # BN step counters some writers leave out: keep the model's own
         if key.endswith("num_batches_tracked"):
             sd.setdefault(key, value)
@@ -783,10 +756,9 @@ def _classifier_names(model: nn.Module) -> tuple[str, ...]:
 
 
 def load_timm_checkpoint(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
-    """Read a timm classifier's checkpoint file and load it with :func:`load_timm_weights` (the raw weights' reader
-    for fine-tuning and for timm backbones, which know no architecture metadata)."""
-    state_dict, _ = read_weights(path)
-    return load_timm_weights(model, state_dict, path, name)
+    """Read a timm classifier's checkpoint file (:func:`read_checkpoint_file`) and load its weights with
+    :func:`load_timm_weights`: fine-tuning a timm model, and timm backbones, which know no architecture metadata."""
+    return load_timm_weights(model, read_checkpoint_file(path).state_dict, path, name)
 
 
 def load_timm_weights(
@@ -839,6 +811,7 @@ def load_timm_weights(
         )
     if dropped:
         _logger.info("%s: another class count than the model's: classifier dropped and initialised afresh", source)
+    check_tensor_dtypes(loaded, own, source)
     model.load_state_dict(loaded, strict=False)
     return model
 

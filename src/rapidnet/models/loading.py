@@ -1,7 +1,8 @@
 """``rapidnet.load``: one way from a checkpoint file to a ready model, whatever the file holds.
 
-The file is read once (:func:`rapidnet.models.checkpoint.read_weights`: safetensors, or ``torch.load`` with
-``weights_only=True``) and what it holds decides what is built:
+The file is read once, into a :class:`~rapidnet.models.checkpoint.Checkpoint`
+(:func:`~rapidnet.models.checkpoint.read_checkpoint_file`: safetensors, or ``torch.load`` with ``weights_only=True``),
+and what it holds decides what is built:
 
 - a dense model (metadata ``task`` ``detection``/``segmentation``, written by ``rapidnet det|seg train``): Mask R-CNN
   or Semantic FPN from the stored ``build_args``;
@@ -9,8 +10,9 @@ The file is read once (:func:`rapidnet.models.checkpoint.read_weights`: safetens
   metadata): that timm model, its weights through :func:`~rapidnet.models.checkpoint.load_timm_weights`;
 - anything else is a RapidNet classifier in any format (the authors' files in any wrapper, this project's
   safetensors/torch files, training states ``last.pt``/``best.pt`` with EMA or raw weights, reparameterized files):
-  the architecture is read off the weights and the variant is built through timm (``rapidnet.create_model``), which
-  loads the weights already read.
+  the record's weights are converted and its architecture read off them once
+  (:meth:`~rapidnet.models.checkpoint.Checkpoint.as_rapidnet`), and ``rapidnet.create_model`` builds the variant
+  through timm from that record.
 
 This module sits on top of ``rapidnet.models`` (it builds dense models, which build backbones through the factory),
 which is why it is not part of ``factory.py``.
@@ -34,14 +36,11 @@ from rapidnet.errors import CheckpointError, ConfigError, RapidNetError
 from rapidnet.models.checkpoint import (
     MAX_SIDE,
     MIN_SIDE,
-    ArchSpec,
+    Checkpoint,
     check_class_names,
     check_shapes,
-    checkpoint_filter_fn,
-    decode_metadata,
-    infer_arch,
     load_timm_weights,
-    read_weights,
+    read_checkpoint_file,
 )
 from rapidnet.models.factory import create_model, is_rapidnet
 from rapidnet.models.mask_rcnn import mask_rcnn
@@ -92,9 +91,9 @@ def load(
         raise ConfigError(f"unknown task {task!r}: choose one of {', '.join(TASK_KINDS)}")
     if model is not None:
         _check_model_name(model)  # before reading what may be a large file
-    state_dict, stored = read_weights(path, use_ema=use_ema)
-    meta = decode_metadata(stored, path)
-    kind = meta.get("task") or "classification"
+    record = read_checkpoint_file(path, use_ema=use_ema)
+    meta = dict(record.metadata)  # returned with what loading adds (format, arch)
+    kind = record.kind
     if kind not in TASK_KINDS:
         raise CheckpointError(f"{path} holds a {kind!r} model, which no command reads: is it this project's file?")
     if task is not None and kind != task:
@@ -104,11 +103,11 @@ def load(
     if kind in _DENSE_BUILDERS:
         if model is not None or features_only:
             raise ConfigError(f"{path} holds a whole {kind} model: model= and features_only= apply to classifiers")
-        net = _load_dense(path, kind, state_dict, meta, kwargs)
+        net = _load_dense(path, kind, record.state_dict, meta, kwargs)
     elif meta.get("format") == "timm" or (model is not None and not is_rapidnet(model)):
-        net = _load_timm(path, state_dict, meta, model, features_only, out_indices, kwargs)
+        net = _load_timm(path, record.state_dict, meta, model, features_only, out_indices, kwargs)
     else:
-        net = _load_rapidnet(path, state_dict, meta, model, features_only, out_indices, kwargs)
+        net = _load_rapidnet(record.as_rapidnet(), meta, model, features_only, out_indices, kwargs)
     if "pretrained_cfg" in meta:
         stored_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["pretrained_cfg"].items()}
         net.pretrained_cfg = {**(getattr(net, "pretrained_cfg", None) or {}), **stored_cfg}
@@ -134,18 +133,17 @@ def _check_model_name(name: str) -> None:
 
 
 def _load_rapidnet(
-    path: str | os.PathLike,
-    state_dict: dict[str, torch.Tensor],
+    record: Checkpoint,
     meta: dict[str, Any],
     name: str | None,
     features_only: bool,
     out_indices: Sequence[int] | None,
     kwargs: dict[str, Any],
 ) -> nn.Module:
-    sd = checkpoint_filter_fn(state_dict)
-    arch = infer_arch(sd, meta)
+    arch, path = record.arch, record.name
+    assert arch is not None  # as_rapidnet read it
     _check_names_fit(path, meta, arch.num_classes)
-    _check_arch_fits(path, arch, sd)
+    _check_arch_fits(record)
     if name is not None and arch.variant != name.split(".")[0]:
         raise CheckpointError(
             f"{path} is {arch.describe()}, not {name}: give no model name to use the checkpoint's own "
@@ -153,12 +151,11 @@ def _load_rapidnet(
         )
     meta.setdefault("format", "rapidnet")
     meta.setdefault("arch", arch.variant or "custom")
-    args: dict[str, Any] = dict(_arch_args(arch), features_only=features_only)
+    args: dict[str, Any] = dict(arch.build_args, features_only=features_only)
     if out_indices is not None:
         args["out_indices"] = tuple(out_indices)
-    args.update(kwargs)
-    overlay = dict(args.pop("pretrained_cfg_overlay", None) or {}, file=os.fspath(path), state_dict=sd)
-    return create_model(arch.variant or "rapidnet_ti", pretrained=True, pretrained_cfg_overlay=overlay, **args)
+    args.update(kwargs, checkpoint=record)  # the record read above: nothing is read or worked out again
+    return create_model(arch.variant or "rapidnet_ti", **args)
 
 
 def _load_timm(
@@ -304,12 +301,17 @@ class _MetaTensors(TorchFunctionMode):
     Building a model under this mode allocates no weights, so the architecture a file's metadata or weight names
     describe can be compared with the weights the file really holds before a single byte is allocated: a small file
     cannot ask for a model of gigabytes. (``torch.device("meta")`` as a whole would also move the ``linspace`` of the
-    drop-path rates, which the constructors read back as numbers.)
+    drop-path rates, which the constructors read back as numbers.) Initialising a meta tensor in place changes
+    nothing, so those calls return at once: torch runs them on meta tensors through its Python reference
+    implementations, the larger part of such a build's time.
     """
 
     _FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn})
+    _INITS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_})
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        if func in self._INITS and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
         kwargs = dict(kwargs or {})
         if func in self._FACTORIES and kwargs.get("device") is None:
             kwargs["device"] = "meta"
@@ -364,29 +366,20 @@ def _build_error(path: str | os.PathLike, e: BaseException) -> CheckpointError:
     return CheckpointError(f"{path} has build_args that build no model ({detail}): re-export it")
 
 
-def _arch_args(arch: ArchSpec) -> dict[str, Any]:
-    """The ``RapidNet`` constructor arguments an architecture read off a state dict stands for."""
-    return dict(
-        depths=arch.depths,
-        widths=arch.widths,
-        head_dim=arch.head_dim,
-        num_classes=arch.num_classes,
-        distillation=arch.distillation,
-        in_chans=arch.in_chans,
-        **arch.mldc_args,
-    )
-
-
-def _check_arch_fits(path: str | os.PathLike, arch: ArchSpec, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """The RapidNet read off the weights' names, built on meta tensors, has exactly the weights' shapes."""
-    args = dict(_arch_args(arch), inference_mode=arch.reparameterized)
+def _check_arch_fits(record: Checkpoint) -> None:
+    """The RapidNet read off the weights' names, built on meta tensors, has exactly the weights' shapes: the guard
+    that keeps a file of kilobytes from building a model of gigabytes, before anything is allocated."""
+    arch = record.arch
+    assert arch is not None
     try:
         with _MetaTensors():
-            shapes = {k: v.shape for k, v in RapidNet(**args).state_dict().items()}
+            net = RapidNet(**arch.build_args, inference_mode=arch.reparameterized)
     except (ValueError, TypeError, IndexError, RuntimeError) as e:
         detail = " ".join(str(e).split())[:100] or type(e).__name__
-        raise CheckpointError(f"{path} describes no buildable RapidNet ({detail}): is the file damaged?") from None
-    _check_fits(path, shapes, state_dict, arch.describe())
+        raise CheckpointError(
+            f"{record.name} describes no buildable RapidNet ({detail}): is the file damaged?"
+        ) from None
+    _check_fits(record.name, {k: v.shape for k, v in net.state_dict().items()}, record.state_dict, arch.describe())
 
 
 def _check_fits(

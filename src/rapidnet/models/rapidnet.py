@@ -13,10 +13,11 @@ FastViT, ``inference_mode=True`` builds the folded structure directly (no BatchN
 one classifier), whose state dict is that of a reparameterized model.
 
 This file is the network only: plain PyTorch modules that TorchScript, ``torch.fx`` and ``torch.export`` all take.
-CPU kernel choices for eager inference live in :mod:`rapidnet.deploy.cpu`.
+Backend-specific speed-ups live with their backend in :mod:`rapidnet.deploy`. The constructor checks its arguments
+by the rules of ``rapidnet.models.limits``; the variants register with timm in ``rapidnet.models.factory``, which
+builds them (with weights, read by ``rapidnet.models.checkpoint``) through timm's ``build_model_with_cfg``.
 
-The forward pass equals the authors' implementation for the same weights; their checkpoints load through
-``rapidnet.models.checkpoint``.
+The forward pass equals the authors' implementation for the same weights.
 """
 
 # No ``from __future__ import annotations`` here: TorchScript must resolve these modules' annotations, also from the
@@ -26,15 +27,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale2d
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["DEFAULT_DROP_PATH_RATE", "DEFAULT_MLDC", "VARIANTS", "RapidNet", "default_cfgs"]
+from rapidnet.models.limits import check_args
+
+__all__ = ["DEFAULT_DROP_PATH_RATE", "DEFAULT_MLDC", "VARIANTS", "RapidNet"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -379,35 +380,8 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-_GLOBAL_POOLS = ("avg", "")
-
-
-def _check_mldc(
-    depths: Sequence[Sequence[int]],
-    widths: Sequence[int],
-    dilations: Sequence[int],
-    groups: int | str,
-    ffn_kernel: int,
-) -> None:
-    """One-line ``ValueError`` for MLDC settings that build no network (or not the one asked for)."""
-    if isinstance(dilations, (str, bytes)) or not isinstance(dilations, Sequence) or not dilations:
-        raise ValueError(f"mldc_dilations must be a non-empty list of dilations such as (2, 3), got {dilations!r}")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 64 for d in dilations):
-        raise ValueError(f"mldc_dilations must be integers in 1..64 (1: no dilation), got {list(dilations)}")
-    if not isinstance(ffn_kernel, int) or isinstance(ffn_kernel, bool) or ffn_kernel < 1 or ffn_kernel % 2 == 0:
-        raise ValueError(f"ffn_kernel must be an odd positive integer (it pads to 'same'), got {ffn_kernel!r}")
-    if groups == "depthwise":
-        return
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"mldc_groups must be a positive integer or 'depthwise', got {groups!r}")
-    for (_, num_dilated), width in zip(depths, widths, strict=False):
-        if num_dilated and width % groups:
-            raise ValueError(f"mldc_groups {groups} does not divide the stage width {width}: pick a divisor")
-
-
 def _check_global_pool(global_pool: str) -> str:
-    if global_pool not in _GLOBAL_POOLS:
-        raise ValueError(f"global_pool must be 'avg' (RapidNet pools by mean) or '' (no pooling), got {global_pool!r}")
+    check_args({"global_pool": global_pool})
     return global_pool
 
 
@@ -455,9 +429,20 @@ class RapidNet(nn.Module):
         ffn_kernel: int = 7,
     ) -> None:
         super().__init__()
-        if len(depths) != len(widths):
-            raise ValueError(f"depths ({len(depths)} stages) and widths ({len(widths)} stages) must have equal length")
-        _check_mldc(depths, widths, mldc_dilations, mldc_groups, ffn_kernel)
+        # what a checkpoint can describe is checked here, by the rules every other reader of these arguments uses
+        check_args(
+            dict(
+                depths=depths,
+                widths=widths,
+                head_dim=head_dim,
+                num_classes=num_classes,
+                in_chans=in_chans,
+                global_pool=global_pool,
+                mldc_dilations=mldc_dilations,
+                mldc_groups=mldc_groups,
+                ffn_kernel=ffn_kernel,
+            )
+        )
         self.mldc_dilations = tuple(int(d) for d in mldc_dilations)
         self.mldc_groups = mldc_groups
         self.ffn_kernel = int(ffn_kernel)
@@ -467,7 +452,7 @@ class RapidNet(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.global_pool = _check_global_pool(global_pool)
+        self.global_pool = global_pool
 
         self.stem = nn.Sequential(
             ConvNormAct(in_chans, widths[0] // 2, 3, stride=2, inference_mode=inference_mode),
@@ -623,27 +608,6 @@ class RapidNet(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _cfg(filename: str, **kwargs: Any) -> dict[str, Any]:
-    """timm pretrained config: the authors' published ImageNet-1K weights and their eval transform."""
-    return {
-        "hf_hub_id": "SLDGroup/RapidNet",
-        "hf_hub_filename": filename,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.0.conv",
-        "classifier": ("head.fc", "head.fc_dist"),
-        "license": "unknown (see the authors' repository)",
-        "paper_ids": "arXiv:2412.10995",
-        "paper_name": "RapidNet: Multi-Level Dilated Convolution Based Mobile Backbone",
-        **kwargs,
-    }
-
-
 #: stochastic depth of every RapidNet built without an explicit rate (the paper's 0.1): ``rapidnet.create_model``,
 #: ``timm.create_model("rapidnet_*")``, the dense builders, and ``model.drop_path_rate`` in configs, which the tasks
 #: pass to every backbone, RapidNet or timm peer alike. Eval outputs do not depend on it.
@@ -658,100 +622,3 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rapidnet_m": dict(depths=((3, 0), (3, 0), (9, 3), (3, 3)), widths=(32, 64, 160, 320), head_dim=512),
     "rapidnet_b": dict(depths=((3, 0), (3, 0), (9, 3), (3, 3)), widths=(64, 128, 224, 416), head_dim=768),
 }
-
-default_cfgs = generate_default_cfgs(
-    {
-        "rapidnet_ti.in1k": _cfg("RapidNet_Ti.pth"),
-        "rapidnet_s.in1k": _cfg("RapidNet_S.pth"),
-        "rapidnet_m.in1k": _cfg("RapidNet_M.pth"),
-        "rapidnet_b.in1k": _cfg("RapidNet_B.pth"),
-    }
-)
-
-
-def _create_rapidnet(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Build a variant with timm's ``build_model_with_cfg``: the ``pretrained_cfg`` and its overlays, loading the
-    weights (``load_pretrained``, through :func:`~rapidnet.models.checkpoint.checkpoint_filter_fn`: the authors' key
-    names, the fit check, the classifier) and ``features_only`` (a ``FeatureListNet`` of the four stages, or any
-    ``feature_cls``) are all timm's.
-
-    Reading the weight file is ours. timm 1.0.31's ``load_state_dict`` does read the authors' training checkpoints
-    (``weights_only=True`` with ``argparse.Namespace`` allow-listed), but: its errors are bare or many lines
-    (``FileNotFoundError``, torch's unpickling text) where ours are one line; ``load_pretrained`` passes it no
-    ``use_ema``, so it always takes the EMA weights; it tells safetensors by the suffix only and drops their
-    metadata; it knows no ``module``/``net`` wrappers; and it reads after the model is built, too late for a
-    reparameterized file, whose model must be built folded (``inference_mode=True``). So the weights are read here
-    by :func:`~rapidnet.models.checkpoint.load_state_dict_file` (or come already read, from ``rapidnet.load``) and
-    handed to timm as the pretrained config's in-memory ``state_dict`` source, together with the file's own class
-    count and input channels (timm drops the classifier whenever the model's class count differs from the
-    config's). The authors' hub weights are fetched by :func:`~rapidnet.models.checkpoint.hub_weights_file`
-    (offline: a one-line error that says to pass a file) and read the same way.
-    """
-    # models/checkpoint.py names the variants defined here: the one import that has to wait for call time
-    from rapidnet.models.checkpoint import (
-        checkpoint_filter_fn,
-        decode_metadata,
-        hub_weights_file,
-        infer_arch,
-        load_state_dict_file,
-    )
-
-    use_ema = kwargs.pop("use_ema", True)
-    kwargs.setdefault("drop_path_rate", DEFAULT_DROP_PATH_RATE)
-    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    state_dict = overlay.pop("state_dict", None)
-    feature_cfg = {"flatten_sequential": True, "out_indices": (0, 1, 2, 3), **(kwargs.pop("feature_cfg", None) or {})}
-    if pretrained:
-        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
-        # the MLDC dilations are not in the weights' shapes: the file's metadata says them, or the caller does
-        stored = {"mldc_dilations": list(kwargs.get("mldc_dilations", DEFAULT_MLDC["mldc_dilations"]))}
-        if state_dict is None:
-            file = cfg.get("file") or hub_weights_file(cfg)
-            state_dict, raw_meta = load_state_dict_file(file, use_ema=use_ema)
-            overlay["file"] = str(file)
-            stored = {k: v for k, v in decode_metadata(raw_meta, file).items() if k in DEFAULT_MLDC}
-        arch = infer_arch(state_dict, stored)
-        for key, value in arch.mldc_args.items():  # a file of an ablation builds that ablation
-            asked = kwargs.setdefault(key, value)
-            if (tuple(asked) if key == "mldc_dilations" else asked) != value:
-                raise ValueError(f"{overlay.get('file', 'the weights')} have {key} {value}, not {asked}")
-        overlay.update(
-            state_dict=state_dict, num_classes=arch.num_classes, input_size=(arch.in_chans, *cfg["input_size"][1:])
-        )
-        if arch.reparameterized:
-            kwargs["inference_mode"] = True
-    model = build_model_with_cfg(
-        RapidNet,
-        variant,
-        pretrained,
-        pretrained_cfg_overlay=overlay,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=feature_cfg,
-        **dict(VARIANTS[variant], **kwargs),
-    )
-    model.pretrained_cfg.pop("state_dict", None)  # loaded: the config keeps the file's name, not a copy of it
-    return model
-
-
-@register_model
-def rapidnet_ti(pretrained: bool = False, **kwargs: Any) -> RapidNet:
-    """RapidNet-Ti: 76.3% ImageNet-1K top-1 at 0.9 ms on an iPhone 13 mini NPU (paper)."""
-    return _create_rapidnet("rapidnet_ti", pretrained, **kwargs)
-
-
-@register_model
-def rapidnet_s(pretrained: bool = False, **kwargs: Any) -> RapidNet:
-    """RapidNet-S: Ti's widths, deeper stages."""
-    return _create_rapidnet("rapidnet_s", pretrained, **kwargs)
-
-
-@register_model
-def rapidnet_m(pretrained: bool = False, **kwargs: Any) -> RapidNet:
-    """RapidNet-M: S's depths, wider stages 2 and 3."""
-    return _create_rapidnet("rapidnet_m", pretrained, **kwargs)
-
-
-@register_model
-def rapidnet_b(pretrained: bool = False, **kwargs: Any) -> RapidNet:
-    """RapidNet-B: the widest variant."""
-    return _create_rapidnet("rapidnet_b", pretrained, **kwargs)

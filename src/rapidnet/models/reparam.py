@@ -7,8 +7,8 @@
 
 Outputs are unchanged (to float rounding); the network gets cheaper. The result is the *plain* folded graph:
 ordinary ``nn.Conv2d`` with their own padding, contiguous weights, ``nn.GELU``, nothing device-specific. It is what
-every exporter takes, and its state dict loads strictly into ``RapidNet(inference_mode=True)``. The extra CPU-only
-speed-ups for eager PyTorch are a separate, explicit pass: :func:`rapidnet.deploy.cpu.optimize`.
+every exporter takes, and its state dict loads strictly into ``RapidNet(inference_mode=True)``. The fast form for
+CPU inference in PyTorch is that graph compiled by Inductor: :func:`rapidnet.deploy.compile_for_cpu`.
 """
 
 import copy

@@ -10,12 +10,17 @@ name plus checkpoint, or any checkpoint this project wrote. Any timm model name 
 For small in-memory data (Fashion-MNIST) ``data.pipeline: tensor`` replaces per-sample PIL work by whole-batch
 tensor augmentation (random crop after zero padding, flip, timm random erasing) on images pre-resized with the
 eval geometry, which keeps a 2-core CPU busy with the model rather than with PIL.
+
+This module holds what reads the config: the model and teacher factory, the training transform, the tensor
+pipeline's seeded batches and the task. The rest stands on its own, without a config: the loss
+(:mod:`rapidnet.tasks.losses`), evaluation (:mod:`rapidnet.tasks.evaluation`, which ``rapidnet eval`` uses too), the
+eval transform settings (:mod:`rapidnet.data.transforms`) and the batch augmentation
+(:mod:`rapidnet.data.tensor_augment`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,31 +28,32 @@ from typing import Any
 import timm
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from PIL import Image
-from timm.data import Mixup, create_transform, resolve_data_config
+from timm.data import Mixup, create_transform
 from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from rapidnet.config import Config, DataConfig, DistillConfig, ModelConfig
-from rapidnet.data import build_dataset, check_same_classes, collate_skip_corrupt, load_rgb
-from rapidnet.data.augment import keep_posterize_total
-from rapidnet.engine.distributed import DistInfo, reduce_sums
-from rapidnet.engine.seeding import (
-    SeededDataset,
-    SeededSampler,
-    ignore_sigint,
-    mix_seed,
-    seed_everything,
+from rapidnet.config import Config, DistillConfig, ModelConfig
+from rapidnet.data import (
+    ImageFolderDataset,
+    build_dataset,
+    check_classes_readable,
+    check_same_classes,
+    collate_skip_corrupt,
 )
+from rapidnet.data.augment import keep_posterize_total
+from rapidnet.data.folder import unreadable_image_error
+from rapidnet.data.tensor_augment import TensorAugment, resize_in_memory
+from rapidnet.data.transforms import eval_data_config, eval_transform
+from rapidnet.engine.seeding import SeededDataset, SeededSampler, ignore_sigint, mix_seed, seed_everything
 from rapidnet.engine.task import RunContext, StepOutput, Task
-from rapidnet.errors import CheckpointError, ConfigError, DataError
+from rapidnet.errors import CheckpointError, ConfigError
 from rapidnet.models import create_model, is_rapidnet, load, model_metadata, save_weights
 from rapidnet.models.checkpoint import load_timm_checkpoint
 from rapidnet.tasks._commands import check_model_kwargs, check_task_name
+from rapidnet.tasks.evaluation import build_eval_loader, evaluate_classifier
+from rapidnet.tasks.losses import DistillationLoss
 from rapidnet.utils import subset_indices
 
 __all__ = [
@@ -55,15 +61,13 @@ __all__ = [
     "DistillationLoss",
     "TensorBatches",
     "build_eval_loader",
+    "build_teacher",
     "build_train_transform",
     "create_classifier",
     "eval_data_config",
     "evaluate_classifier",
     "unreadable_image_error",
 ]
-
-#: keys of ``pretrained_cfg`` that define the eval transform; exported with the weights as JSON
-_TRANSFORM_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
 # ---- models -------------------------------------------------------------------------------------------------------
@@ -143,77 +147,7 @@ def build_teacher(distill: DistillConfig, num_classes: int) -> nn.Module:
     return teacher
 
 
-class DistillationLoss(nn.Module):
-    """DeiT's loss for a model with a distillation head: ``(1 - alpha) * base(cls) + alpha * distill(dist)``.
-
-    ``hard``: cross-entropy of the distillation logits against the teacher's arg-max; ``soft``: KL divergence at
-    temperature ``tau`` (scaled by ``tau**2``), as in the authors' training code.
-    """
-
-    def __init__(self, base: nn.Module, teacher: nn.Module, kind: str, alpha: float, tau: float) -> None:
-        super().__init__()
-        self.base = base
-        self.teacher = teacher
-        self.kind = kind
-        self.alpha = alpha
-        self.tau = tau
-
-    def forward(self, inputs: torch.Tensor, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
-        return self.parts(inputs, outputs, targets)[0]
-
-    def parts(
-        self, inputs: torch.Tensor, outputs: Any, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss and, for two heads, its unweighted terms: ``loss_cls`` (base loss of the class head) and
-        ``loss_distill`` (of the distillation head against the teacher); a single output has no terms."""
-        if not isinstance(outputs, (tuple, list)):
-            return self.base(outputs.float(), targets), {}
-        logits, logits_dist = (o.float() for o in outputs)
-        base_loss = self.base(logits, targets)
-        with torch.no_grad():
-            teacher_logits = self.teacher(inputs).float()
-        if self.kind == "soft":
-            t = self.tau
-            distill = (
-                F.kl_div(
-                    F.log_softmax(logits_dist / t, dim=1),
-                    F.log_softmax(teacher_logits / t, dim=1),
-                    reduction="sum",
-                    log_target=True,
-                )
-                * (t * t)
-                / logits_dist.numel()
-            )
-        else:
-            distill = F.cross_entropy(logits_dist, teacher_logits.argmax(dim=1))
-        total = base_loss * (1 - self.alpha) + distill * self.alpha
-        return total, {"loss_cls": base_loss.detach(), "loss_distill": distill.detach()}
-
-
-# ---- transforms and loaders ---------------------------------------------------------------------------------------
-
-
-def eval_data_config(model: nn.Module, data: DataConfig | None = None, input_size: int | None = None) -> dict[str, Any]:
-    """The eval transform settings: the model's ``pretrained_cfg`` with the config's overrides."""
-
-    cfg = dict(resolve_data_config({}, model=model))
-    cfg.setdefault("crop_mode", "center")
-    size = input_size or (data.input_size if data is not None else None)
-    if size is not None:
-        cfg["input_size"] = (3, size, size)
-    if data is not None:
-        for key in ("crop_pct", "interpolation", "mean", "std"):
-            value = getattr(data, key)
-            if value is not None:
-                cfg[key] = tuple(value) if isinstance(value, list) else value
-    cfg["input_size"] = tuple(cfg["input_size"])
-    cfg["mean"], cfg["std"] = tuple(cfg["mean"]), tuple(cfg["std"])
-    return {k: cfg[k] for k in _TRANSFORM_KEYS if k in cfg}
-
-
-def build_eval_transform(data_config: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
-
-    return create_transform(**data_config, is_training=False)
+# ---- training data ------------------------------------------------------------------------------------------------
 
 
 def build_train_transform(cfg: Config, data_config: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
@@ -241,91 +175,12 @@ def build_train_transform(cfg: Config, data_config: dict[str, Any]) -> Callable[
         raise ConfigError(f"bad augmentation settings in aug (auto_augment {a.auto_augment!r}?): {e}") from None
 
 
-def build_eval_loader(
-    dataset: Any, indices: Sequence[int], batch_size: int, workers: int, dist: DistInfo, pin_memory: bool = False
-) -> DataLoader:
-    """Shard ``indices`` over processes without padding (so reduced metrics count every image once)."""
-    shard = list(indices)[dist.rank :: dist.world_size]
-    return DataLoader(
-        SeededDataset(dataset, shard),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate_skip_corrupt,
-        pin_memory=pin_memory,
-        worker_init_fn=ignore_sigint if workers > 0 else None,
-    )
-
-
-def unreadable_image_error(path: str) -> DataError:
-    """One line naming the unreadable file, why, and the option that skips such files."""
-    try:
-        load_rgb(path)
-        reason = "unreadable"
-    except Exception as e:  # the decoder's own message says what is wrong with the file
-        reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
-    return DataError(f"cannot read image {path} ({reason}): replace or delete it, or pass --skip-corrupt to skip it")
-
-
-@torch.no_grad()
-def evaluate_classifier(
-    model: nn.Module,
-    loader: DataLoader,
-    ctx: RunContext,
-    on_corrupt: Callable[[list[str]], None] | None = None,
-    progress: bool | None = None,
-    desc: str = "eval",
-) -> dict[str, float]:
-    """Top-1, top-5 (top-k for fewer classes) in percent, mean cross-entropy, image count: over all processes."""
-
-    was_training = model.training
-    model.eval()
-    sums = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "images": 0.0}
-    disable = None if progress is None else not progress
-    for images, targets, corrupt in tqdm(
-        loader, desc=desc, leave=False, disable=True if not ctx.dist.is_main else disable, dynamic_ncols=True
-    ):
-        if corrupt:
-            if on_corrupt is None:
-                raise unreadable_image_error(corrupt[0])
-            on_corrupt(corrupt)
-        if images is None:
-            continue
-        x = ctx.images_to_device(images)
-        y = targets.to(ctx.device)
-        with ctx.autocast():
-            out = model(x)
-        if isinstance(out, (tuple, list)):
-            out = (out[0] + out[1]) / 2
-        logits = out.float()
-        sums["loss"] += float(F.cross_entropy(logits, y, reduction="sum"))
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hits = top.eq(y[:, None])
-        sums["top1"] += float(hits[:, 0].sum())
-        sums["top5"] += float(hits.any(dim=1).sum())
-        sums["images"] += len(y)
-    model.train(was_training)
-    total = reduce_sums(ctx.dist, sums)
-    n = total["images"]
-    if n == 0:
-        raise DataError("no readable validation images: check the val/ folder (or --limit-val)")
-    return {
-        "top1": 100.0 * total["top1"] / n,
-        "top5": 100.0 * total["top5"] / n,
-        "loss": total["loss"] / n,
-        "images": int(n),
-    }
-
-
 class TensorBatches:
-    """Whole-batch augmentation of in-memory images (pre-resized uint8), yielding ``(images, targets, [])``.
+    """The tensor pipeline's training batches: in-memory images (pre-resized uint8) in the sampler's order, each
+    batch augmented by :class:`~rapidnet.data.tensor_augment.TensorAugment`, yielding ``(images, targets, [])``.
 
-    Per batch: random crop of the zero-padded image (``padding`` pixels each side), optionally a zoom (resize to a
-    side drawn from ``zoom`` with an aspect from ``ratio``, each image placed at random on a black canvas up to a
-    quarter larger), horizontal flip, optional Gaussian noise, conversion to float and normalisation, then timm
-    random erasing. Grayscale images become 3 identical channels, as the PIL path's ``convert("RGB")`` makes them.
-    Each batch's draws depend only on ``(seed, epoch, batch, rank)``.
+    Each batch's draws depend only on ``(seed, epoch, batch, rank)``: the engine's seeding makes a resumed run draw
+    what an uninterrupted one would.
     """
 
     def __init__(
@@ -345,14 +200,7 @@ class TensorBatches:
         self.images = images if images.ndim == 4 else images[:, None]
         self.targets = targets
         self.sampler = sampler
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self.hflip = hflip
-        self.padding = padding
-        self.erasing = erasing
-        self.zoom = tuple(zoom) if zoom else None
-        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-        self.noise = noise
+        self.augment = TensorAugment(mean, std, hflip, padding, erasing, zoom, ratio, noise)
 
     def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         s = self.sampler
@@ -362,66 +210,6 @@ class TensorBatches:
             seed_everything(mix_seed(s.seed, epoch, b, s.rank, 4), cuda=False)
             idx = order[b * s.batch_size : (b + 1) * s.batch_size]
             yield self.augment(self.images[idx]), self.targets[idx], []
-
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        if self.padding > 0:
-            p = self.padding
-            padded = F.pad(x, (p, p, p, p))
-            oy = torch.randint(0, 2 * p + 1, (n,))
-            ox = torch.randint(0, 2 * p + 1, (n,))
-            x = _crop_each(padded, oy, ox, h, w)
-        x = x.float()
-        if self.zoom is not None:
-            x = self._zoom(x)
-        if self.hflip > 0:
-            flip = torch.rand(n) < self.hflip
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        if self.noise > 0:
-            x = (x + torch.randn_like(x) * float(torch.empty(()).uniform_(0, self.noise))).clamp_(0, 255)
-        x = x.div_(255)
-        channels = self.mean.shape[1]
-        if x.shape[1] != channels:
-            x = x.expand(-1, channels, -1, -1)
-        x = (x - self.mean) / self.std
-        if self.erasing is not None:
-            x = self.erasing(x)
-        return x.contiguous()
-
-    def _zoom(self, x: torch.Tensor) -> torch.Tensor:
-        """Resize the batch to one drawn size and aspect; place each image at random on a black square canvas."""
-        n = len(x)
-        side = int(torch.randint(self.zoom[0], self.zoom[1] + 1, ()))
-        aspect = math.exp(float(torch.empty(()).uniform_(*self.log_ratio)))
-        gh, gw = max(1, round(side * math.sqrt(aspect))), max(1, round(side / math.sqrt(aspect)))
-        x = F.interpolate(x, size=(gh, gw), mode="bilinear", align_corners=False, antialias=True).clamp_(0, 255)
-        canvas = round(max(gh, gw) * float(torch.empty(()).uniform_(1.0, 1.25)))
-        tops = torch.randint(0, canvas - gh + 1, (n,))
-        lefts = torch.randint(0, canvas - gw + 1, (n,))
-        # the image at (top, left) of the canvas is the canvas-sized crop at (free - top, free - left) of the image
-        # zero-padded by the free space on every side
-        free_y, free_x = canvas - gh, canvas - gw
-        padded = F.pad(x, (free_x, free_x, free_y, free_y))
-        return _crop_each(padded, free_y - tops, free_x - lefts, canvas, canvas)
-
-
-def _crop_each(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """One ``h x w`` crop per image of the batch ``x``, image ``i``'s at ``(top[i], left[i])``, in one gather."""
-    rows = (top[:, None] + torch.arange(h))[:, :, None]
-    cols = (left[:, None] + torch.arange(w))[:, None, :]
-    return x[torch.arange(len(x))[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
-
-
-def _resize_in_memory(dataset: Any, indices: Sequence[int], data_config: dict[str, Any]) -> torch.Tensor:
-    """Apply the eval geometry (resize + centre crop, no normalisation) once to every image: uint8 (N, C, S, S)."""
-
-    geometry = create_transform(**data_config, is_training=False, normalize=False)
-    images = dataset.images
-    first = geometry(Image.fromarray(images[indices[0]]))
-    out = torch.empty((len(indices), *first.shape), dtype=torch.uint8)
-    for i, index in enumerate(indices):
-        out[i] = geometry(Image.fromarray(images[index]))
-    return out
 
 
 # ---- the task -----------------------------------------------------------------------------------------------------
@@ -480,7 +268,10 @@ class ClassificationTask(Task):
         model = create_classifier(m, self.num_classes, distillation)
         if distillation and not self.use_distillation and hasattr(model, "set_distilled_training"):
             model.set_distilled_training(False)  # no teacher: train the mean of both heads as one classifier
-        self.data_config = eval_data_config(model, cfg.data)
+        d = cfg.data
+        self.data_config = eval_data_config(
+            model, d.input_size, crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std
+        )
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **self.data_config}
         self.params = sum(p.numel() for p in model.parameters())
         self.model_distillation = distillation
@@ -524,7 +315,7 @@ class ClassificationTask(Task):
         cfg, ctx = self.cfg, self.context
         d, a, info = cfg.data, cfg.aug, ctx.dist
         pin = d.pin_memory and ctx.device.type == "cuda"
-        self.val_set.transform = build_eval_transform(self.data_config)
+        self.val_set.transform = eval_transform(self.data_config)
         repeats = a.repeats if (a.repeated_aug and info.world_size > 1) else 1
         self.sampler = SeededSampler(
             len(self.train_indices), d.batch_size, cfg.train.seed, info.rank, info.world_size, True, repeats
@@ -537,7 +328,7 @@ class ClassificationTask(Task):
                 erasing = RandomErasing(a.re_prob, mode=a.re_mode, max_count=a.re_count, device="cpu")
             labels = torch.as_tensor(self.train_set.targets, dtype=torch.long)[self.train_indices]
             self.tensor_batches = TensorBatches(
-                _resize_in_memory(self.train_set, self.train_indices, self.data_config),
+                resize_in_memory(self.train_set, self.train_indices, self.data_config),
                 labels,
                 self.sampler,
                 self.data_config["mean"],
@@ -550,6 +341,8 @@ class ClassificationTask(Task):
                 noise=a.noise,
             )
         else:
+            if d.skip_corrupt and isinstance(self.train_set, ImageFolderDataset):
+                check_classes_readable(self.train_set, self.train_indices)
             self.train_set.transform = build_train_transform(cfg, self.data_config)
             self.train_loader = DataLoader(
                 SeededDataset(self.train_set, self.train_indices),
@@ -587,7 +380,7 @@ class ClassificationTask(Task):
         images, targets, corrupt = batch
         if corrupt:
             self._on_corrupt(corrupt)
-        if images is None:
+        if images is None or len(images) < 2:  # skipped images left too few: BatchNorm needs two
             return None
         ctx = self.context
         x = ctx.images_to_device(images)
@@ -603,7 +396,17 @@ class ClassificationTask(Task):
         return StepOutput(loss, len(x), parts)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return evaluate_classifier(model, self.val_loader, self.context, on_corrupt=self._on_corrupt, desc="val")
+        ctx = self.context
+        return evaluate_classifier(
+            model,
+            self.val_loader,
+            ctx.device,
+            amp=ctx.amp,
+            channels_last=ctx.channels_last,
+            dist=ctx.dist,
+            on_corrupt=self._on_corrupt,
+            desc="val",
+        )
 
     # ---- bookkeeping --------------------------------------------------------------------------------------------
 
@@ -706,10 +509,3 @@ class ClassificationTask(Task):
             return []
         example = sorted(skipped)[0]
         return [f"skipped {len(skipped)} unreadable image file(s) (e.g. {example}); fix or delete them to use them"]
-
-
-def describe_metrics(metrics: dict[str, float]) -> str:
-    """``top-1 91.23%  top-5 99.80%  loss 0.2512  (10000 images)``."""
-    loss = metrics["loss"]
-    loss_text = f"{loss:.4f}" if math.isfinite(loss) else str(loss)
-    return f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {loss_text}  ({metrics['images']} images)"
