@@ -203,3 +203,27 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
         code = int(e.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A small Fashion-MNIST-like data set for the tiny classification runs of the run-folder tests."""
+    from test_train import make_fashion_like
+
+    return make_fashion_like(tmp_path_factory.mktemp("fm"), n_train=32, n_val=16)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    """The demo config shrunk to a micro model and one epoch of 16-image batches."""
+    from test_train import FASHION_CONFIG
+
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(
+        f"base: {FASHION_CONFIG}\n"
+        "model: {kwargs: {depths: [[1, 0], [1, 0], [1, 1], [1, 1]], widths: [16, 24, 32, 48], head_dim: 64}}\n"
+        "data: {batch_size: 16, eval_batch_size: 16}\n"
+        "optim: {lr_base_size: 16}\n"
+        "train: {epochs: 1, log_interval: 1}\n"
+    )
+    return path

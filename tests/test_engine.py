@@ -16,6 +16,7 @@ import torch
 
 import rapidnet
 from rapidnet.config import load_config
+from rapidnet.data.tensor_augment import TensorAugment
 from rapidnet.engine import (
     Callback,
     JsonlLog,
@@ -139,7 +140,7 @@ def test_fused_optimizer_takes_the_same_steps_and_refuses_optimizers_without_one
 def test_tensor_batches_augment_reproducibly():
     images = torch.arange(6 * 8 * 8, dtype=torch.uint8).view(6, 8, 8)
     sampler = SeededSampler(6, batch_size=2, seed=0)
-    tb = TensorBatches(images, torch.arange(6), sampler, mean=(0.5,) * 3, std=(0.25,) * 3, hflip=0.5, padding=2)
+    tb = TensorBatches(images, torch.arange(6), sampler, TensorAugment((0.5,) * 3, (0.25,) * 3, hflip=0.5, padding=2))
     first = list(tb.batches(0, 0))
     again = list(tb.batches(0, 1))
     assert len(first) == 3 and first[0][0].shape == (2, 3, 8, 8)
@@ -152,7 +153,9 @@ def test_tensor_batches_augment_reproducibly():
 def test_tensor_batches_zoom_draws_one_size_per_batch_and_places_each_image_at_random():
     images = torch.full((16, 32, 32), 255, dtype=torch.uint8)  # white tiles: the placed patch is its own mask
     sampler = SeededSampler(16, batch_size=8, seed=0)
-    tb = TensorBatches(images, torch.arange(16), sampler, mean=(0.0,) * 3, std=(1.0,) * 3, hflip=0.5, zoom=(20, 60))
+    tb = TensorBatches(
+        images, torch.arange(16), sampler, TensorAugment((0.0,) * 3, (1.0,) * 3, hflip=0.5, zoom=(20, 60))
+    )
     sizes, places = set(), set()
     for epoch in range(4):
         for x, _, _ in tb.batches(epoch, 0):
@@ -170,7 +173,7 @@ def test_tensor_batches_zoom_draws_one_size_per_batch_and_places_each_image_at_r
     assert len(sizes) > 2 and len(places) > 8
     again = next(iter(tb.batches(3, 0)))[0]
     assert torch.equal(again, next(iter(tb.batches(3, 0)))[0])  # reproducible per (seed, epoch, batch)
-    noisy = TensorBatches(images // 2, torch.arange(16), sampler, mean=(0.0,) * 3, std=(1.0,) * 3, noise=8.0)
+    noisy = TensorBatches(images // 2, torch.arange(16), sampler, TensorAugment((0.0,) * 3, (1.0,) * 3, noise=8.0))
     x = next(iter(noisy.batches(0, 0)))[0]
     assert x.std() > 0 and x.min() >= 0 and x.max() <= 1
 

@@ -19,7 +19,7 @@ ALLOWED = {
     "constants": set(),
     "runtimes": set(),
     "scratch": set(),  # the command's temporary folder: standard library only, set up before torch loads
-    "utils": {"errors", "runtimes"},
+    "utils": {"errors", "runtimes", "scratch"},
     "config": {"errors", "utils", "constants"},
     "data": {"errors", "utils"},
     "metrics": {"errors", "utils"},

@@ -26,7 +26,7 @@ from rapidnet.errors import CheckpointError, ConfigError, DataError
 from rapidnet.models import save_weights
 from rapidnet.utils import atomic_write, refuse_overwriting_input, remove_stale_temp_files
 from test_engine import _toy_config, _ToyTask
-from test_train import FASHION_CONFIG, TINY, make_fashion_like, make_image_folder
+from test_train import TINY, make_image_folder
 
 RUN_FILES = ("last.pt", "best.pt", "model_best.safetensors", "config.yaml", "log.jsonl", "steps.jsonl")
 
@@ -45,24 +45,6 @@ def temp_files(folder: Path) -> list[str]:
 
 
 # ---- 1. a resume never overwrites another run ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_fashion_like(tmp_path_factory.mktemp("fm"), n_train=32, n_val=16)
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text(
-        f"base: {FASHION_CONFIG}\n"
-        "model: {kwargs: {depths: [[1, 0], [1, 0], [1, 1], [1, 1]], widths: [16, 24, 32, 48], head_dim: 64}}\n"
-        "data: {batch_size: 16, eval_batch_size: 16}\n"
-        "optim: {lr_base_size: 16}\n"
-        "train: {epochs: 1, log_interval: 1}\n"
-    )
-    return path
 
 
 def train(config: Path, data: Path, out: Path, *extra: str) -> int:

@@ -27,7 +27,6 @@ from rapidnet.engine import Callback, RunLock, Trainer, load_training_state, rea
 from rapidnet.engine.run_lock import LOCK, LockHolder
 from rapidnet.errors import ConfigError, DataError
 from test_engine import _Recorder, _toy_config, _ToyTask
-from test_train import FASHION_CONFIG, make_fashion_like
 
 SRC = str(Path(rapidnet.__file__).resolve().parents[1])
 
@@ -224,24 +223,6 @@ def test_a_run_that_fails_to_start_leaves_no_folder(tmp_path):
 
 
 # ---- rapidnet train -----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_fashion_like(tmp_path_factory.mktemp("fm"), n_train=32, n_val=16)
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text(
-        f"base: {FASHION_CONFIG}\n"
-        "model: {kwargs: {depths: [[1, 0], [1, 0], [1, 1], [1, 1]], widths: [16, 24, 32, 48], head_dim: 64}}\n"
-        "data: {batch_size: 16, eval_batch_size: 16}\n"
-        "optim: {lr_base_size: 16}\n"
-        "train: {epochs: 1, log_interval: 1}\n"
-    )
-    return path
 
 
 def test_rapidnet_train_on_a_locked_folder_is_one_line_then_a_stale_lock_is_taken_over(

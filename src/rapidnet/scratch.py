@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["PREFIX", "Terminated", "scratch_folder", "sweep_stale", "terminate_as_exception"]
+__all__ = ["PREFIX", "Terminated", "pid_alive", "scratch_folder", "sweep_stale", "terminate_as_exception"]
 
 PREFIX = "rapidnet-"
 _OWNED = re.compile(rf"^{PREFIX}(\d+)-")
@@ -32,13 +32,18 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process was so that clean-up code runs (a ``KeyboardInterrupt``, like Ctrl-C)."""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (one of another user counts as running)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
         return True
+    except (OverflowError, OSError):
+        return False
     return True
 
 
@@ -51,7 +56,7 @@ def sweep_stale(base: str | os.PathLike[str]) -> list[Path]:
         return removed
     for entry in entries:
         owner = _OWNED.match(entry.name)
-        if owner and int(owner.group(1)) != os.getpid() and not _alive(int(owner.group(1))):
+        if owner and int(owner.group(1)) != os.getpid() and not pid_alive(int(owner.group(1))):
             with contextlib.suppress(OSError):
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path)

@@ -26,6 +26,7 @@ from torch import nn
 
 from rapidnet.errors import CheckpointError, ConfigError
 from rapidnet.runtimes import suffixes
+from rapidnet.scratch import pid_alive
 
 __all__ = [
     "atomic_write",
@@ -263,21 +264,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     return path
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs here (one of another user counts as running)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, OSError):
-        return False
-    return True
-
-
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Delete the ``.NAME.tmpPID`` files (:func:`temp_path`) in ``folder`` that no running process is writing.
 
@@ -294,7 +280,7 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
         if match is None or entry.is_dir():
             continue
         pid = int(match["pid"])
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
         try:
             entry.unlink()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,16 @@ class _Checker:
             raise self.fail(where, f"'{field}' is {value}, below {minimum}", f"use ids from {minimum}")
         return value
 
+    def new_id(
+        self, record: Mapping[str, Any], key: str, index: int, seen: Container[int], minimum: int = 0
+    ) -> tuple[int, str]:
+        """The record's ``id``, checked and not seen before in its list, and how messages name the record."""
+        rid = self.ident(record, f"{key}[{index}]", minimum=minimum)
+        where = f"{key}[{index}] (id {rid})"
+        if rid in seen:
+            raise self.fail(where, f"id {rid} appears twice", f"give each {key[:-1]} its own id")
+        return rid, where
+
     def numbers(self, value: Any, where: str, field: str, count: int | None = None) -> list[float]:
         if not isinstance(value, list):
             raise self.fail(where, f"'{field}' is {_show(value)}, not a list of numbers", f"fix '{field}'")
@@ -115,20 +125,13 @@ def validate_coco(data: Mapping[str, Any], path: str | os.PathLike[str]) -> None
     check = _Checker(Path(path))
     categories: set[int] = set()
     for i, cat in enumerate(check.records(data, "categories")):
-        where = f"categories[{i}]"
-        cid = check.ident(cat, where, minimum=1)
-        if cid in categories:
-            raise check.fail(where, f"id {cid} appears twice", "give each category its own id")
+        cid, where = check.new_id(cat, "categories", i, categories, minimum=1)
         if not isinstance(cat.get("name", ""), str):
             raise check.fail(where, f"'name' is {_show(cat.get('name'))}, not a string", "write the name as a string")
         categories.add(cid)
     images: dict[int, tuple[int, int]] = {}
     for i, img in enumerate(check.records(data, "images")):
-        where = f"images[{i}]"
-        iid = check.ident(img, where)
-        where = f"images[{i}] (id {iid})"
-        if iid in images:
-            raise check.fail(where, f"id {iid} appears twice", "give each image its own id")
+        iid, where = check.new_id(img, "images", i, images)
         name = img.get("file_name")
         if not isinstance(name, str) or not name.strip():
             raise check.fail(where, f"'file_name' is {_show(name)}", "give the image's file name in its folder")
@@ -145,11 +148,7 @@ def validate_coco(data: Mapping[str, Any], path: str | os.PathLike[str]) -> None
         images[iid] = (sides[0], sides[1])
     seen: set[int] = set()
     for i, ann in enumerate(check.records(data, "annotations")):
-        where = f"annotations[{i}]"
-        aid = check.ident(ann, where)
-        where = f"annotations[{i}] (id {aid})"
-        if aid in seen:
-            raise check.fail(where, f"id {aid} appears twice", "give each annotation its own id")
+        aid, where = check.new_id(ann, "annotations", i, seen)
         seen.add(aid)
         image_id = check.ident(ann, where, "image_id")
         if image_id not in images:

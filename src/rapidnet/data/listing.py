@@ -41,15 +41,20 @@ def _inside(target: str, root: str) -> bool:
     return target == root or target.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def _require_regular(path: Path, target: str | Path, missing_fix: str, kind_fix: str) -> Path:
+    """``path`` if ``target`` (what it resolves to) is a regular file; else a one-line error saying what it is."""
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing (or a broken link): {missing_fix}") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path} is {file_kind(mode)}, not an image file: {kind_fix}")
+    return path
+
+
 def check_regular(path: Path) -> Path:
     """``path`` (a file named on the command line) as a regular file: a FIFO or device would block or never end."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing (or a broken link): check the path") from None
-    if not stat.S_ISREG(mode):
-        raise DataError(f"{path} is {file_kind(mode)}, not an image file: name an image file")
-    return path
+    return _require_regular(path, path, "check the path", "name an image file")
 
 
 def check_member(path: Path, root: Path) -> Path:
@@ -61,13 +66,7 @@ def check_member(path: Path, root: Path) -> Path:
     real = os.path.realpath(path)
     if not _inside(real, real_root):
         raise DataError(f"{path} resolves to {real}, outside the data folder {root}: keep the data inside it")
-    try:
-        mode = os.stat(real).st_mode
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing (or a broken link): restore the file or remove its entry") from None
-    if not stat.S_ISREG(mode):
-        raise DataError(f"{path} is {file_kind(mode)}, not an image file: remove it from the data folder")
-    return path
+    return _require_regular(path, real, "restore the file or remove its entry", "remove it from the data folder")
 
 
 def walk_folder(root: Path, recursive: bool = True) -> Iterator[tuple[Path, bool]]:

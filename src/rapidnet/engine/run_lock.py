@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rapidnet.errors import ConfigError
-from rapidnet.utils import write_error
+from rapidnet.utils import pid_alive, write_error
 
 __all__ = ["LOCK", "LockHolder", "RunLock", "pid_alive"]
 
@@ -36,21 +36,6 @@ LOCK = "train.lock"
 
 #: the tokens of the locks this process holds: a lock naming this PID with another token is a dead process's
 _HELD: set[str] = set()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host (one of another user counts as running)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, OSError):
-        return False
-    return True
 
 
 def _start_ticks(pid: int) -> int | None:

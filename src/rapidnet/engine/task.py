@@ -44,6 +44,18 @@ FUSED_OPTIMIZERS = ("adam", "adamw", "sgd")
 __all__ = ["RunContext", "StepOutput", "Task"]
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on CPU (no scaler needed), float16 on CUDA (with GradScaler)."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """The engine's mixed precision on ``device``; a no-op context without ``amp``."""
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype(device))
+
+
 @dataclass
 class RunContext:
     """What a task needs to know about the run it is part of (set up by the engine before ``Task.setup``)."""
@@ -64,14 +76,11 @@ class RunContext:
 
     @property
     def amp_dtype(self) -> torch.dtype:
-        """bfloat16 on CPU (no scaler needed), float16 on CUDA (with GradScaler)."""
-        return torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        return amp_dtype(self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for forward passes (a no-op context without ``--amp``)."""
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp)
 
     def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
         """Move a batch of images to the device, in the memory format the model was put in."""

@@ -21,7 +21,7 @@ eval transform settings (:mod:`rapidnet.data.transforms`) and the batch augmenta
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,19 +188,12 @@ class TensorBatches:
         images: torch.Tensor,
         targets: torch.Tensor,
         sampler: SeededSampler,
-        mean: Sequence[float],
-        std: Sequence[float],
-        hflip: float = 0.5,
-        padding: int = 0,
-        erasing: Any = None,
-        zoom: Sequence[int] | None = None,
-        ratio: Sequence[float] = (3 / 4, 4 / 3),
-        noise: float = 0.0,
+        augment: TensorAugment,
     ) -> None:
         self.images = images if images.ndim == 4 else images[:, None]
         self.targets = targets
         self.sampler = sampler
-        self.augment = TensorAugment(mean, std, hflip, padding, erasing, zoom, ratio, noise)
+        self.augment = augment
 
     def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         s = self.sampler
@@ -331,14 +324,16 @@ class ClassificationTask(Task):
                 resize_in_memory(self.train_set, self.train_indices, self.data_config),
                 labels,
                 self.sampler,
-                self.data_config["mean"],
-                self.data_config["std"],
-                hflip=a.hflip,
-                padding=a.crop_padding,
-                erasing=erasing,
-                zoom=a.zoom,
-                ratio=a.ratio,
-                noise=a.noise,
+                TensorAugment(
+                    self.data_config["mean"],
+                    self.data_config["std"],
+                    hflip=a.hflip,
+                    padding=a.crop_padding,
+                    erasing=erasing,
+                    zoom=a.zoom,
+                    ratio=a.ratio,
+                    noise=a.noise,
+                ),
             )
         else:
             if d.skip_corrupt and isinstance(self.train_set, ImageFolderDataset):

@@ -7,7 +7,6 @@ evaluates its shard and the sums are reduced, so every process returns the figur
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -22,6 +21,7 @@ from rapidnet.data import collate_skip_corrupt
 from rapidnet.data.folder import unreadable_image_error
 from rapidnet.engine.distributed import DistInfo, reduce_sums
 from rapidnet.engine.seeding import SeededDataset, ignore_sigint
+from rapidnet.engine.task import autocast
 from rapidnet.errors import DataError
 
 __all__ = ["build_eval_loader", "describe_metrics", "evaluate_classifier"]
@@ -41,13 +41,6 @@ def build_eval_loader(
         pin_memory=pin_memory,
         worker_init_fn=ignore_sigint if workers > 0 else None,
     )
-
-
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """The training engine's mixed precision: bfloat16 on a CPU, float16 on CUDA; a no-op context without ``amp``."""
-    if not amp:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
 @torch.no_grad()
@@ -87,7 +80,7 @@ def evaluate_classifier(
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         y = targets.to(device)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             out = model(x)
         if isinstance(out, (tuple, list)):
             out = (out[0] + out[1]) / 2
