@@ -157,3 +157,17 @@ def test_the_checks_catch_narration_and_tables_without_commands(tmp_path):
                     "the order things were done in"}  # fmt: skip
     without = [heading for heading, _, lines in _sections(doc) if _tables(lines) and not _commands(lines)]
     assert without == ["Figures"]
+
+
+_TEST_ID = re.compile(r"`(tests/[\w/]+\.py)::(test_\w+)(?:\[[^\]]*\])?`")
+
+
+@pytest.mark.parametrize("path", REFERENCE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_test_a_doc_cites_exists(path):
+    """A promise in the docs is only as good as its test: every ``tests/file.py::test_name`` cited must be defined."""
+    missing = []
+    for file, name in _TEST_ID.findall(path.read_text()):
+        source = ROOT / file
+        if not source.is_file() or not re.search(rf"^(?:async )?def {name}\(", source.read_text(), re.M):
+            missing.append(f"{file}::{name}")
+    assert not missing, f"{path.relative_to(ROOT)} cites tests that do not exist: {missing}"
