@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Every CPU figure in docs/performance.md and docs/results.md, in one go, on an otherwise idle machine.
+# The eager-PyTorch and ONNX Runtime CPU figures of docs/performance.md (fused vs unfused, the operator profile, ONNX
+# Runtime's profile, training throughput, the peer table) and the int8 accuracy of docs/results.md, in one go, on an
+# otherwise idle machine. The other runtimes' tables come from benchmarks/runtime_table.sh, the demo from make demo.
 #   bash benchmarks/cpu_figures.sh [OUT_DIR] [RAPIDNET_CKPT] [MOBILENET_CKPT]
 # The checkpoints are the Fashion-MNIST runs of configs/fashion_mnist_{rapidnet_ti_long,mobilenetv2_140}.yaml.
 set -euo pipefail
@@ -39,7 +41,7 @@ echo "== training throughput, batch 64 at 224, 2 threads"
 $py benchmarks/train_throughput.py --rounds 5 > "$out/train_throughput.json"
 
 echo "== RapidNet beside its peers: eager, channels_last, onnxruntime fp32 and int8"
-$rn bench --backends torch torch-cl ort-fp32 ort-int8 --rounds 20 --output "$out/bench" > "$out/bench.txt"
+$rn bench --backends torch torch-cl onnx onnx-int8 --rounds 20 --output "$out/bench" > "$out/bench.txt"
 
 if [ -f "$ti" ]; then
   echo "== int8 accuracy on Fashion-MNIST (test split) against fp32"
