@@ -439,8 +439,12 @@ def test_dev_split_mismatches_are_one_line_errors(capsys, dev_mosaic, mosaic, tm
         return _one_line_error(err, kind)
 
     assert "select_on is dev" in train("seg", mosaic, "--set", "task.select_on=dev")
-    assert "task.select_on='test'" in train("det", dev_mosaic, "--set", "task.select_on=test")
-    assert "task.dev_masks='yes please'" in train("det", dev_mosaic, "--set", "task.dev_masks=yes please")
+    assert "--set task.select_on=test: task.select_on must be one of dev, val, or null, got 'test'" in train(
+        "det", dev_mosaic, "--set", "task.select_on=test"
+    )
+    assert "--set task.dev_masks=yes please: task.dev_masks must be bool, got 'yes please'" in train(
+        "det", dev_mosaic, "--set", "task.dev_masks=yes please"
+    )
     missing = tmp_path / "missing"
     shutil.copytree(dev_mosaic, missing)
     shutil.rmtree(missing / "annotations" / "dev")
@@ -493,7 +497,7 @@ def test_shipped_dense_configs_validate(path):
     task = TASKS[cfg.task["name"]](cfg)  # checks the task: section
     assert not cfg.ema.enabled
     if path.stem.startswith("mosaic_"):
-        assert cfg.model.name in path.stem and cfg.model.name in task.opts["backbone_checkpoint"]
+        assert cfg.model.name in path.stem and cfg.model.name in task.opts.backbone_checkpoint
 
 
 def test_dense_configs_are_found():

@@ -91,7 +91,7 @@ def _train(args: argparse.Namespace, kind: str) -> int:
     if args.config is None and args.resume is None:
         raise ConfigError(f"give --config (e.g. configs/mosaic_*_rapidnet_ti.yaml) or --resume for a {kind} run")
     extra = {"task.backbone_checkpoint": args.backbone_checkpoint} if args.backbone_checkpoint else {}
-    cfg = load_run_config(args, extra)
+    cfg = load_run_config(args, extra, {"task.backbone_checkpoint": "--backbone-checkpoint"})
     return run_training(args, TASKS[kind], cfg)
 
 

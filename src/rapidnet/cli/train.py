@@ -160,15 +160,32 @@ def _add_classification_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", choices=("timm", "tensor"), help="input pipeline (tensor: in-memory data only)")
 
 
-def flag_values(args: argparse.Namespace) -> dict[str, Any]:
-    """Config assignments from the flags that were given."""
-    values = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest, None) is not None}
+def _flag_settings(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
+    """Config key -> (value, the flag that set it) for the flags that were given."""
+    settings = {
+        key: (getattr(args, dest), "--" + dest.replace("_", "-"))
+        for dest, key in FLAG_KEYS.items()
+        if getattr(args, dest, None) is not None
+    }
     teacher = getattr(args, "teacher", None) or getattr(args, "teacher_checkpoint", None)
     if teacher and getattr(args, "distillation", None) is None:
-        values.setdefault("distill.type", "hard")
-    if "train.epochs" in values and "train.time_budget" not in values:
-        values["train.time_budget"] = None  # the count asked for, not the one a config's budget would choose
-    return values
+        settings.setdefault(
+            "distill.type", ("hard", "--teacher" if getattr(args, "teacher", None) else "--teacher-checkpoint")
+        )
+    if "train.epochs" in settings and "train.time_budget" not in settings:
+        # the count asked for, not the one a config's budget would choose
+        settings["train.time_budget"] = (None, "--epochs")
+    return settings
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """Config assignments from the flags that were given."""
+    return {key: value for key, (value, _) in _flag_settings(args).items()}
+
+
+def flag_sources(args: argparse.Namespace) -> dict[str, str]:
+    """Config key -> the flag that set it, which a config error names instead of the config file."""
+    return {key: flag for key, (_, flag) in _flag_settings(args).items()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -177,18 +194,25 @@ def run(args: argparse.Namespace) -> int:
     return run_training(args, ClassificationTask)
 
 
-def load_run_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Any:
-    """The run's config: ``--config`` (or, resuming without one, the checkpoint's), then flags and ``--set``."""
+def load_run_config(
+    args: argparse.Namespace, extra: dict[str, Any] | None = None, extra_sources: dict[str, str] | None = None
+) -> Any:
+    """The run's config: ``--config`` (or, resuming without one, the checkpoint's), then flags and ``--set``.
+
+    ``extra`` holds the values of a command's own flags, ``extra_sources`` those flags' names (for messages).
+    """
     from rapidnet.config import load_config
     from rapidnet.engine.checkpoint import load_training_state
 
     values = {**(extra or {}), **flag_values(args)}
+    sources = {**(extra_sources or {}), **flag_sources(args)}
     base = None
     if args.resume:
         if args.config is None:
             base = load_training_state(args.resume)["config"]
-        values.setdefault("train.output", str(Path(args.resume).parent))
-    return load_config(args.config, args.overrides, base=base, values=values)
+        if "train.output" not in values:
+            values["train.output"], sources["train.output"] = str(Path(args.resume).parent), "--resume"
+    return load_config(args.config, args.overrides, base=base, values=values, sources=sources)
 
 
 def run_training(args: argparse.Namespace, task_factory: Callable[[Any], Any], cfg: Any = None) -> int:

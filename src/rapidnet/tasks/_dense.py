@@ -1,7 +1,9 @@
 """What the Mask R-CNN and Semantic FPN tasks (``rapidnet det|seg train``) share.
 
 The backbone is ``model.name`` (with ``model.kwargs`` for custom RapidNet shapes); everything else dense-specific
-lives in the config's free-form ``task:`` section, checked here so a typo is a one-line :class:`ConfigError`.
+lives in the config's ``task:`` section, read into the task's :class:`DenseOptions` dataclass by the config's own
+machinery (:func:`rapidnet.config.build_section`), so a typo or a value out of range is a one-line
+:class:`ConfigError` naming ``task.KEY``. The saved config keeps ``task:`` as given, so old runs still resume.
 Batches are ``(list of images, list of targets)`` from ``collate_dense``, drawn through the engine's
 :class:`SeededSampler`/:class:`SeededDataset`, so a resumed run sees exactly the batches of an uninterrupted one.
 Weights are exported as safetensors whose metadata (``build_args``, ``class_names``, ``eval_args``) lets
@@ -19,15 +21,17 @@ import contextlib
 import json
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from rapidnet.config import Config
+from rapidnet.config import Config, build_section, setting
+from rapidnet.constants import DEFAULT_BOOTSTRAP, MAX_CLASSES
 from rapidnet.data.ade20k import ADE20KSegmentation
 from rapidnet.data.coco import CocoInstances
 from rapidnet.data.folder import collate_dense, targets_to_device
@@ -36,44 +40,59 @@ from rapidnet.engine.seeding import SeededDataset, SeededSampler, ignore_sigint
 from rapidnet.engine.task import RunContext, StepOutput, Task
 from rapidnet.errors import CheckpointError, ConfigError, DataError
 from rapidnet.models import load
+from rapidnet.models.backbone import BN_MODES, NUM_UNITS
 from rapidnet.tasks._commands import check_model_kwargs, check_task_name
 from rapidnet.utils import subset_indices, unwrap_model
 
 __all__ = [
     "SELECT_ON",
+    "DenseOptions",
     "build_dense_eval_dataset",
     "dense_eval_loader",
     "evaluate_dense",
     "load_dense_model",
 ]
 
+#: the most bootstrap resamples a run may ask for: each one re-scores the whole split
+MAX_BOOTSTRAP = 100_000
+
+Opts = TypeVar("Opts", bound="DenseOptions")
+
 
 #: values of ``task.select_on``: the split that chooses the best epoch (None: dev when the data has one, else val)
 SELECT_ON = (None, "dev", "val")
 
 
-def _task_options(cfg: Config, defaults: dict[str, Any]) -> dict[str, Any]:
-    """``cfg.task`` over ``defaults``; unknown keys and a mismatched task name are configuration errors."""
+@dataclass
+class DenseOptions:
+    """The ``task:`` keys both dense tasks take, checked by :func:`rapidnet.config.build_section` like the rest of the
+    config (unknown key, type, range: one line naming ``task.KEY`` and where it came from)."""
+
+    name: str = ""
+    num_classes: int | None = setting(None, ge=1, le=MAX_CLASSES)  # default: the data set's classes
+    # classification checkpoint for the backbone (transfer); default model.checkpoint
+    backbone_checkpoint: str | None = setting(None, nonempty=True, what="a file")
+    # True / False, or a mode: frozen (FrozenBatchNorm2d), eval (BN in eval mode, trained affine), train
+    frozen_bn: bool | str = setting(True, choices=(True, False, *BN_MODES))
+    # how many of the backbone's units (stem, stage 0..3), counted from the top, are trained
+    trainable_stages: int = setting(NUM_UNITS, ge=0, le=NUM_UNITS)
+    # the pretrained backbone's learning rate over the heads' (fine-tuning); 1.0 trains all parts alike
+    backbone_lr_scale: float = setting(1.0, gt=0.0, le=10.0)
+    hflip: float = setting(0.5, ge=0.0, le=1.0)  # the probability of a horizontal flip
+    # the split that chooses model_best; default dev when the data has one
+    select_on: str | None = setting(None, choices=SELECT_ON[1:])
+    # resamples of the images for the reported 95% intervals (0: none)
+    bootstrap: int = setting(DEFAULT_BOOTSTRAP, ge=0, le=MAX_BOOTSTRAP)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # more builder arguments (fpn_channels, ...)
+
+
+def _task_options(cfg: Config, options: type[Opts]) -> Opts:
+    """``cfg.task`` read into ``options``; an unknown key, a wrong type or value, and a config for another task are
+    one-line configuration errors naming ``task.KEY`` and where it came from (``cfg.source_of``)."""
     given = dict(cfg.task or {})
-    check_task_name(given.get("name", defaults["name"]), defaults["name"])
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ConfigError(f"unknown task option(s) {', '.join(unknown)}: known are {', '.join(sorted(defaults))}")
-    opts = {**defaults, **given}
-    if not isinstance(opts["model_kwargs"], dict):
-        raise ConfigError(f"task.model_kwargs must be a mapping, not {opts['model_kwargs']!r}")
-    if not float(opts["backbone_lr_scale"]) > 0:
-        raise ConfigError(
-            f"task.backbone_lr_scale={opts['backbone_lr_scale']}: use a positive factor (1.0 trains all parts alike)"
-        )
-    if opts["select_on"] not in SELECT_ON:
-        raise ConfigError(
-            f"task.select_on={opts['select_on']!r}: use dev or val (or leave it out: dev when the data has a dev split)"
-        )
-    bootstrap = opts["bootstrap"]
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
-        raise ConfigError(f"task.bootstrap={bootstrap!r}: give the number of resamples for the intervals (0: none)")
-    return opts
+    expected = options().name
+    check_task_name(given.get("name", expected), expected)
+    return build_section(options, given, prefix="task", source=cfg.source_of)
 
 
 def dense_eval_loader(dataset: Any, indices: Sequence[int], batch_size: int, rank: int = 0, world: int = 1) -> Any:
@@ -152,11 +171,11 @@ class _DenseTask(Task):
 
     kind = ""
     layout = ""  # "coco" or "ade20k": where a dev split's files are
-    defaults: dict[str, Any] = {}
+    options: type[DenseOptions] = DenseOptions  # the task's ``task:`` keys
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        self.opts = _task_options(cfg, self.defaults)
+        self.opts = _task_options(cfg, self.options)
         self.build_args: dict[str, Any] = {}
         self.dev_set: Any = None
 
@@ -171,7 +190,7 @@ class _DenseTask(Task):
         """The dev split when the run selects on it (``task.select_on``; by default when the folder has one), checked
         against the training split: the same classes, and for a mosaic the size its ``meta.json`` gives."""
         root = Path(self.cfg.data.path).expanduser()
-        select = self.opts["select_on"]
+        select = self.opts.select_on
         if select == "val":  # asked for: the dev split is not even looked at
             return None
         present = has_dev_split(root, self.layout)
@@ -231,7 +250,7 @@ class _DenseTask(Task):
         return self.cfg.data.batch_size
 
     def _backbone_checkpoint(self) -> str | None:
-        return self.opts["backbone_checkpoint"] or self.cfg.model.checkpoint
+        return self.opts.backbone_checkpoint or self.cfg.model.checkpoint
 
     #: the model builder (``mask_rcnn`` / ``semantic_fpn``); a staticmethod on each task
     builder: Any = None
@@ -246,13 +265,13 @@ class _DenseTask(Task):
             backbone=m.name,
             num_classes=len(self.classes),
             backbone_checkpoint=self._backbone_checkpoint(),
-            frozen_bn=o["frozen_bn"],
-            trainable_stages=int(o["trainable_stages"]),
+            frozen_bn=o.frozen_bn,
+            trainable_stages=o.trainable_stages,
             backbone_kwargs=m.kwargs,
             drop_path_rate=m.drop_path_rate,
             class_names=self.classes,
             **self.builder_args(),
-            **o["model_kwargs"],
+            **o.model_kwargs,
         )
         self.build_args = dict(model.build_args)
         self.params = sum(p.numel() for p in model.parameters())
@@ -261,7 +280,7 @@ class _DenseTask(Task):
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
         """With ``backbone_lr_scale`` != 1: the pretrained body learns at that fraction of the heads' (and FPN's) rate,
         the usual fine-tuning knob for a backbone that should keep more of what it learnt."""
-        scale = float(self.opts["backbone_lr_scale"])
+        scale = self.opts.backbone_lr_scale
         if scale == 1.0:
             return None
         body = {id(p) for p in unwrap_model(model).backbone.body.parameters()}
@@ -324,13 +343,13 @@ class _DenseTask(Task):
             return evaluate_dense(
                 model, self.dev_loader, self.make_evaluator(self.dev_set, 0), ctx.device, ctx.autocast
             )
-        evaluator = self.make_evaluator(self.val_set, int(self.opts["bootstrap"]))
+        evaluator = self.make_evaluator(self.val_set, self.opts.bootstrap)
         return evaluate_dense(model, self.val_loader, evaluator, ctx.device, ctx.autocast)
 
     def evaluate_report(self, model: nn.Module) -> dict[str, Any]:
         """The validation split, with intervals: the engine's final report of a run that selected on dev."""
         ctx = self.context
-        evaluator = self.make_evaluator(self.val_set, int(self.opts["bootstrap"]))
+        evaluator = self.make_evaluator(self.val_set, self.opts.bootstrap)
         return evaluate_dense(model, self.val_loader, evaluator, ctx.device, ctx.autocast)
 
     def eval_args(self) -> dict[str, Any]:

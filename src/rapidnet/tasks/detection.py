@@ -7,38 +7,40 @@ validation report always scores masks too."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from rapidnet.config import setting
+from rapidnet.constants import MAX_SIDE, MIN_SIDE
 from rapidnet.data.coco import CocoInstances
 from rapidnet.errors import ConfigError, DataError
 from rapidnet.metrics import CocoEvaluator
 from rapidnet.models.mask_rcnn import mask_rcnn
-from rapidnet.tasks._dense import _coco_split, _DenseTask, build_dense_eval_dataset, evaluate_dense
+from rapidnet.tasks._dense import DenseOptions, _coco_split, _DenseTask, build_dense_eval_dataset, evaluate_dense
 
-__all__ = ["DETECTION_DEFAULTS", "DetectionTask"]
+__all__ = ["DetectionOptions", "DetectionTask"]
 
-#: ``task:`` keys of detection and their defaults (None: decided from the data or the model)
-DETECTION_DEFAULTS: dict[str, Any] = {
-    "name": "detection",
-    "num_classes": None,  # default: the data set's categories
-    "backbone_checkpoint": None,  # classification checkpoint for the backbone (transfer); default model.checkpoint
-    "frozen_bn": True,
-    "trainable_stages": 5,
-    "backbone_lr_scale": 1.0,  # the pretrained backbone's learning rate over the heads' (fine-tuning)
-    "min_size": 800,
-    "max_size": 1333,
-    "test_size": None,  # shorter side of evaluation images; default min_size (larger: objects read enlarged)
-    "hflip": 0.5,
-    "train_split": None,  # default: train2017 when the COCO files exist, else train (the mosaic's)
-    "val_split": None,
-    "select_on": None,  # the split that chooses model_best: dev / val; default dev when the data has one
-    "dev_masks": False,  # score masks in the dev evaluations too (they choose by box AP; val always has masks)
-    "bootstrap": 1000,  # resamples of the images for the reported 95% intervals (0: none)
-    "model_kwargs": {},  # more mask_rcnn() arguments: anchor_sizes, rpn_*, box_* ...
-}
+
+@dataclass
+class DetectionOptions(DenseOptions):
+    """``task:`` keys of detection (None: decided from the data or the model)."""
+
+    name: str = "detection"
+    # torchvision's resize: the shorter side (a list: multi-scale training, one drawn per batch) and the longer
+    # side's cap; the 1x recipe is 800 / 1333
+    min_size: int | list[int] = setting(
+        800, ge=MIN_SIDE, le=MAX_SIDE, nonempty=True, unit="pixels", what="a side or a non-empty list of sides"
+    )
+    max_size: int = setting(1333, ge=MIN_SIDE, le=MAX_SIDE, unit="pixels")
+    # shorter side of evaluation images; default min_size (larger: objects read enlarged)
+    test_size: int | None = setting(None, ge=MIN_SIDE, le=MAX_SIDE, unit="pixels")
+    # default: train2017 when the COCO files exist, else train (the mosaic's)
+    train_split: str | None = setting(None, nonempty=True, what="a split name")
+    val_split: str | None = setting(None, nonempty=True, what="a split name")
+    dev_masks: bool = False  # score masks in the dev evaluations too (they choose by box AP; val always has masks)
 
 
 class DetectionTask(_DenseTask):
@@ -47,34 +49,30 @@ class DetectionTask(_DenseTask):
     kind = "detection"
     layout = "coco"
     builder = staticmethod(mask_rcnn)
-    defaults = DETECTION_DEFAULTS
+    options = DetectionOptions
+    opts: DetectionOptions
     primary_metric = "bbox_AP"
     higher_is_better = True
     metric_names = {"bbox_AP": "box AP", "segm_AP": "mask AP", "bbox_AP50": "box AP50"}
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        if not isinstance(self.opts["dev_masks"], bool):
-            raise ConfigError(f"task.dev_masks={self.opts['dev_masks']!r}: use true or false")
 
     def _open_data(self) -> tuple[Any, Any]:
 
         root = Path(self.cfg.data.path).expanduser()
         o = self.opts
-        train_split = o["train_split"] or _coco_split(root, "train")
-        self.val_split = o["val_split"] or _coco_split(root, "val")
-        train = CocoInstances(root, train_split, train=True, hflip=float(o["hflip"]), remove_empty=True)
+        train_split = o.train_split or _coco_split(root, "train")
+        self.val_split = o.val_split or _coco_split(root, "val")
+        train = CocoInstances(root, train_split, train=True, hflip=o.hflip, remove_empty=True)
         val = CocoInstances(root, self.val_split, train=False)
         if list(train.classes) != list(val.classes):
             raise DataError(f"{root}: the {train_split} and {self.val_split} splits have different categories")
-        n = o["num_classes"]
+        n = o.num_classes
         if n is not None and n != len(train.classes):
             raise ConfigError(f"task.num_classes is {n} but {root} has {len(train.classes)} categories: leave it out")
         return train, val
 
     def builder_args(self) -> dict[str, Any]:
         o = self.opts
-        return {"min_size": o["min_size"], "max_size": int(o["max_size"]), "test_size": o["test_size"]}
+        return {"min_size": o.min_size, "max_size": o.max_size, "test_size": o.test_size}
 
     def _open_eval_split(self, split: str) -> Any:
         return build_dense_eval_dataset(self.kind, self.cfg.data.path, self.eval_args(), split)
@@ -86,7 +84,7 @@ class DetectionTask(_DenseTask):
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """The selection split; on dev, boxes only unless ``task.dev_masks`` (val, when it selects, scores both)."""
         net = getattr(model, "module", model)  # DDP
-        if self.dev_loader is None or self.opts["dev_masks"] or not hasattr(net, "boxes_only"):
+        if self.dev_loader is None or self.opts.dev_masks or not hasattr(net, "boxes_only"):
             return super().evaluate(model)
         evaluator = CocoEvaluator.from_dataset(self.dev_set, ("bbox",), bootstrap=0)
         with net.boxes_only():

@@ -3,35 +3,41 @@ mIoU (on the dev split when the data has one; see ``rapidnet.tasks._dense``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from rapidnet.config import setting
+from rapidnet.constants import MAX_SIDE, MIN_SIDE
 from rapidnet.data.ade20k import ADE20KSegmentation
 from rapidnet.metrics import SegmentationMetrics
+from rapidnet.models.backbone import BN_MODES
 from rapidnet.models.semantic_fpn import semantic_fpn
-from rapidnet.tasks._dense import _DenseTask, build_dense_eval_dataset
+from rapidnet.tasks._dense import DenseOptions, _DenseTask, build_dense_eval_dataset
 
-__all__ = ["SEGMENTATION_DEFAULTS", "SegmentationTask"]
+__all__ = ["SegmentationOptions", "SegmentationTask"]
 
-#: ``task:`` keys of segmentation and their defaults
-SEGMENTATION_DEFAULTS: dict[str, Any] = {
-    "name": "segmentation",
-    "num_classes": None,
-    "backbone_checkpoint": None,
-    "frozen_bn": False,
-    "trainable_stages": 5,
-    "backbone_lr_scale": 1.0,  # the pretrained backbone's learning rate over the heads' (fine-tuning)
-    "scale": [2048, 512],
-    "test_scale": None,  # evaluation resize; default: scale (a larger one can suit a model trained on enlarged crops)
-    "ratio_range": [0.5, 2.0],
-    "crop_size": [512, 512],
-    "cat_max_ratio": 0.75,
-    "hflip": 0.5,
-    "photometric": True,
-    "reduce_zero_label": None,  # default: the data set's meta.json, else True (ADE20K)
-    "select_on": None,  # the split that chooses model_best: dev / val; default dev when the data has one
-    "bootstrap": 1000,  # resamples of the images for the reported 95% intervals (0: none)
-    "model_kwargs": {},  # more semantic_fpn() arguments: head_channels, head_norm, dropout ...
-}
+#: how ``scale`` and ``test_scale`` read in a message (mmsegmentation's order: the longer side first)
+_LONG_SHORT = "a [long, short] pair of sides"
+
+
+@dataclass
+class SegmentationOptions(DenseOptions):
+    """``task:`` keys of segmentation (None switches an augmentation step off, or takes the data's own value)."""
+
+    name: str = "segmentation"
+    frozen_bn: bool | str = setting(False, choices=(True, False, *BN_MODES))
+    # mmsegmentation's keep-ratio rescale: fit [long, short] sides (times a ratio drawn from ratio_range)
+    scale: list[int] | None = setting([2048, 512], length=2, ge=MIN_SIDE, le=MAX_SIDE, unit="pixels", what=_LONG_SHORT)
+    # evaluation resize; default: scale (a larger one can suit a model trained on enlarged crops)
+    test_scale: list[int] | None = setting(None, length=2, ge=MIN_SIDE, le=MAX_SIDE, unit="pixels", what=_LONG_SHORT)
+    ratio_range: list[float] | None = setting([0.5, 2.0], length=2, gt=0.0, le=10.0)
+    crop_size: list[int] | None = setting(
+        [512, 512], length=2, ge=MIN_SIDE, le=MAX_SIDE, unit="pixels", what="a [height, width] pair"
+    )
+    # a crop is redrawn (10 tries) while one class fills more than this fraction of it; 1 or null: never
+    cat_max_ratio: float | None = setting(0.75, gt=0.0, le=1.0)
+    photometric: bool = True
+    reduce_zero_label: bool | None = None  # default: the data set's meta.json, else True (ADE20K)
 
 
 class SegmentationTask(_DenseTask):
@@ -40,7 +46,8 @@ class SegmentationTask(_DenseTask):
     kind = "segmentation"
     layout = "ade20k"
     builder = staticmethod(semantic_fpn)
-    defaults = SEGMENTATION_DEFAULTS
+    options = SegmentationOptions
+    opts: SegmentationOptions
     primary_metric = "mIoU"
     higher_is_better = True
     metric_names = {"mIoU": "mIoU", "mAcc": "mAcc", "aAcc": "aAcc"}
@@ -48,17 +55,17 @@ class SegmentationTask(_DenseTask):
     def _open_data(self) -> tuple[Any, Any]:
 
         o = self.opts
-        common = dict(num_classes=o["num_classes"], reduce_zero_label=o["reduce_zero_label"])
+        common = dict(num_classes=o.num_classes, reduce_zero_label=o.reduce_zero_label)
         train = ADE20KSegmentation(
             self.cfg.data.path,
             "training",
             train=True,
-            scale=o["scale"],
-            ratio_range=o["ratio_range"],
-            crop_size=o["crop_size"],
-            cat_max_ratio=o["cat_max_ratio"],
-            hflip=float(o["hflip"]),
-            photometric=bool(o["photometric"]),
+            scale=o.scale,
+            ratio_range=o.ratio_range,
+            crop_size=o.crop_size,
+            cat_max_ratio=o.cat_max_ratio,
+            hflip=o.hflip,
+            photometric=o.photometric,
             **common,
         )
         self._eval_dataset_args = {**common, "scale": self._test_scale()}
@@ -78,7 +85,7 @@ class SegmentationTask(_DenseTask):
         return SegmentationMetrics(len(self.classes), self.ignore_index, self.classes, bootstrap=bootstrap)
 
     def _test_scale(self) -> Any:
-        return self.opts["test_scale"] if self.opts["test_scale"] is not None else self.opts["scale"]
+        return self.opts.test_scale if self.opts.test_scale is not None else self.opts.scale
 
     def eval_args(self) -> dict[str, Any]:
         scale = self._test_scale()
