@@ -171,3 +171,16 @@ def test_every_test_a_doc_cites_exists(path):
         if not source.is_file() or not re.search(rf"^(?:async )?def {name}\(", source.read_text(), re.M):
             missing.append(f"{file}::{name}")
     assert not missing, f"{path.relative_to(ROOT)} cites tests that do not exist: {missing}"
+
+
+def test_the_config_reference_is_current():
+    """docs/configs.md is generated from the fields' declared constraints; a changed field must regenerate it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "scripts" / "config_reference.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    page = ROOT / "docs" / "configs.md"
+    assert page.read_text() == module.render(), "docs/configs.md is out of date: run python scripts/config_reference.py"
+    assert "`train.epochs` | int | `300` | 1..100000 |" in page.read_text()

@@ -71,6 +71,7 @@ __all__ = [
     "save_config",
     "scaled_lr",
     "setting",
+    "type_name",
 ]
 
 T = TypeVar("T")
@@ -622,12 +623,13 @@ def load_config(
 Where = Callable[[str], str]
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """A type annotation in words, for messages and the config reference: ``int or null``, ``list of float``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
+        return f"list of {type_name(typing.get_args(tp)[0])}"
     if origin is dict:
         return "mapping"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
@@ -647,12 +649,12 @@ def _coerce(value: Any, tp: Any, key: str, where: Where) -> Any:
                 return _coerce(value, arg, key, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where(key)}: {key} must be {_type_name(tp)}, got {_show(value)}")
+        raise ConfigError(f"{where(key)}: {key} must be {type_name(tp)}, got {_show(value)}")
     if origin is list:
         if isinstance(value, (list, tuple)):
             (inner,) = typing.get_args(tp)
             return [_coerce(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value)]
-        raise ConfigError(f"{where(key)}: {key} must be {_type_name(tp)}, got {_show(value)}")
+        raise ConfigError(f"{where(key)}: {key} must be {type_name(tp)}, got {_show(value)}")
     if origin is dict:
         if isinstance(value, dict):
             return dict(value)
@@ -684,7 +686,7 @@ def _coerce(value: Any, tp: Any, key: str, where: Where) -> Any:
             return str(value)
     elif tp is Any:
         return value
-    raise ConfigError(f"{where(key)}: {key} must be {_type_name(tp)}, got {_show(value)}")
+    raise ConfigError(f"{where(key)}: {key} must be {type_name(tp)}, got {_show(value)}")
 
 
 def _build(cls: type[T], values: Any, prefix: str, where: Where) -> T:
