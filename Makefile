@@ -25,7 +25,7 @@ demo: $(STAMP)
 	@bash scripts/ensure_fashion_mnist.sh
 	$(VENV)/bin/rapidnet info rapidnet_ti
 	rm -rf $(DEMO_DIR)
-	$(VENV)/bin/rapidnet train --config configs/fashion_mnist_rapidnet_ti.yaml --output $(DEMO_DIR)
+	$(VENV)/bin/rapidnet train --config configs/fashion_mnist_rapidnet_ti_demo.yaml --output $(DEMO_DIR)
 	$(VENV)/bin/rapidnet eval --checkpoint $(DEMO_DIR)/model_best.safetensors --data fashion-mnist
 	$(VENV)/bin/rapidnet predict src/rapidnet/assets/sample_ankle_boot.png --checkpoint $(DEMO_DIR)/model_best.safetensors --top-k 3
 	$(VENV)/bin/rapidnet plot $(DEMO_DIR)

@@ -53,11 +53,22 @@ def test_imagenet_configs_hold_the_papers_recipe():
     assert [k for k, _, _ in config_diff(ti, b)] == ["model.name", "train.output"]
 
 
-def test_fashion_mnist_config_is_a_short_cpu_schedule():
-    cfg = load_config(CONFIGS / "fashion_mnist_rapidnet_ti.yaml")
+@pytest.mark.parametrize("name", ["fashion_mnist_rapidnet_ti.yaml", "fashion_mnist_rapidnet_ti_demo.yaml"])
+def test_fashion_mnist_config_is_a_short_cpu_schedule(name):
+    cfg = load_config(CONFIGS / name)
     assert (cfg.data.path, cfg.data.input_size, cfg.data.pipeline) == ("fashion-mnist", 32, "tensor")
     assert cfg.distill.type == "none" and cfg.model.distillation is None
-    assert cfg.train.epochs <= 10 and cfg.train.channels_last
+    assert cfg.train.epochs <= 10 and cfg.train.channels_last and cfg.train.time_budget is None
+
+
+def test_the_demo_is_the_7_epoch_recipe_shortened():
+    """make demo trains the 7-epoch recipe (the mosaic backbones' first stage) with only its length, batch, warm-up
+    and regularization changed, so what the two teach stays comparable."""
+    demo, full = (config_to_dict(load_config(CONFIGS / f"fashion_mnist_rapidnet_ti{s}.yaml")) for s in ("_demo", ""))
+    changed = {k for k, _, _ in config_diff(full, demo)}
+    assert changed == {"train.epochs", "train.output", "data.batch_size", "sched.warmup_epochs", "aug.hflip",
+                       "aug.crop_padding", "model.drop_path_rate"}  # fmt: skip
+    assert "fashion_mnist_rapidnet_ti_demo.yaml" in (CONFIGS.parent / "Makefile").read_text()
 
 
 @pytest.mark.parametrize("task", ["mask_rcnn", "semantic_fpn"])
