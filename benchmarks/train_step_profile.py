@@ -1,15 +1,21 @@
-"""Where a training step's time goes on this CPU: the `make demo` step under each memory format, precision and thread
-count, interleaved, then a ``torch.profiler`` table of the slowest operators for one setting.
+"""Where a training step's time goes on this CPU: the Fashion-MNIST step (RapidNet-Ti, 32x32) under each memory
+format, precision, thread count and batch, interleaved, then a ``torch.profiler`` table of the slowest operators for
+one setting.
 
-    python benchmarks/train_step_profile.py                     # the demo: rapidnet_ti, 10 classes, batch 128, 32x32
+    python benchmarks/train_step_profile.py                     # rapidnet_ti, 10 classes, batch 128, 32x32
+    python benchmarks/train_step_profile.py --settings channels_last-fp32-t2-trim-fused-b256 \
+        channels_last-fp32-t2-trim-fused channels_last-fp32-t2-fused-compile-b256 --profile ''   # make demo's choices
     python benchmarks/train_step_profile.py --resolution 224 --batch 32 --profile channels_last-fp32-t2
 
-Each setting is ``FORMAT-PRECISION-tTHREADS[-trim[-nopad]][-fused]``: ``contiguous`` or ``channels_last``; ``fp32``
-or ``bf16`` (CPU autocast); ``trim``: convs skip padding-only taps (``rapidnet.engine.conv_taps``, as the trainer does
-on a CPU); ``nopad``: trimmed depthwise convs pad narrow maps themselves rather than padding them first (the trim as
-it was before 2026-12-03); ``fused``: torch's fused AdamW (``optim.fused``). Steps of all settings are interleaved
-round by round after warm-up and reported as medians (images/s and the ratio to the first setting). The report also
-prints the CPU's name and its AMX/AVX-512 flags, because the answer differs between machines.
+Each setting is ``FORMAT-PRECISION-tTHREADS[-trim[-nopad]][-fused][-compile][-bBATCH]``: ``contiguous`` or
+``channels_last``; ``fp32`` or ``bf16`` (CPU autocast); ``trim``: convs skip padding-only taps
+(``rapidnet.engine.conv_taps``, as the trainer does on a CPU); ``nopad``: trimmed depthwise convs pad narrow maps
+themselves rather than padding them first (the trim as it was before 2026-12-03); ``fused``: torch's fused AdamW
+(``optim.fused``); ``compile``: the model through ``torch.compile`` (``train.compile``; the warm-up, which compiles,
+is reported as ``warmup_s``); ``bBATCH``: this setting's batch instead of ``--batch``. Steps of all settings are
+interleaved round by round after warm-up and reported as medians, with the time per image relative to the first
+setting's. The report also prints the CPU's name and its AMX/AVX-512 flags, because the answer differs between
+machines.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from rapidnet.engine.conv_taps import PaddingTapsTrimmedConv2d, trim_padding_tap
 from rapidnet.utils import cpu_flags, cpu_model
 
 SETTINGS = [
-    "channels_last-fp32-t2-trim-fused",  # what the demo config does on a CPU
+    "channels_last-fp32-t2-trim-fused",  # what the trainer does on a CPU with the Fashion-MNIST configs
     "channels_last-fp32-t2-trim",
     *(f"{fmt}-{prec}-t{t}" for fmt in ("channels_last", "contiguous") for prec in ("fp32", "bf16") for t in (2, 1)),
 ]
@@ -56,8 +62,7 @@ def main() -> None:
     args = p.parse_args()
 
     base = rapidnet.create_model(args.model, num_classes=args.num_classes, distillation=False, drop_path_rate=0.05)
-    x32 = torch.randn(args.batch, 3, args.resolution, args.resolution)
-    y = torch.randint(0, args.num_classes, (args.batch,))
+    compile_s: dict[str, float] = {}
 
     runs = {}
     for setting in args.settings:
@@ -71,27 +76,37 @@ def main() -> None:
                 if isinstance(conv, PaddingTapsTrimmedConv2d):
                     conv.pad_narrow_depthwise = False
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused="fused" in extra)
-        runs[setting] = (model, opt, x32.contiguous(memory_format=fmt), prec == "bf16", int(threads[1:]))
+        batch = next((int(e[1:]) for e in extra if e.startswith("b") and e[1:].isdigit()), args.batch)
+        x = torch.randn(batch, 3, args.resolution, args.resolution).contiguous(memory_format=fmt)
+        y = torch.randint(0, args.num_classes, (batch,))
+        forward = torch.compile(model) if "compile" in extra else model
+        runs[setting] = (forward, opt, x, y, prec == "bf16", int(threads[1:]))
 
     def step(setting: str) -> float:
-        model, opt, x, bf16, threads = runs[setting]
+        forward, opt, x, y, bf16, threads = runs[setting]
         torch.set_num_threads(threads)
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+            loss = F.cross_entropy(forward(x), y, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return time.perf_counter() - start
 
     times: dict[str, list[float]] = {s: [] for s in args.settings}
-    for _ in range(args.warmup):
-        for s in args.settings:
+    for s in args.settings:  # the first steps compile (torch.compile) or pick kernels: timed apart
+        start = time.perf_counter()
+        for _ in range(args.warmup):
             step(s)
+        compile_s[s] = time.perf_counter() - start
     for r in range(args.rounds):
         for s in args.settings if r % 2 == 0 else reversed(args.settings):
             times[s].append(step(s))
-    first = statistics.median(times[args.settings[0]])
+
+    def batch_of(s: str) -> int:
+        return len(runs[s][2])
+
+    first = statistics.median(times[args.settings[0]]) / batch_of(args.settings[0])
     report: dict[str, object] = {
         "cpu": cpu_description(),
         "torch": torch.__version__,
@@ -101,9 +116,12 @@ def main() -> None:
         "rounds": args.rounds,
         "settings": {
             s: {
+                "batch": batch_of(s),
                 "median_step_s": round(statistics.median(ts), 4),
-                "images_per_s": round(args.batch / statistics.median(ts), 1),
-                "step_time_vs_first": round(statistics.median(ts) / first, 3),
+                "images_per_s": round(batch_of(s) / statistics.median(ts), 1),
+                "ms_per_image": round(1e3 * statistics.median(ts) / batch_of(s), 3),
+                "time_per_image_vs_first": round(statistics.median(ts) / batch_of(s) / first, 3),
+                "warmup_s": round(compile_s[s], 1),
             }
             for s, ts in times.items()
         },
