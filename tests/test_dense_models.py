@@ -15,8 +15,8 @@ from conftest import MICRO, randomize_
 from rapidnet.errors import CheckpointError, ConfigError
 from rapidnet.models.backbone import build_backbone, pad_images, stage_of_parameters
 from rapidnet.models.complexity import count_gmacs
-from rapidnet.models.mask_rcnn import mask_rcnn
-from rapidnet.models.semantic_fpn import semantic_fpn
+from rapidnet.models.detection import mask_rcnn
+from rapidnet.models.segmentation import semantic_fpn
 
 # A Mask R-CNN small enough for CPU tests: 64 px images, small anchors, few sampled proposals.
 TINY_DET = dict(

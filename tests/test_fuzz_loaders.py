@@ -228,7 +228,7 @@ def base_files(tmp_path: Path) -> dict[str, tuple[dict[str, Any], bytes, dict[st
     """Three real files to mutate: a micro RapidNet classifier, a micro Semantic FPN, a tiny timm peer."""
     import timm
 
-    from rapidnet.models.semantic_fpn import semantic_fpn
+    from rapidnet.models.segmentation import semantic_fpn
 
     model = rapidnet.create_model("rapidnet_ti", num_classes=3, **MICRO)
     meta = {

@@ -177,3 +177,20 @@ def test_docs_and_docstrings_cite_what_exists():
                 missing.add(f"{path.name}: {ref}")
         missing |= {f"{path.name}: {f}" for f in _FILE.findall(text) if not (root / f).exists()}
     assert not missing, sorted(missing)
+
+
+def test_no_module_is_shadowed_by_what_its_package_exports():
+    """``import rapidnet.models.detection as m`` must give the module: a package that re-exports a function under its
+    own module's name (``mask_rcnn`` from ``mask_rcnn.py``) hides the module behind the function."""
+    import pkgutil
+    import types
+
+    shadowed = []
+    for info in pkgutil.walk_packages(rapidnet.__path__, "rapidnet."):
+        if info.name.endswith("__main__"):
+            continue
+        importlib.import_module(info.name)
+        parent, _, child = info.name.rpartition(".")
+        if not isinstance(getattr(importlib.import_module(parent), child, None), types.ModuleType):
+            shadowed.append(info.name)
+    assert not shadowed, f"modules hidden behind a name their package exports: {shadowed}"

@@ -179,7 +179,7 @@ def test_architecture_read_off_weights_must_fit_them_before_anything_is_built(tm
 
 
 def _dense_file(tmp_path: Path, **build_changes: Any) -> Path:
-    from rapidnet.models.semantic_fpn import semantic_fpn
+    from rapidnet.models.segmentation import semantic_fpn
 
     net = semantic_fpn("rapidnet_ti", num_classes=3, backbone_kwargs=dict(MICRO), fpn_channels=16, head_channels=8)
     build_args = {**net.build_args, **build_changes}

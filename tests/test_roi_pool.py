@@ -10,7 +10,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from conftest import MICRO
 from rapidnet.models import roi_align as roi_pool
-from rapidnet.models.mask_rcnn import mask_rcnn
+from rapidnet.models.detection import mask_rcnn
 from rapidnet.models.roi_align import MatmulRoIAlign, roi_align_matmul
 
 

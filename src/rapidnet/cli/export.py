@@ -75,7 +75,7 @@ def _export(args: argparse.Namespace) -> int:
     from rapidnet.deploy import registry
     from rapidnet.deploy.common import check_resolution, check_writable
     from rapidnet.deploy.dense import export_graph
-    from rapidnet.deploy.export import export
+    from rapidnet.deploy.exporter import export
     from rapidnet.models import create_model, load
     from rapidnet.utils import refuse_overwriting_input
 

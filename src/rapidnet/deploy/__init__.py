@@ -26,7 +26,7 @@ from rapidnet.deploy.common import (
     prepare_model,
     preprocess_config,
 )
-from rapidnet.deploy.export import ExportResult, export, sample_inputs, verify_file
+from rapidnet.deploy.exporter import ExportResult, export, sample_inputs, verify_file
 from rapidnet.deploy.inductor import compile_for_cpu
 from rapidnet.deploy.quantize import (
     Agreement,

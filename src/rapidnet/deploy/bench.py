@@ -116,7 +116,7 @@ def build_inference_model(name: str, resolution: Sequence[int] = (512, 512)) -> 
     check_model_names([name])
     if name.startswith(SEGMENTER):
         from rapidnet.deploy.dense import SegmenterGraph
-        from rapidnet.models.semantic_fpn import semantic_fpn
+        from rapidnet.models.segmentation import semantic_fpn
 
         model = semantic_fpn(name.removeprefix(SEGMENTER), num_classes=150, drop_path_rate=0.0).eval()
         return timm.utils.reparameterize_model(SegmenterGraph(model, resolution))

@@ -21,7 +21,7 @@ boxes, so the result differs only when fewer than ``D`` of those candidates surv
 candidate's score.
 
 What stays on the host (:class:`ExportedDetector`) is what torchvision's ``GeneralizedRCNNTransform`` does around
-the network, by the run's own transform (:class:`~rapidnet.models.mask_rcnn.TestSizeTransform`, rebuilt from the
+the network, by the run's own transform (:class:`~rapidnet.models.detection.TestSizeTransform`, rebuilt from the
 file's metadata): normalise, resize to the run's test size, pad; then drop the empty slots, scale boxes back to the
 image and paste each mask into a full-size ``(N, 1, H, W)`` probability map (``paste_masks_in_image``, data-dependent
 per box and cheap). An image the PyTorch model would not pad (the mosaic's: a square at the test size, divisible by
@@ -264,7 +264,7 @@ class ExportedDetector(nn.Module):
 
     def __init__(self, runner: Runner) -> None:
         super().__init__()
-        from rapidnet.models.mask_rcnn import TestSizeTransform
+        from rapidnet.models.detection import TestSizeTransform
 
         self.file = ExportedModel(runner)
         meta = runner.metadata

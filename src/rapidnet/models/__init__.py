@@ -1,10 +1,11 @@
 """Every network: RapidNet (``rapidnet.py``, its argument limits in ``limits.py``, its architecture as data in
-``spec.py``), Mask R-CNN (``mask_rcnn.py``) and Semantic FPN (``semantic_fpn.py``) on its FPN backbone
+``spec.py``), Mask R-CNN (``detection.py``) and Semantic FPN (``segmentation.py``) on its FPN backbone
 (``backbone.py``); checkpoints (``checkpoint.py``: one read of a file into a ``Checkpoint`` record), the variants and
 their timm entry points (``factory.py``), loading any of them from a file (``loading.py``) and reparameterization.
 
-The modules import one way: limits <- rapidnet <- spec <- checkpoint <- factory <- backbone <- mask_rcnn /
-semantic_fpn <- loading."""
+The modules import one way: limits <- rapidnet <- spec <- checkpoint <- factory <- backbone <- detection /
+segmentation <- loading. No module shares its name with a function the package exports (``mask_rcnn``,
+``semantic_fpn``), so ``import rapidnet.models.detection as m`` gives the module."""
 
 from rapidnet.models.checkpoint import (
     Checkpoint,
@@ -14,12 +15,12 @@ from rapidnet.models.checkpoint import (
     read_checkpoint_file,
     save_weights,
 )
+from rapidnet.models.detection import mask_rcnn
 from rapidnet.models.factory import create_model, is_rapidnet, list_variants
 from rapidnet.models.loading import load, load_model
-from rapidnet.models.mask_rcnn import mask_rcnn
 from rapidnet.models.rapidnet import VARIANTS, RapidNet
 from rapidnet.models.reparam import reparameterize, reparameterize_
-from rapidnet.models.semantic_fpn import semantic_fpn
+from rapidnet.models.segmentation import semantic_fpn
 
 __all__ = [
     "VARIANTS",

@@ -42,10 +42,10 @@ from rapidnet.models.checkpoint import (
     load_timm_weights,
     read_checkpoint_file,
 )
+from rapidnet.models.detection import mask_rcnn
 from rapidnet.models.factory import create_model, is_rapidnet
-from rapidnet.models.mask_rcnn import mask_rcnn
 from rapidnet.models.rapidnet import VARIANTS, RapidNet
-from rapidnet.models.semantic_fpn import semantic_fpn
+from rapidnet.models.segmentation import semantic_fpn
 
 __all__ = ["TASK_KINDS", "load", "load_model"]
 

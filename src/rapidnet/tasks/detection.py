@@ -18,7 +18,7 @@ from rapidnet.constants import MAX_SIDE, MIN_SIDE
 from rapidnet.data.coco import CocoInstances
 from rapidnet.errors import ConfigError, DataError
 from rapidnet.metrics import CocoEvaluator
-from rapidnet.models.mask_rcnn import mask_rcnn
+from rapidnet.models.detection import mask_rcnn
 from rapidnet.tasks._dense import DenseOptions, _coco_split, _DenseTask, build_dense_eval_dataset, evaluate_dense
 
 __all__ = ["DetectionOptions", "DetectionTask"]

@@ -11,7 +11,7 @@ from rapidnet.constants import MAX_SIDE, MIN_SIDE
 from rapidnet.data.ade20k import ADE20KSegmentation
 from rapidnet.metrics import SegmentationMetrics
 from rapidnet.models.backbone import BN_MODES
-from rapidnet.models.semantic_fpn import semantic_fpn
+from rapidnet.models.segmentation import semantic_fpn
 from rapidnet.tasks._dense import DenseOptions, _DenseTask, build_dense_eval_dataset
 
 __all__ = ["SegmentationOptions", "SegmentationTask"]

@@ -161,7 +161,7 @@ def semantic_fpn(
 ) -> SemanticFPN:
     """Semantic FPN over ``backbone`` (a RapidNet variant or a timm model name) for ``num_classes`` classes.
 
-    ``frozen_bn`` and ``trainable_stages`` mean what they mean for :func:`rapidnet.models.mask_rcnn.mask_rcnn`;
+    ``frozen_bn`` and ``trainable_stages`` mean what they mean for :func:`rapidnet.models.detection.mask_rcnn`;
     the default trains BN, as the ADE20K recipe does. ``head_norm`` is ``"gn"`` (GroupNorm, as Kirillov et al.;
     robust to the small batches of CPU runs) or ``"bn"`` (mmsegmentation's SyncBN config).
     """
