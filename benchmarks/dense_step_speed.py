@@ -35,8 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import MultiScaleRoIAlign
 
 from rapidnet.deploy.bench import best_seconds
-from rapidnet.models.mask_rcnn import mask_rcnn
-from rapidnet.models.semantic_fpn import semantic_fpn
+from rapidnet.models.detection import mask_rcnn
+from rapidnet.models.segmentation import semantic_fpn
 from rapidnet.utils import cpu_has_bfloat16
 
 
