@@ -14,13 +14,8 @@ import torch
 import rapidnet
 from conftest import MICRO, randomize_
 from rapidnet.errors import CheckpointError
-from rapidnet.models.checkpoint import (
-    convert_official,
-    infer_arch,
-    load_timm_weights,
-    model_metadata,
-    read_checkpoint_file,
-)
+from rapidnet.models.checkpoint import infer_arch, load_timm_weights, model_metadata, read_checkpoint_file
+from rapidnet.models.key_names import convert_official
 from rapidnet.utils import read_checkpoint
 
 

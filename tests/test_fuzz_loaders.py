@@ -28,8 +28,9 @@ from torch import nn
 import rapidnet
 from conftest import MICRO
 from rapidnet.config import Config, config_to_dict, load_config
+from rapidnet.constants import MAX_SIDE, MIN_SIDE
 from rapidnet.errors import RapidNetError
-from rapidnet.models.checkpoint import MAX_SIDE, MIN_SIDE, is_features_model, model_metadata
+from rapidnet.models.checkpoint import is_features_model, model_metadata
 from test_reliability_inputs import peak_memory_growth
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -129,11 +129,11 @@ def test_light_names_agree_with_what_they_name():
     from rapidnet import constants, runtimes
     from rapidnet.data import mosaic
     from rapidnet.deploy import registry
-    from rapidnet.models import checkpoint
+    from rapidnet.models import metadata
 
     assert tuple(mosaic._LOOKS) == constants.MOSAIC_STYLES
     assert constants.DEFAULT_MOSAIC_STYLE in constants.MOSAIC_STYLES
-    assert checkpoint.MAX_SIDE is constants.MAX_SIDE and checkpoint.INTERPOLATIONS is constants.INTERPOLATIONS
+    assert metadata.MAX_SIDE is constants.MAX_SIDE and metadata.INTERPOLATIONS is constants.INTERPOLATIONS
     assert registry._RUNTIMES is runtimes.RUNTIMES and registry.unalias is runtimes.unalias
 
 

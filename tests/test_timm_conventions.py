@@ -22,7 +22,7 @@ from torchvision.models.feature_extraction import NodePathTracer, create_feature
 
 import rapidnet
 from conftest import MICRO, REFERENCE, randomize_
-from rapidnet.models.checkpoint import convert_official
+from rapidnet.models.key_names import convert_official
 
 VARIANTS = ["rapidnet_ti", "rapidnet_s", "rapidnet_m", "rapidnet_b"]
 TOL = dict(rtol=1e-4, atol=1e-4)

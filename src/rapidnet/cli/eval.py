@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from rapidnet.deploy import registry
     from rapidnet.engine.distributed import DistInfo, resolve_device
     from rapidnet.models import RapidNet, load, reparameterize
-    from rapidnet.models.checkpoint import check_resize
+    from rapidnet.models.metadata import check_resize
     from rapidnet.tasks.evaluation import build_eval_loader, describe_metrics, evaluate_classifier
     from rapidnet.utils import subset_indices
 

@@ -1,10 +1,11 @@
 """Every network: RapidNet (``rapidnet.py``, its argument limits in ``limits.py``, its architecture as data in
 ``spec.py``), Mask R-CNN (``detection.py``) and Semantic FPN (``segmentation.py``) on its FPN backbone
-(``backbone.py``); checkpoints (``checkpoint.py``: one read of a file into a ``Checkpoint`` record), the variants and
-their timm entry points (``factory.py``), loading any of them from a file (``loading.py``) and reparameterization.
+(``backbone.py``); checkpoints (``checkpoint.py``: one read of a file into a ``Checkpoint`` record; ``key_names.py``:
+the authors' key names; ``metadata.py``: stored metadata decoded and bounded), the variants and their timm entry
+points (``factory.py``), loading any of them from a file (``loading.py``) and reparameterization.
 
-The modules import one way: limits <- rapidnet <- spec <- checkpoint <- factory <- backbone <- detection /
-segmentation <- loading. No module shares its name with a function the package exports (``mask_rcnn``,
+The modules import one way: limits <- rapidnet <- spec, key_names, metadata <- checkpoint <- factory <- backbone <-
+detection / segmentation <- loading. No module shares its name with a function the package exports (``mask_rcnn``,
 ``semantic_fpn``), so ``import rapidnet.models.detection as m`` gives the module."""
 
 from rapidnet.models.checkpoint import (

@@ -1,9 +1,10 @@
-"""Checkpoints: reading one into a :class:`Checkpoint` record, the authors' key names, checking, fitting, writing.
+"""Checkpoints: reading one into a :class:`Checkpoint` record, checking its tensors, fitting weights, writing.
 
 Every way of loading weights starts from :func:`read_checkpoint_file`, which reads a file once into a
-:class:`Checkpoint`: its weights with wrappers and prefixes removed, its metadata (decoded and checked on first use).
-A RapidNet's record is completed once by :meth:`Checkpoint.as_rapidnet` (the weights in this project's key names, the
-architecture read off them within the constructor's limits) and handed as it is to the one build through timm
+:class:`Checkpoint`: its weights with wrappers and prefixes removed, its metadata (decoded and checked on first use by
+:mod:`rapidnet.models.metadata`). A RapidNet's record is completed once by :meth:`Checkpoint.as_rapidnet` (the
+weights in this project's key names, :mod:`rapidnet.models.key_names`; the architecture read off them within the
+constructor's limits) and handed as it is to the one build through timm
 (``rapidnet.models.factory``), whose ``pretrained_filter_fn`` (:func:`checkpoint_filter_fn`) fits the record's
 weights to the model. ``rapidnet.load`` (``rapidnet.models.loading``) dispatches on what a record holds.
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,48 +28,24 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from rapidnet.constants import (
-    CROP_MODES,
-    INTERPOLATIONS,
-    MAX_CLASSES,
-    MAX_NAME_CHARS,
-    MAX_RESIZE,
-    MAX_SIDE,
-    MIN_CROP_PCT,
-    MIN_SIDE,
-)
 from rapidnet.errors import CheckpointError
-from rapidnet.models.limits import RULES, ArgumentError, check_args
+from rapidnet.models.key_names import to_own_keys
+from rapidnet.models.limits import ArgumentError, check_args
+from rapidnet.models.metadata import decode_metadata
 from rapidnet.models.rapidnet import RapidNet
 from rapidnet.models.spec import ArchSpec, infer_arch, mldc_branch_count, model_arch
 from rapidnet.utils import atomic_write, read_checkpoint, unwrap_model
 
 __all__ = [
-    "CROP_MODES",
-    "INTERPOLATIONS",
-    "MAX_CLASSES",
-    "MAX_NAME_CHARS",
-    "MAX_RESIZE",
-    "MAX_SIDE",
-    "MIN_CROP_PCT",
-    "MIN_SIDE",
     "Checkpoint",
     "adapt_classifier",
-    "check_class_names",
-    "check_input_size",
-    "check_metadata_value",
-    "check_pretrained_cfg",
-    "check_resize",
     "check_shapes",
     "check_tensor_dtypes",
     "check_tensor_values",
     "checkpoint_filter_fn",
-    "convert_official",
-    "decode_metadata",
     "fit_state_dict",
     "hub_weights_file",
     "is_features_model",
-    "is_official_format",
     "load_state_dict_file",
     "load_timm_checkpoint",
     "load_timm_weights",
@@ -78,7 +54,6 @@ __all__ = [
     "read_pretrained",
     "save_weights",
     "strip_prefix",
-    "to_own_keys",
     "unwrap_state_dict",
 ]
 
@@ -249,127 +224,6 @@ def check_tensor_dtypes(
 _PLAIN_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-# ---- official -> rapidnet key names --------------------------------------------------------------------------------
-
-_STEM = {
-    "stem.stem.0.": "stem.0.conv.",
-    "stem.stem.1.": "stem.0.bn.",
-    "stem.stem.3.": "stem.1.conv.",
-    "stem.stem.4.": "stem.1.bn.",
-}
-_INVERTED_RESIDUAL = {
-    "dws.pw1.": "expand.conv.",
-    "dws.norm1.": "expand.bn.",
-    "dws.dw.": "dw.conv.",
-    "dws.norm2.": "dw.bn.",
-    "dws.pw2.": "project.conv.",
-    "dws.norm3.": "project.bn.",
-}
-_DILATED = {
-    "mixer.cpe.pe.": "mixer.cpe.pe.",
-    "mixer.cpe.reparam_conv.": "mixer.cpe.pe.",  # identity subtracted below
-    "mixer.fc1.0.": "mixer.fc1.conv.",
-    "mixer.fc1.1.": "mixer.fc1.bn.",
-    "mixer.graph_conv.nn.0.": "mixer.branches.0.conv.",  # dilation 2
-    "mixer.graph_conv.nn.1.": "mixer.branches.0.bn.",
-    "mixer.graph_conv.nn_2.0.": "mixer.branches.1.conv.",  # dilation 3
-    "mixer.graph_conv.nn_2.1.": "mixer.branches.1.bn.",
-    "mixer.fc2.0.": "mixer.fc2.conv.",
-    "mixer.fc2.1.": "mixer.fc2.bn.",
-    "ffn.conv.conv.": "ffn.dw.conv.",
-    "ffn.norm1.": "ffn.dw.bn.",
-    "ffn.fc1.": "ffn.fc1.conv.",
-    "ffn.norm2.": "ffn.fc1.bn.",
-    "ffn.fc2.": "ffn.fc2.conv.",
-    "ffn.norm3.": "ffn.fc2.bn.",
-    "layer_scale_1": "layer_scale1.gamma",
-    "layer_scale_2": "layer_scale2.gamma",
-}
-_HEAD = {
-    "prediction.1.": "head.conv.conv.",
-    "prediction.2.": "head.conv.bn.",
-    "head.": "head.fc.",
-    "dist_head.": "head.fc_dist.",
-}
-_OFFICIAL_BLOCK = re.compile(r"^backbone\.(\d+)\.(\d+)\.(.*)$")
-
-
-def is_official_format(state_dict: Mapping[str, Any]) -> bool:
-    return any(k.startswith(("backbone.", "stem.stem.", "prediction.")) for k in state_dict)
-
-
-def _replace_prefix(key: str, table: Mapping[str, str]) -> str | None:
-    for old, new in table.items():
-        if key.startswith(old):
-            return new + key[len(old) :]
-    return None
-
-
-def convert_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the authors' keys to this project's, reshape layer scales and 1x1-conv classifiers to timm's forms.
-
-    An already reparameterized CPE (``mixer.cpe.reparam_conv``, identity folded in) is turned back into ``pe`` by
-    subtracting the identity, so every official checkpoint loads into the training-form model.
-    """
-    dilated_blocks = {
-        m.group(1, 2)
-        for k in state_dict
-        if (m := _OFFICIAL_BLOCK.match(k)) and m.group(3).startswith(("mixer.", "ffn."))
-    }
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        new: str | None
-        if (m := _OFFICIAL_BLOCK.match(key)) is not None:
-            stage, index, rest = int(m.group(1)), int(m.group(2)), m.group(3)
-            if stage > 0 and index == 0:
-                new = _replace_prefix(rest, {"conv.0.": "conv.", "conv.1.": "bn."})
-                new = f"stages.{stage}.downsample.{new}" if new else None
-            else:
-                table = (
-                    _DILATED
-                    if (m.group(1), m.group(2)) in dilated_blocks
-                    else {**_INVERTED_RESIDUAL, "layer_scale_1": "layer_scale.gamma"}
-                )
-                new = _replace_prefix(rest, table)
-                block = index - 1 if stage > 0 else index
-                new = f"stages.{stage}.blocks.{block}.{new}" if new else None
-            if new is not None and new.endswith("gamma"):
-                value = value.reshape(-1)
-            if "cpe.reparam_conv.weight" in key:
-                value = value.clone()
-                centre = value.shape[-1] // 2
-                value[:, 0, centre, centre] -= 1.0
-        else:
-            new = _replace_prefix(key, _STEM) or _replace_prefix(key, _HEAD)
-            if new is not None and new.startswith("head.fc") and value.ndim == 4:
-                value = value.flatten(1)
-        if new is None:
-            raise CheckpointError(f"unexpected key {key!r} in an official RapidNet checkpoint: is it a RapidNet file?")
-        out[new] = value
-    return out
-
-
-#: files written before MLDC became a parameter name its two branches by their dilation
-_LEGACY_BRANCH = re.compile(r"^(.*\.mixer\.)conv_d([23])\.(.*)$")
-
-
-def _rename_legacy_branches(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """``mixer.conv_d2.`` / ``mixer.conv_d3.`` -> ``mixer.branches.0.`` / ``.1.``: this project's files from before
-    MLDC was a parameter."""
-    out = {}
-    for key, value in state_dict.items():
-        if (m := _LEGACY_BRANCH.match(key)) is not None:
-            key = f"{m.group(1)}branches.{int(m.group(2)) - 2}.{m.group(3)}"
-        out[key] = value
-    return out
-
-
-def to_own_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Weights (unwrapped, prefixes removed) in this project's key names: the authors' converted, this project's older
-    MLDC branch names renamed, anything else as it is."""
-    return convert_official(state_dict) if is_official_format(state_dict) else _rename_legacy_branches(state_dict)
-
-
 def checkpoint_filter_fn(
     state_dict: Mapping[str, Any], model: nn.Module | None = None, checkpoint: Checkpoint | None = None
 ) -> dict[str, torch.Tensor]:
@@ -388,214 +242,6 @@ def checkpoint_filter_fn(
         source = (getattr(model, "pretrained_cfg", None) or {}).get("file") or "checkpoint"
         sd = fit_state_dict(sd, model, str(source))
     return sd
-
-
-# ---- metadata ------------------------------------------------------------------------------------------------------
-
-#: metadata values stored as JSON, as integers and as booleans (``"true"``/``"false"``); the rest are plain strings
-_JSON_METADATA = {
-    "class_names": list,
-    "pretrained_cfg": dict,
-    "build_args": dict,
-    "eval_args": dict,
-    "depths": list,
-    "widths": list,
-    "mldc_dilations": list,
-}
-_INT_METADATA = ("num_classes", "head_dim", "in_chans", "ffn_kernel")
-_BOOL_METADATA = ("distillation", "reparameterized")
-
-#: metadata that stores a RapidNet constructor argument: checked by that argument's rule (rapidnet.models.limits)
-_ARG_METADATA = frozenset(
-    ("depths", "widths", "num_classes", "head_dim", "in_chans", "mldc_dilations", "mldc_groups", "ffn_kernel")
-)
-
-# ---- bounds on what a file may ask for ------------------------------------------------------------------------------
-# A checkpoint is untrusted input: the bounds on architectures are the constructor's (rapidnet.models.limits); those
-# on eval transforms (MIN_SIDE/MAX_SIDE, MAX_RESIZE, ...) live in rapidnet.constants, where the command line's parsers
-# read them without importing torch.
-
-#: JSON metadata: how deep, how long a list and how large a number may be
-_MAX_DEPTH, _MAX_ITEMS, _MAX_NUMBER = 8, MAX_CLASSES, 1e9
-
-
-def decode_metadata(metadata: Mapping[str, Any], source: str | os.PathLike = "checkpoint") -> dict[str, Any]:
-    """Stored metadata (strings) as Python values: ``class_names`` a list, ``pretrained_cfg``/``build_args``/
-    ``eval_args`` dicts, counts ints, flags bools; anything else stays a string.
-
-    Every value this project interprets is also checked (types, ranges, sizes: :func:`check_metadata_value`), so a
-    file cannot make a command resize to 40000 pixels or print a class that does not exist. A value that does not
-    decode or does not pass is a one-line :class:`CheckpointError` naming the file and the key.
-    """
-    out: dict[str, Any] = {}
-    for key, value in metadata.items():
-        if not isinstance(value, str):
-            out[key] = value
-            continue
-        try:
-            if key in _JSON_METADATA:
-                decoded = json.loads(value)
-                kind = _JSON_METADATA[key]
-                if not isinstance(decoded, kind):
-                    raise ValueError(f"a JSON {type(decoded).__name__}, expected a {kind.__name__}")
-            elif key in _INT_METADATA or (key == "mldc_groups" and value != "depthwise"):
-                decoded = int(value)
-            elif key in _BOOL_METADATA:
-                if value not in ("true", "false"):
-                    raise ValueError(f"{value[:20]!r}, expected true or false")
-                decoded = value == "true"
-            else:
-                decoded = value
-        except (ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
-            detail = " ".join(str(e).split())[:80] or type(e).__name__
-            raise CheckpointError(f"{source} has unreadable {key!r} metadata ({detail}): re-export it") from None
-        try:
-            check_metadata_value(key, decoded)
-        except ValueError as e:
-            detail = " ".join(str(e).split())[:120]
-            raise CheckpointError(f"{source} has invalid {key!r} metadata ({detail}): re-export it") from None
-        out[key] = decoded
-    return out
-
-
-def check_metadata_value(key: str, value: Any) -> None:
-    """Raise ``ValueError`` (a short reason) unless a decoded metadata value is one this project can use safely.
-
-    JSON values are first bounded as trees (depth, list length, string length, finite numbers); then the keys this
-    project interprets get their own checks. ``build_args`` of dense models are checked where they are built
-    (``rapidnet.models.loading``), against the file's own weights.
-    """
-    if key in _JSON_METADATA:
-        _check_json_tree(value)
-    if key == "class_names":
-        check_class_names(value)
-    elif key == "pretrained_cfg":
-        check_pretrained_cfg(value)
-    elif key == "eval_args":
-        _check_eval_args(value)
-    elif key in _ARG_METADATA:  # the constructor's own rules: a file describes only what the constructor takes
-        rule = RULES[key]
-        _need(rule.ok(value), f"{_short(value)}, expected {rule.what}")
-    elif key in ("format", "arch", "task"):
-        _need(_is_name(value), f"{value[:40]!r}: expected a name of at most {MAX_NAME_CHARS} printable characters")
-
-
-def check_class_names(names: Any, count: int | None = None) -> None:
-    """Class names: a list of at most :data:`MAX_CLASSES` printable strings of at most :data:`MAX_NAME_CHARS`
-    characters, ``count`` of them when given (a name per output of the classifier)."""
-    _need(isinstance(names, list) and len(names) <= MAX_CLASSES, f"expected a list of at most {MAX_CLASSES} names")
-    bad = next((n for n in names if not _is_name(n, empty=True)), None)
-    if bad is not None or any(not isinstance(n, str) for n in names):
-        shown = bad[:40] if isinstance(bad, str) else bad
-        raise ValueError(f"class name {shown!r}: expected strings of at most {MAX_NAME_CHARS} printable characters")
-    if count is not None and count > 0 and len(names) != count:
-        raise ValueError(f"{len(names)} class names for the {count} classes of its weights")
-
-
-def check_pretrained_cfg(cfg: Any) -> None:
-    """An eval transform (timm's ``pretrained_cfg`` keys): input sizes of 3 ints with sides in
-    :data:`MIN_SIDE`..:data:`MAX_SIDE`, ``mean``/``std`` one number per channel (``std`` positive), ``crop_pct`` in
-    [:data:`MIN_CROP_PCT`, 1] (the resize before the crop, ``side / crop_pct``, within :func:`check_resize`),
-    ``interpolation`` one of :data:`INTERPOLATIONS`, ``crop_mode`` one of :data:`CROP_MODES`; any other key a short
-    scalar or a short list of them (timm's descriptive keys)."""
-    _need(isinstance(cfg, dict), f"a {type(cfg).__name__}, expected a dict")
-    sizes = ("input_size", "test_input_size", "min_input_size")
-    for key in sizes:
-        if key in cfg:
-            check_input_size(cfg[key], key)
-    chans = cfg["input_size"][0] if "input_size" in cfg else 3
-    for key, value in cfg.items():
-        if key in sizes:
-            continue
-        if key in ("mean", "std"):
-            ok = _is_list(value) and len(value) in (1, chans) and all(_is_number(v, -1e3, 1e3) for v in value)
-            _need(ok, f"{key} {_short(value)}: expected {chans} numbers (one per channel)")
-            _need(key == "mean" or all(v > 0 for v in value), f"std {_short(value)}: expected positive numbers")
-        elif key in ("crop_pct", "test_crop_pct"):
-            ok = _is_number(value, MIN_CROP_PCT, 1)
-            _need(ok, f"{key} {_short(value)}: expected a number in [{MIN_CROP_PCT}, 1]")
-            if "input_size" in cfg:
-                check_resize(max(cfg["input_size"][1:]), value)
-        elif key == "interpolation":
-            names = ", ".join(INTERPOLATIONS)
-            _need(value in INTERPOLATIONS, f"interpolation {_short(value)}: expected one of {names}")
-        elif key == "crop_mode":
-            _need(value in CROP_MODES, f"crop_mode {_short(value)}: expected one of {', '.join(CROP_MODES)}")
-        elif key == "num_classes":
-            _need(RULES["num_classes"].ok(value), f"num_classes {_short(value)}: expected {RULES['num_classes'].what}")
-        elif not (_is_scalar(value) or (_is_list(value) and len(value) <= 16 and all(map(_is_scalar, value)))):
-            raise ValueError(f"{key} {_short(value)}: expected a short value")
-
-
-def check_resize(side: int, crop_pct: float) -> None:
-    """The eval transform resizes to ``side / crop_pct`` before its centre crop: at most :data:`MAX_RESIZE` pixels
-    (a crop_pct of 0.001 would resize a 224-pixel input to 224000 pixels, 150 GB)."""
-    _need(side / crop_pct <= MAX_RESIZE, f"crop_pct {crop_pct} resizes {side} pixels to more than {MAX_RESIZE}")
-
-
-def check_input_size(value: Any, key: str = "input_size") -> None:
-    """``[channels, height, width]``: as many channels as a model's ``in_chans`` may be, sides
-    :data:`MIN_SIDE`..:data:`MAX_SIDE`."""
-    ok = (
-        _is_list(value, 3) and RULES["in_chans"].ok(value[0]) and all(_is_int(v, MIN_SIDE, MAX_SIDE) for v in value[1:])
-    )
-    _need(ok, f"{key} {_short(value)}: expected [channels, height, width] with sides {MIN_SIDE}..{MAX_SIDE} pixels")
-
-
-def _check_eval_args(args: dict[str, Any]) -> None:
-    """What the dense commands read: ``scale`` (the eval resize) and ``num_classes``."""
-    scale = args.get("scale")
-    ok = scale is None or (_is_list(scale, 2) and all(_is_int(v, 1, MAX_SIDE) for v in scale))
-    _need(ok, f"scale {_short(scale)}: expected null or [long side, short side] of 1..{MAX_SIDE} pixels")
-    n = args.get("num_classes")
-    _need(n is None or _is_int(n, 1, MAX_CLASSES), f"num_classes {_short(n)}: expected 1..{MAX_CLASSES}")
-    for key in ("val_split",):
-        _need(args.get(key) is None or _is_name(args[key]), f"{key} {_short(args.get(key))}: expected a name")
-
-
-def _check_json_tree(value: Any, depth: int = 0) -> None:
-    """Bound a decoded JSON value: nesting, list and dict sizes, string lengths, finite numbers of sane size."""
-    _need(depth <= _MAX_DEPTH, f"nested more than {_MAX_DEPTH} levels")
-    if isinstance(value, (list, dict)):
-        _need(len(value) <= _MAX_ITEMS, f"more than {_MAX_ITEMS} entries")
-        for item in value.values() if isinstance(value, dict) else value:
-            _check_json_tree(item, depth + 1)
-        if isinstance(value, dict):
-            _need(all(len(k) <= MAX_NAME_CHARS for k in value), f"a key longer than {MAX_NAME_CHARS} characters")
-    elif isinstance(value, str):
-        _need(len(value) <= 4 * MAX_NAME_CHARS, f"a string longer than {4 * MAX_NAME_CHARS} characters")
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        _need(_is_number(value, -_MAX_NUMBER, _MAX_NUMBER), f"the number {_short(value)}")
-
-
-def _need(ok: bool, reason: str) -> None:
-    if not ok:
-        raise ValueError(reason)
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (list, dict, int, float, str, bool, type(None))) else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _is_int(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _is_number(value: Any, low: float, high: float) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high  # NaN fails
-
-
-def _is_list(value: Any, length: int | None = None) -> bool:
-    return isinstance(value, (list, tuple)) and (length is None or len(value) == length)
-
-
-def _is_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 1024)
-
-
-def _is_name(value: Any, empty: bool = False) -> bool:
-    return isinstance(value, str) and (empty or value != "") and len(value) <= MAX_NAME_CHARS and value.isprintable()
 
 
 def hub_weights_file(pretrained_cfg: Mapping[str, Any]) -> str:

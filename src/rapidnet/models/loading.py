@@ -32,18 +32,12 @@ from timm.models import get_pretrained_cfg_value
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from rapidnet.constants import MAX_SIDE, MIN_SIDE
 from rapidnet.errors import CheckpointError, ConfigError, RapidNetError
-from rapidnet.models.checkpoint import (
-    MAX_SIDE,
-    MIN_SIDE,
-    Checkpoint,
-    check_class_names,
-    check_shapes,
-    load_timm_weights,
-    read_checkpoint_file,
-)
+from rapidnet.models.checkpoint import Checkpoint, check_shapes, load_timm_weights, read_checkpoint_file
 from rapidnet.models.detection import mask_rcnn
 from rapidnet.models.factory import create_model, is_rapidnet
+from rapidnet.models.metadata import check_class_names
 from rapidnet.models.rapidnet import VARIANTS, RapidNet
 from rapidnet.models.segmentation import semantic_fpn
 
@@ -82,7 +76,7 @@ def load(
         kwargs: reach the builder (``rapidnet.create_model``, ``timm.create_model``, or the dense builder over the
             stored ``build_args``), e.g. ``drop_path_rate`` for fine-tuning.
 
-    The metadata comes back decoded (:func:`~rapidnet.models.checkpoint.decode_metadata`): ``class_names`` a list,
+    The metadata comes back decoded (:func:`~rapidnet.models.metadata.decode_metadata`): ``class_names`` a list,
     ``pretrained_cfg``, ``build_args`` and ``eval_args`` dicts where stored, and always ``format`` (``rapidnet``,
     ``timm``, ``rapidnet-detection``, ...) and, for classifiers, ``arch``. A stored ``pretrained_cfg`` (the eval
     transform the model was trained with) is merged into ``model.pretrained_cfg`` here, and only here.
@@ -323,7 +317,7 @@ def _dry_shapes(builder: Callable[..., nn.Module], args: Mapping[str, Any]) -> d
     propagate).
 
     ``None`` when the builder cannot run on meta tensors (a constructor that reads a weight back): the real build
-    then goes ahead, its stored arguments already bounded by :func:`~rapidnet.models.checkpoint.decode_metadata`.
+    then goes ahead, its stored arguments already bounded by :func:`~rapidnet.models.metadata.decode_metadata`.
     """
     try:
         with _MetaTensors():
