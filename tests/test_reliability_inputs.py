@@ -403,3 +403,32 @@ def test_dense_predict_of_a_bomb_png_and_timm_kwargs_it_does_not_take_are_one_li
         _read_image(str(bomb))
     with pytest.raises(ConfigError, match=r"fix model\.kwargs"):
         create_classifier(ModelConfig(name="resnet10t", kwargs={"no_such_argument": 1}), 10, False)
+
+
+def test_plot_of_a_short_run_has_whole_epoch_ticks(tmp_path, monkeypatch):
+    """Three epochs are plotted at epochs 1, 2, 3, not at 1.25, 1.5, ... (matplotlib's default for a short range)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rapidnet.cli.plot import plot_run
+
+    log = tmp_path / "run" / "log.jsonl"
+    log.parent.mkdir()
+    log.write_text(
+        "".join(json.dumps({"epoch": e, "train_loss": 1.0 / e, "val_top1": 80.0 + e}) + "\n" for e in (1, 2, 3))
+    )
+    ticks: list[list[float]] = []
+    close = plt.close
+
+    def record_then_close(fig: Any = None) -> None:
+        for ax in fig.axes:
+            lo, hi = ax.get_xlim()
+            ticks.append([t for t in ax.get_xticks() if lo <= t <= hi])
+        close(fig)
+
+    monkeypatch.setattr(plt, "close", record_then_close)
+    plot_run(log, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert ticks and all(t and all(float(v).is_integer() for v in t) for t in ticks), ticks

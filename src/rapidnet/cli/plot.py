@@ -101,6 +101,7 @@ def plot_run(log_path: Path, out: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from rapidnet.utils import atomic_write
 
@@ -134,6 +135,8 @@ def plot_run(log_path: Path, out: Path) -> Path:
         ax_terms.set(xlabel=terms["xlabel"], ylabel="loss", title="training loss terms")
     for ax in axes:
         ax.grid(alpha=0.3)
+        if ax.get_xlabel() == "epoch":  # a short run would otherwise get ticks at epoch 1.25, 1.5, ...
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.suptitle(str(log_path.parent.name or log_path))
