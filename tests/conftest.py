@@ -215,13 +215,13 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    """The demo config shrunk to a micro model and one epoch of 16-image batches."""
-    from test_train import FASHION_CONFIG
+    """The 7-epoch Fashion-MNIST config shrunk to a micro model and one epoch of 16-image batches."""
+    from test_train import FASHION_CONFIG, MICRO_KWARGS
 
     path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
     path.write_text(
         f"base: {FASHION_CONFIG}\n"
-        "model: {kwargs: {depths: [[1, 0], [1, 0], [1, 1], [1, 1]], widths: [16, 24, 32, 48], head_dim: 64}}\n"
+        f"model: {{kwargs: {MICRO_KWARGS}}}\n"
         "data: {batch_size: 16, eval_batch_size: 16}\n"
         "optim: {lr_base_size: 16}\n"
         "train: {epochs: 1, log_interval: 1}\n"

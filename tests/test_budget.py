@@ -19,7 +19,7 @@ from rapidnet.engine import Trainer, load_training_state, read_jsonl
 from rapidnet.engine.budget import BUDGET_SHARE, Budget, epochs_within_budget
 from rapidnet.errors import ConfigError
 from rapidnet.tasks.classification import ClassificationTask
-from test_train import BATCH, FASHION_CONFIG, N_TRAIN, _KillAt, _losses, make_fashion_like, train
+from test_train import BATCH, FASHION_CONFIG, MICRO_KWARGS, N_TRAIN, _KillAt, _losses, make_fashion_like, train
 
 STEPS = N_TRAIN // BATCH  # 10 steps: 10 s of training per epoch on the fake clock
 EVAL_S = 3.0
@@ -80,13 +80,13 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def budget_config(tmp_path_factory):
-    """The tiny demo recipe of test_train with up to 6 epochs and a one-minute budget (54 s usable: 4 epochs)."""
+    """The tiny recipe of test_train with up to 6 epochs and a one-minute budget (54 s usable: 4 epochs)."""
 
     path = tmp_path_factory.mktemp("cfg") / "budget.yaml"
     path.write_text(
         f"base: {FASHION_CONFIG}\n"
         "model:\n"
-        "  kwargs: {depths: [[1, 0], [1, 0], [1, 1], [1, 1]], widths: [16, 24, 32, 48], head_dim: 64}\n"
+        f"  kwargs: {MICRO_KWARGS}\n"
         f"data: {{batch_size: {BATCH}, eval_batch_size: 32}}\n"
         "optim: {lr_base_size: 16}\n"
         "sched: {warmup_epochs: 1, warmup_lr: 1.0e-4}\n"

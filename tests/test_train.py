@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = Path(rapidnet.__file__).resolve().parents[1]
 FASHION_CONFIG = ROOT / "configs" / "fashion_mnist_rapidnet_ti.yaml"
 N_TRAIN, N_VAL, BATCH = 160, 64, 16  # 10 steps per epoch
-TINY = "model.kwargs={depths: [[1, 0], [1, 0], [1, 1], [1, 1]], widths: [16, 24, 32, 48], head_dim: 64}"
+#: a RapidNet of two blocks per stage at most, small widths: what the run tests train
+MICRO_KWARGS = "{depths: [[1, 0], [1, 0], [1, 1], [1, 1]], widths: [16, 24, 32, 48], head_dim: 64}"
+TINY = f"model.kwargs={MICRO_KWARGS}"
 
 
 def make_fashion_like(folder: Path, n_train: int = N_TRAIN, n_val: int = N_VAL) -> Path:
@@ -68,13 +70,13 @@ def fm(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory) -> Path:
-    """The demo config (inherited with ``base:``) shrunk to a tiny model, batch and schedule."""
+    """The 7-epoch Fashion-MNIST config (inherited with ``base:``) shrunk to a tiny model, batch and schedule."""
     path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
     path.write_text(
         f"base: {FASHION_CONFIG}\n"
         "model:\n"
         "  drop_path_rate: 0.1\n"
-        "  kwargs: {depths: [[1, 0], [1, 0], [1, 1], [1, 1]], widths: [16, 24, 32, 48], head_dim: 64}\n"
+        f"  kwargs: {MICRO_KWARGS}\n"
         f"data: {{batch_size: {BATCH}, eval_batch_size: 24}}\n"
         "optim: {lr_base_size: 16}\n"
         "sched: {warmup_epochs: 1, warmup_lr: 1.0e-4}\n"

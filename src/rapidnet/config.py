@@ -46,7 +46,7 @@ from rapidnet.constants import (
     MAX_WORKERS,
     MIN_SIDE,
 )
-from rapidnet.errors import ConfigError, file_problem
+from rapidnet.errors import ConfigError, clip, file_problem
 from rapidnet.utils import atomic_write
 
 __all__ = [
@@ -584,7 +584,7 @@ def _claim(origins: dict[str, str], dotted: str, name: str) -> None:
 def _override_name(text: str) -> str:
     """``--set KEY=VALUE`` as the message names it: on one line, cut short."""
     text = " ".join(text.split())
-    return f"--set {text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + '...'}"
+    return f"--set {clip(text, _MAX_SHOWN)}"
 
 
 def load_config(
@@ -758,7 +758,7 @@ def _check_across(cfg: Config, where: Where) -> None:
 def _show(value: Any) -> str:
     """A value for a one-line message: its repr, cut short (a key may hold a list of a million numbers)."""
     text = " ".join(repr(value).split())
-    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+    return clip(text, _MAX_SHOWN)
 
 
 def _get(cfg: Config, dotted: str) -> Any:

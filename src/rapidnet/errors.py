@@ -35,6 +35,12 @@ _KINDS = {
 }
 
 
+def clip(text: str, limit: int = 40) -> str:
+    """``text`` cut to ``limit`` characters, ``...`` marking the cut: a value quoted in a one-line message may be a
+    list of a million numbers."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def file_kind(mode: int) -> str:
     """What a ``stat`` mode says an entry is, for a message: "a file", "a folder", "a FIFO (named pipe)", ..."""
     return "a file" if stat.S_ISREG(mode) else _KINDS.get(stat.S_IFMT(mode), "not a regular file")

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rapidnet.errors import DataError
+from rapidnet.errors import DataError, clip
 
 #: validation metrics drawn in the second panel, when the log has them: classification, then the dense tasks
 _METRICS = (
@@ -50,7 +50,7 @@ def _series(records: list[dict[str, Any]], key: str) -> list[float] | None:
     for record, value in zip(records, values, strict=True):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             where = f"epoch {record['epoch']!r}" if "epoch" in record else "a record"
-            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            shown = clip(repr(value))
             raise DataError(f"log {key} of {where} is {shown}, not a number: was the log edited by hand?")
         out.append(float("nan") if value is None else float(value))
     return out

@@ -183,11 +183,6 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, (value, _) in _flag_settings(args).items()}
 
 
-def flag_sources(args: argparse.Namespace) -> dict[str, str]:
-    """Config key -> the flag that set it, which a config error names instead of the config file."""
-    return {key: flag for key, (_, flag) in _flag_settings(args).items()}
-
-
 def run(args: argparse.Namespace) -> int:
     from rapidnet.tasks.classification import ClassificationTask
 
@@ -204,8 +199,9 @@ def load_run_config(
     from rapidnet.config import load_config
     from rapidnet.engine.checkpoint import load_training_state
 
-    values = {**(extra or {}), **flag_values(args)}
-    sources = {**(extra_sources or {}), **flag_sources(args)}
+    settings = _flag_settings(args)  # each flag's value, and its name for a config error about that value
+    values = {**(extra or {}), **{key: value for key, (value, _) in settings.items()}}
+    sources = {**(extra_sources or {}), **{key: flag for key, (_, flag) in settings.items()}}
     base = None
     if args.resume:
         if args.config is None:

@@ -15,7 +15,7 @@ from collections.abc import Container, Mapping
 from pathlib import Path
 from typing import Any
 
-from rapidnet.errors import DataError
+from rapidnet.errors import DataError, clip
 
 __all__ = ["MAX_ANNOTATION_BYTES", "MAX_IMAGE_SIDE", "read_coco_json", "validate_coco"]
 
@@ -64,7 +64,7 @@ def _is_number(value: Any) -> bool:
 
 def _show(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
-    return text if len(text) <= 40 else text[:37] + "..."
+    return clip(text)
 
 
 class _Checker:

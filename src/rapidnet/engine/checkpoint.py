@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from rapidnet.config import config_diff
-from rapidnet.errors import CheckpointError
+from rapidnet.errors import CheckpointError, clip
 from rapidnet.utils import atomic_write, read_checkpoint
 
 __all__ = [
@@ -128,5 +128,4 @@ def check_resume_config(
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return clip(repr(value))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rapidnet.constants import MAX_CHANS, MAX_CLASSES, MAX_WIDTH
+from rapidnet.errors import clip
 
 __all__ = [
     "ARCH_KEYS",
@@ -128,9 +129,7 @@ class ArgumentError(ValueError):
     """A constructor argument outside its rule: one line, ``key must be what, got value``."""
 
     def __init__(self, key: str, what: str, value: Any) -> None:
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        super().__init__(f"{key} must be {what}, got {shown}")
+        super().__init__(f"{key} must be {what}, got {clip(repr(value), 60)}")
         self.key, self.what, self.value = key, what, value
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from rapidnet.constants import MAX_SIDE, MIN_SIDE
-from rapidnet.errors import CheckpointError, ConfigError, RapidNetError
+from rapidnet.errors import CheckpointError, ConfigError, RapidNetError, clip
 from rapidnet.models.checkpoint import Checkpoint, check_shapes, load_timm_weights, read_checkpoint_file
 from rapidnet.models.detection import mask_rcnn
 from rapidnet.models.factory import create_model, is_rapidnet
@@ -264,7 +264,7 @@ def _check_build_args(path: str | os.PathLike, build_args: Mapping[str, Any]) ->
     """Stored dense builder arguments: no file or download to reach, image sizes within the eval bounds."""
     backbone = build_args.get("backbone")
     if not isinstance(backbone, str) or not (is_rapidnet(backbone) or timm.is_model(backbone)):
-        shown = repr(backbone) if len(repr(backbone)) <= 40 else repr(backbone)[:37] + "..."
+        shown = clip(repr(backbone))
         raise CheckpointError(
             f"{path} has invalid 'build_args' metadata (backbone {shown}: expected a RapidNet variant or a timm "
             "model name): re-export it"

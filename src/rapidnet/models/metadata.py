@@ -24,7 +24,7 @@ from rapidnet.constants import (
     MIN_CROP_PCT,
     MIN_SIDE,
 )
-from rapidnet.errors import CheckpointError
+from rapidnet.errors import CheckpointError, clip
 from rapidnet.models.limits import RULES
 
 __all__ = [
@@ -220,7 +220,7 @@ def _need(ok: bool, reason: str) -> None:
 
 def _short(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict, int, float, str, bool, type(None))) else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return clip(text)
 
 
 def _is_int(value: Any, low: int, high: int) -> bool:
